@@ -1,0 +1,187 @@
+//! From a parsed command line to an exit status.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::build::Options;
+use crate::cli::{BuildArgs, Cli, Command, SpecArgs};
+use crate::plan::Plan;
+use crate::step::{self, Step};
+use crate::template::Renderer;
+use crate::{plugins, spec, supervisor};
+
+pub const EXIT_FAILED: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+
+pub fn main(cli: Cli) -> i32 {
+    match cli.command {
+        Some(Command::Validate(v)) => {
+            let (var, out) = output_var(v.output.as_deref(), v.image.as_deref())
+                .unwrap_or(("output", PathBuf::from("OUTPUT.img")));
+            match prepare(&v.spec, var, &out, &v.spec_args) {
+                Ok(p) => {
+                    print_plan(&p);
+                    println!("{}: OK, {} steps", p.name, p.steps.len());
+                    0
+                }
+                Err(code) => code,
+            }
+        }
+        None => build(cli.build),
+    }
+}
+
+/// A loaded, rendered and validated spec.
+pub struct Prepared {
+    pub name: String,
+    pub steps: Vec<Step>,
+    pub opts: Options,
+}
+
+fn output_var<'a>(
+    output: Option<&'a Path>,
+    image: Option<&'a Path>,
+) -> Option<(&'static str, PathBuf)> {
+    match (output, image) {
+        (Some(o), _) => Some(("output", o.to_path_buf())),
+        (None, Some(i)) => Some(("image", i.to_path_buf())),
+        _ => None,
+    }
+}
+
+/// Load, render and validate; every problem is printed and the exit status returned.
+pub fn prepare(
+    spec_path: &Path,
+    out_var: &str,
+    out: &Path,
+    args: &SpecArgs,
+) -> Result<Prepared, i32> {
+    let (name, text, spec_dir) = if spec_path == Path::new("-") {
+        let mut s = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+            eprintln!("vmdb: reading the spec from standard input: {e}");
+            return Err(EXIT_USAGE);
+        }
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        ("<stdin>".to_string(), s, cwd)
+    } else {
+        match std::fs::read_to_string(spec_path) {
+            Ok(s) => {
+                let dir = spec_path
+                    .parent()
+                    .map(|p| {
+                        if p.as_os_str().is_empty() {
+                            Path::new(".")
+                        } else {
+                            p
+                        }
+                    })
+                    .unwrap_or(Path::new("."));
+                let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+                (spec_path.display().to_string(), s, dir)
+            }
+            Err(e) => {
+                eprintln!("vmdb: cannot read spec {}: {e}", spec_path.display());
+                return Err(EXIT_USAGE);
+            }
+        }
+    };
+    let mut vars: BTreeMap<String, String> = BTreeMap::new();
+    vars.insert(out_var.to_string(), out.display().to_string());
+    if let Some(t) = &args.rootfs_tarball {
+        vars.insert("rootfs_tarball".into(), absolute(t).display().to_string());
+    }
+    for (k, v) in &args.variables {
+        vars.insert(k.clone(), v.clone());
+    }
+    let report = |diags: Vec<spec::Diag>| {
+        for d in &diags {
+            eprintln!("{}", d.render(&name));
+        }
+        let n = diags.len();
+        eprintln!(
+            "vmdb: {name}: {n} problem{} found; nothing was built",
+            if n == 1 { "" } else { "s" }
+        );
+        EXIT_USAGE
+    };
+    let raw = spec::load(&text).map_err(report)?;
+    let renderer = Renderer::new(vars.clone());
+    let mut plan = Plan::for_this_host();
+    let steps = step::validate(&raw.steps, &renderer, plugins::ALL, &mut plan).map_err(report)?;
+    Ok(Prepared {
+        name,
+        steps,
+        opts: Options {
+            spec_dir,
+            rootfs_tarball: args.rootfs_tarball.as_deref().map(absolute),
+            vars,
+        },
+    })
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+pub fn print_plan(p: &Prepared) {
+    for s in &p.steps {
+        let unless = if s.unless.is_empty() {
+            String::new()
+        } else {
+            format!("  (unless {})", s.unless.join(", "))
+        };
+        println!(
+            "{:>3}. line {:<4} {}{unless}",
+            s.index,
+            s.loc.line,
+            s.describe()
+        );
+    }
+}
+
+fn build(args: BuildArgs) -> i32 {
+    let spec_path = args.spec.clone().unwrap_or_default();
+    let Some((var, out)) = output_var(args.output.as_deref(), args.image.as_deref()) else {
+        if args.dry_run {
+            return dry_run(&spec_path, "output", Path::new("OUTPUT.img"), &args);
+        }
+        eprintln!("vmdb: say where to build the image with --output IMAGE (or --image IMAGE)");
+        return EXIT_USAGE;
+    };
+    if args.dry_run {
+        return dry_run(&spec_path, var, &out, &args);
+    }
+    if let Err(e) = crate::log::init(args.verbose, args.log.as_deref()) {
+        eprintln!("vmdb: cannot open log file: {e}");
+        return EXIT_USAGE;
+    }
+    let target = match supervisor::Target::new(&out) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vmdb: {e:#}");
+            return EXIT_USAGE;
+        }
+    };
+    let prepared = match prepare(&spec_path, var, target.build_path(), &args.spec_args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    supervisor::run_build(prepared, target, args.keep_failed)
+}
+
+fn dry_run(spec: &Path, var: &str, out: &Path, args: &BuildArgs) -> i32 {
+    match prepare(spec, var, out, &args.spec_args) {
+        Ok(p) => {
+            print_plan(&p);
+            println!(
+                "{}: OK, {} steps (dry run: nothing built)",
+                p.name,
+                p.steps.len()
+            );
+            0
+        }
+        Err(code) => code,
+    }
+}

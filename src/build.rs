@@ -1,0 +1,125 @@
+//! What a running build has at hand: the shared state, the options, and the loop
+//! devices it attached.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::blockdev::loopdev::LoopDevice;
+use crate::state::State;
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Directory of the spec file: relative paths in steps are relative to it.
+    pub spec_dir: PathBuf,
+    pub rootfs_tarball: Option<PathBuf>,
+    /// The rendered template variables.
+    pub vars: BTreeMap<String, String>,
+}
+
+pub struct Build {
+    pub state: State,
+    pub opts: Options,
+    /// Private scratch space: mount points and temporary files.
+    pub workdir: tempfile::TempDir,
+    /// Whole-disk loop devices by backing path, and partition loop devices.
+    disk_loops: Vec<(PathBuf, LoopDevice)>,
+    part_loops: Vec<LoopDevice>,
+}
+
+impl Build {
+    pub fn new(opts: Options) -> Result<Build> {
+        let workdir = tempfile::Builder::new()
+            .prefix("vmdb-")
+            .tempdir()
+            .context("creating a scratch directory")?;
+        Ok(Build {
+            state: State::default(),
+            opts,
+            workdir,
+            disk_loops: Vec::new(),
+            part_loops: Vec::new(),
+        })
+    }
+
+    /// A path from the spec, relative to the spec's directory.
+    pub fn spec_path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.opts.spec_dir.join(p)
+        }
+    }
+
+    /// A fresh directory in the scratch space.
+    pub fn scratch_dir(&self, prefix: &str) -> Result<PathBuf> {
+        let d = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(self.workdir.path())
+            .context("creating a scratch directory")?;
+        Ok(d.keep())
+    }
+
+    /// The block device of a whole disk: itself if it is one, else a loop device.
+    pub fn disk_device(&mut self, disk: &Path) -> Result<PathBuf> {
+        if is_block_device(disk) {
+            return Ok(disk.to_path_buf());
+        }
+        if let Some((_, l)) = self.disk_loops.iter().find(|(p, _)| p == disk) {
+            return Ok(l.path().to_path_buf());
+        }
+        let l = LoopDevice::attach(disk, 0, 0)?;
+        let path = l.path().to_path_buf();
+        self.disk_loops.push((disk.to_path_buf(), l));
+        Ok(path)
+    }
+
+    /// The block device of a partition tag, attached at its offset and size on first use.
+    pub fn partition_device(&mut self, tag: &str) -> Result<PathBuf> {
+        let t = self.state.tag(tag)?;
+        if let Some(d) = &t.device {
+            return Ok(d.clone());
+        }
+        let disk = t
+            .disk
+            .clone()
+            .with_context(|| format!("tag '{tag}' is not a partition"))?;
+        let l = LoopDevice::attach(&disk, t.offset, t.size)?;
+        let path = l.path().to_path_buf();
+        self.part_loops.push(l);
+        self.state.tag_mut(tag)?.device = Some(path.clone());
+        Ok(path)
+    }
+
+    /// Detach the partition devices of the given tags (kpartx's teardown).
+    pub fn release_partitions(&mut self, tags: &[String]) {
+        for name in tags {
+            if let Ok(t) = self.state.tag_mut(name) {
+                if let Some(dev) = t.device.take() {
+                    if let Some(i) = self.part_loops.iter().position(|l| l.path() == dev) {
+                        self.part_loops.remove(i).close();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Let go of every loop device, newest first; they detach once unmounted.
+    pub fn release_all_loops(&mut self) {
+        while let Some(l) = self.part_loops.pop() {
+            l.close();
+        }
+        while let Some((_, l)) = self.disk_loops.pop() {
+            l.close();
+        }
+    }
+}
+
+pub fn is_block_device(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
+}

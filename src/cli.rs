@@ -1,0 +1,148 @@
+//! The command line (vmdb2-compatible for builds).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmdb",
+    version,
+    about = "Build disk images from a YAML spec of steps",
+    long_about = "Build disk images from a YAML spec: a list of steps (make an image, partition it, \
+                  make filesystems, install Debian, install a boot loader, ...). \
+                  Reads vmdb2 spec files. Must run as root.",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub build: BuildArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check a spec without building anything: load, render, validate, print the plan
+    Validate(ValidateArgs),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct SpecArgs {
+    /// Template variable for the spec (repeatable)
+    #[arg(long = "variable", value_name = "NAME=VALUE", value_parser = parse_variable)]
+    pub variables: Vec<(String, String)>,
+    /// Rootfs tarball for cache-rootfs / unpack-rootfs (sets the variable rootfs_tarball)
+    #[arg(long, value_name = "FILE")]
+    pub rootfs_tarball: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct BuildArgs {
+    /// The spec file ('-' reads it from standard input)
+    #[arg(value_name = "SPEC", required = true)]
+    pub spec: Option<PathBuf>,
+    /// Image to build (sets the template variable 'output')
+    #[arg(long, value_name = "IMAGE", conflicts_with = "image")]
+    pub output: Option<PathBuf>,
+    /// Image to build (sets the template variable 'image' instead of 'output')
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<PathBuf>,
+    #[command(flatten)]
+    pub spec_args: SpecArgs,
+    /// Print each step as it starts and ends, and the output of the commands it runs
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Write a debug log to FILE
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Check the spec and print the plan; build nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// On failure keep the half-built image (as IMAGE.failed) for debugging
+    #[arg(long)]
+    pub keep_failed: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ValidateArgs {
+    /// The spec file ('-' reads it from standard input)
+    pub spec: PathBuf,
+    /// Output name to render the spec with (default: a placeholder)
+    #[arg(long, value_name = "IMAGE", conflicts_with = "image")]
+    pub output: Option<PathBuf>,
+    /// Render with the variable 'image' instead of 'output'
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<PathBuf>,
+    #[command(flatten)]
+    pub spec_args: SpecArgs,
+}
+
+fn parse_variable(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got '{s}'"))?;
+    let ok = !k.is_empty()
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !k.starts_with(|c: char| c.is_ascii_digit());
+    if !ok {
+        return Err(format!(
+            "'{k}' is not a variable name (letters, digits and _, not starting with a digit)"
+        ));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vmdb").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn build_arguments() {
+        let c = parse(&[
+            "x.vmdb",
+            "--output",
+            "x.img",
+            "--variable",
+            "suite=bookworm",
+            "-v",
+        ])
+        .unwrap();
+        assert!(c.command.is_none());
+        assert_eq!(c.build.spec, Some(PathBuf::from("x.vmdb")));
+        assert_eq!(c.build.output, Some(PathBuf::from("x.img")));
+        assert_eq!(
+            c.build.spec_args.variables,
+            vec![("suite".to_string(), "bookworm".to_string())]
+        );
+        assert!(c.build.verbose);
+    }
+
+    #[test]
+    fn output_and_image_conflict() {
+        assert!(parse(&["x.vmdb", "--output", "a", "--image", "b"]).is_err());
+    }
+
+    #[test]
+    fn bad_variable_is_refused() {
+        let e = parse(&["x.vmdb", "--variable", "nope"]).unwrap_err();
+        assert!(e.to_string().contains("expected NAME=VALUE"));
+        assert!(parse(&["x.vmdb", "--variable", "1a=b"]).is_err());
+    }
+
+    #[test]
+    fn validate_subcommand() {
+        let c = parse(&["validate", "x.vmdb"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Validate(_))));
+    }
+
+    #[test]
+    fn spec_is_required() {
+        assert!(parse(&["--output", "x.img"]).is_err());
+    }
+}

@@ -1,0 +1,262 @@
+//! Running external programs: argv only (never a shell string made from spec values),
+//! stdin from /dev/null unless fed, output kept for the error message, and stopped
+//! when vmdb is interrupted.
+
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+
+use crate::log;
+
+/// Set by SIGINT/SIGTERM; the runner stops before the next step.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Process group of the command running now, to be stopped on a signal.
+static RUNNING: AtomicI32 = AtomicI32::new(0);
+
+const TAIL_LINES: usize = 20;
+
+/// Catch SIGINT, SIGTERM and SIGHUP: note them and stop the running command.
+pub fn forward_signals() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            INTERRUPTED.store(true, Ordering::SeqCst);
+            log::info(&format!(
+                "vmdb: got signal {sig}: stopping the build and tearing down"
+            ));
+            let pg = RUNNING.load(Ordering::SeqCst);
+            if pg > 0 {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(-pg, libc::SIGTERM) };
+            }
+        }
+    });
+    Ok(())
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+pub struct Cmd {
+    prog: OsString,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    stdin: Option<Vec<u8>>,
+    cwd: Option<OsString>,
+}
+
+impl Cmd {
+    pub fn new(prog: impl AsRef<OsStr>) -> Cmd {
+        Cmd {
+            prog: prog.as_ref().to_owned(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            stdin: None,
+            cwd: None,
+        }
+    }
+    pub fn arg(mut self, a: impl AsRef<OsStr>) -> Cmd {
+        self.args.push(a.as_ref().to_owned());
+        self
+    }
+    pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Cmd {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+    pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Cmd {
+        self.envs
+            .push((k.as_ref().to_owned(), v.as_ref().to_owned()));
+        self
+    }
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Cmd {
+        self.stdin = Some(data.into());
+        self
+    }
+    pub fn cwd(mut self, dir: impl AsRef<Path>) -> Cmd {
+        self.cwd = Some(dir.as_ref().as_os_str().to_owned());
+        self
+    }
+
+    /// The command line as a user could type it (for logs and errors).
+    pub fn display(&self) -> String {
+        std::iter::once(&self.prog)
+            .chain(&self.args)
+            .map(|a| {
+                let s = a.to_string_lossy();
+                if !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+                {
+                    s.into_owned()
+                } else {
+                    format!("'{}'", s.replace('\'', "'\\''"))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Run to completion; returns stdout. On failure the error has the command, its exit
+    /// status and the last lines of its output.
+    pub fn run(&self) -> Result<String> {
+        let shown = self.display();
+        log::verbose(&format!("  $ {shown}"));
+        let mut c = Command::new(&self.prog);
+        c.args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so a signal can stop it and all its children.
+            .process_group(0);
+        if let Some(d) = &self.cwd {
+            c.current_dir(d);
+        }
+        let mut child = c.spawn().with_context(|| {
+            format!(
+                "cannot run {}: is it installed?",
+                self.prog.to_string_lossy()
+            )
+        })?;
+        RUNNING.store(child.id() as i32, Ordering::SeqCst);
+        if interrupted() {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
+        }
+
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let out_thread = {
+            let tail = tail.clone();
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                let mut r = BufReader::new(stdout);
+                let mut line = Vec::new();
+                while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                    note_line(&tail, &line);
+                    all.extend_from_slice(&line);
+                    line.clear();
+                }
+                all
+            })
+        };
+        let err_thread = {
+            let tail = tail.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stderr);
+                let mut line = Vec::new();
+                while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                    note_line(&tail, &line);
+                    line.clear();
+                }
+            })
+        };
+        if let Some(data) = &self.stdin {
+            let mut stdin = child.stdin.take().expect("piped");
+            // A program may exit without reading all of its input; that is its business.
+            let _ = stdin.write_all(data);
+        }
+        let status = child.wait();
+        RUNNING.store(0, Ordering::SeqCst);
+        let out = out_thread.join().unwrap_or_default();
+        let _ = err_thread.join();
+        let status = status.with_context(|| format!("waiting for {shown}"))?;
+        if status.success() {
+            return Ok(String::from_utf8_lossy(&out).into_owned());
+        }
+        let how = match (status.code(), status.signal()) {
+            (Some(c), _) => format!("exit status {c}"),
+            (None, Some(s)) => format!("signal {s}"),
+            _ => "unknown status".to_string(),
+        };
+        let lines: Vec<String> = tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let mut msg = format!("command failed with {how}: {shown}");
+        if !lines.is_empty() {
+            msg.push_str("\n  last lines of its output:");
+            for l in lines {
+                msg.push_str("\n  | ");
+                msg.push_str(&l);
+            }
+        }
+        bail!(msg)
+    }
+}
+
+fn note_line(tail: &Mutex<VecDeque<String>>, raw: &[u8]) {
+    let line = String::from_utf8_lossy(raw).trim_end().to_string();
+    log::verbose(&format!("    {line}"));
+    let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+    if t.len() == TAIL_LINES {
+        t.pop_front();
+    }
+    t.push_back(line);
+}
+
+/// Read a small text file, with the path in the error.
+pub fn read_to_string(path: &Path) -> Result<String> {
+    let mut s = String::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut s))
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn returns_stdout() {
+        assert_eq!(Cmd::new("echo").arg("hi").run().unwrap(), "hi\n");
+    }
+
+    #[test]
+    fn failure_names_command_status_and_output_tail() {
+        let e = Cmd::new("sh")
+            .args(["-c", "echo one; echo two >&2; exit 3"])
+            .run()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("command failed with exit status 3: sh -c"),
+            "{e}"
+        );
+        assert!(e.contains("| one") && e.contains("| two"), "{e}");
+    }
+
+    #[test]
+    fn feeds_stdin_and_quotes_for_display() {
+        let c = Cmd::new("cat").stdin("data").arg("-");
+        assert_eq!(c.run().unwrap(), "data");
+        assert_eq!(
+            Cmd::new("echo").arg("a b").arg("it's").display(),
+            "echo 'a b' 'it'\\''s'"
+        );
+    }
+
+    #[test]
+    fn missing_program_is_clear() {
+        let e = Cmd::new("no-such-program-vmdb").run().unwrap_err();
+        assert!(e.to_string().contains("is it installed?"));
+    }
+}

@@ -1,0 +1,17 @@
+//! vmdb: build disk images from a YAML spec of steps.
+
+pub mod app;
+pub mod blockdev;
+pub mod build;
+pub mod cli;
+pub mod cmd;
+pub mod log;
+pub mod mount;
+pub mod plan;
+pub mod plugins;
+pub mod runner;
+pub mod spec;
+pub mod state;
+pub mod step;
+pub mod supervisor;
+pub mod template;

@@ -1,0 +1,44 @@
+//! Progress on stderr, and a debug log file when asked for.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+static VERBOSE: AtomicBool = AtomicBool::new(false);
+static LOG: Mutex<Option<File>> = Mutex::new(None);
+
+pub fn init(verbose: bool, log_file: Option<&Path>) -> std::io::Result<()> {
+    VERBOSE.store(verbose, Ordering::Relaxed);
+    if let Some(p) = log_file {
+        let f = File::options().create(true).append(true).open(p)?;
+        *LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+    Ok(())
+}
+
+pub fn is_verbose() -> bool {
+    VERBOSE.load(Ordering::Relaxed)
+}
+
+/// Only to the log file.
+pub fn debug(msg: &str) {
+    if let Some(f) = LOG.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        let _ = writeln!(f, "{msg}");
+    }
+}
+
+/// Always shown.
+pub fn info(msg: &str) {
+    eprintln!("{msg}");
+    debug(msg);
+}
+
+/// Shown with --verbose.
+pub fn verbose(msg: &str) {
+    if is_verbose() {
+        eprintln!("{msg}");
+    }
+    debug(msg);
+}

@@ -1,0 +1,32 @@
+//! `echo`: print a text when run and another at teardown (to test the runner).
+
+use anyhow::Result;
+
+use crate::build::Build;
+use crate::step::{Key, Kind, Plugin, Step, StepSpec};
+
+pub struct Echo;
+
+static SPEC: StepSpec = StepSpec {
+    name: "echo",
+    value: Kind::Str,
+    value_doc: "text to print when the step runs",
+    keys: &[Key::opt("teardown", Kind::Str, "text to print at teardown")],
+    summary: "Print a message, and another at teardown.",
+};
+
+impl Plugin for Echo {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+    fn run(&self, step: &Step, _b: &mut Build) -> Result<()> {
+        println!("{}", step.arg());
+        Ok(())
+    }
+    fn teardown(&self, step: &Step, _b: &mut Build) -> Result<()> {
+        if let Some(t) = step.opt_str("teardown") {
+            println!("{t}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,32 @@
+//! `error`: print a text and fail (to test teardown); prints another at teardown.
+
+use anyhow::{bail, Result};
+
+use crate::build::Build;
+use crate::step::{Key, Kind, Plugin, Step, StepSpec};
+
+pub struct Error;
+
+static SPEC: StepSpec = StepSpec {
+    name: "error",
+    value: Kind::Str,
+    value_doc: "text to print before failing",
+    keys: &[Key::opt("teardown", Kind::Str, "text to print at teardown")],
+    summary: "Print a message and fail the build (for testing teardown).",
+};
+
+impl Plugin for Error {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+    fn run(&self, step: &Step, _b: &mut Build) -> Result<()> {
+        println!("{}", step.arg());
+        bail!("error step: {}", step.arg())
+    }
+    fn teardown(&self, step: &Step, _b: &mut Build) -> Result<()> {
+        if let Some(t) = step.opt_str("teardown") {
+            println!("{t}");
+        }
+        Ok(())
+    }
+}

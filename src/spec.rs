@@ -1,0 +1,299 @@
+//! Loading a spec: YAML text → a tree of nodes that remember their line and column.
+//!
+//! serde alone gives no position per value, so the YAML event parser builds our own
+//! tree; every later error (template, validation) can then point at file:line:col.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Loc {
+    pub line: usize,
+    pub col: usize,
+}
+
+impl fmt::Display for Loc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.col)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// A scalar; `plain` is false for quoted and block scalars, which are always strings.
+    Scalar {
+        text: String,
+        plain: bool,
+    },
+    Seq(Vec<Node>),
+    Map(Vec<(Node, Node)>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub value: Value,
+    pub loc: Loc,
+}
+
+impl Node {
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.value {
+            Value::Scalar { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+
+    /// A plain `~`, `null` or empty scalar.
+    pub fn is_null(&self) -> bool {
+        matches!(&self.value, Value::Scalar { text, plain: true } if matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL"))
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match &self.value {
+            Value::Scalar { .. } if self.is_null() => "nothing",
+            Value::Scalar { .. } => "a string",
+            Value::Seq(_) => "a list",
+            Value::Map(_) => "a mapping",
+        }
+    }
+}
+
+/// A problem found in a spec, before anything runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diag {
+    pub loc: Loc,
+    /// Index (1-based) and type of the step, when the problem is inside one.
+    pub step: Option<(usize, String)>,
+    pub key: Option<String>,
+    pub msg: String,
+}
+
+impl Diag {
+    pub fn new(loc: Loc, msg: impl Into<String>) -> Self {
+        Diag {
+            loc,
+            step: None,
+            key: None,
+            msg: msg.into(),
+        }
+    }
+
+    pub fn render(&self, file: &str) -> String {
+        let mut s = format!("{file}:{}", self.loc);
+        if let Some((i, kind)) = &self.step {
+            s.push_str(&format!(": step {i} ({kind})"));
+        }
+        if let Some(k) = &self.key {
+            s.push_str(&format!(": key '{k}'"));
+        }
+        s.push_str(": ");
+        s.push_str(&self.msg);
+        s
+    }
+}
+
+/// The steps of a spec, still untyped.
+#[derive(Debug, Clone)]
+pub struct RawSpec {
+    pub steps: Vec<Node>,
+}
+
+pub fn parse_yaml(text: &str) -> Result<Node, Diag> {
+    let mut builder = TreeBuilder::default();
+    let mut parser = Parser::new_from_str(text);
+    if let Err(e) = parser.load(&mut builder, false) {
+        let m = e.marker();
+        return Err(Diag::new(
+            Loc {
+                line: m.line(),
+                col: m.col() + 1,
+            },
+            format!("bad YAML: {}", e.info()),
+        ));
+    }
+    if let Some(d) = builder.error {
+        return Err(d);
+    }
+    builder.root.ok_or_else(|| {
+        Diag::new(
+            Loc { line: 1, col: 1 },
+            "the spec is empty: expected a mapping with a 'steps' list",
+        )
+    })
+}
+
+/// Parse the spec's top level: a mapping with a `steps:` list of mappings.
+pub fn load(text: &str) -> Result<RawSpec, Vec<Diag>> {
+    let root = parse_yaml(text).map_err(|d| vec![d])?;
+    let Value::Map(entries) = &root.value else {
+        return Err(vec![Diag::new(
+            root.loc,
+            format!(
+                "expected a mapping with a 'steps' list at the top, found {}",
+                root.kind_name()
+            ),
+        )]);
+    };
+    let mut diags = Vec::new();
+    let mut steps = None;
+    for (k, v) in entries {
+        match k.as_str() {
+            Some("steps") => match &v.value {
+                Value::Seq(items) => steps = Some(items.clone()),
+                _ => diags.push(Diag::new(
+                    v.loc,
+                    format!("'steps' must be a list of steps, found {}", v.kind_name()),
+                )),
+            },
+            other => diags.push(Diag::new(
+                k.loc,
+                format!(
+                    "unknown top-level key '{}': a spec has only 'steps'",
+                    other.unwrap_or("?")
+                ),
+            )),
+        }
+    }
+    if steps.is_none() && diags.is_empty() {
+        diags.push(Diag::new(root.loc, "the spec has no 'steps' list"));
+    }
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    Ok(RawSpec {
+        steps: steps.unwrap_or_default(),
+    })
+}
+
+#[derive(Default)]
+struct TreeBuilder {
+    /// Open collections: the node being built, and for maps a pending key.
+    stack: Vec<(Node, Option<Node>, usize)>,
+    anchors: HashMap<usize, Node>,
+    root: Option<Node>,
+    error: Option<Diag>,
+}
+
+impl TreeBuilder {
+    fn finish(&mut self, node: Node, anchor: usize) {
+        if anchor > 0 {
+            self.anchors.insert(anchor, node.clone());
+        }
+        match self.stack.last_mut() {
+            None => self.root = Some(node),
+            Some((parent, pending_key, _)) => match &mut parent.value {
+                Value::Seq(items) => items.push(node),
+                Value::Map(entries) => match pending_key.take() {
+                    None => *pending_key = Some(node),
+                    Some(k) => entries.push((k, node)),
+                },
+                Value::Scalar { .. } => unreachable!("scalars are never on the stack"),
+            },
+        }
+    }
+}
+
+impl MarkedEventReceiver for TreeBuilder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let loc = Loc {
+            line: mark.line(),
+            col: mark.col() + 1,
+        };
+        match ev {
+            Event::Scalar(text, style, anchor, _tag) => {
+                let plain = matches!(style, TScalarStyle::Plain);
+                self.finish(
+                    Node {
+                        value: Value::Scalar { text, plain },
+                        loc,
+                    },
+                    anchor,
+                );
+            }
+            Event::SequenceStart(anchor, _) => self.stack.push((
+                Node {
+                    value: Value::Seq(Vec::new()),
+                    loc,
+                },
+                None,
+                anchor,
+            )),
+            Event::MappingStart(anchor, _) => self.stack.push((
+                Node {
+                    value: Value::Map(Vec::new()),
+                    loc,
+                },
+                None,
+                anchor,
+            )),
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some((node, _, anchor)) = self.stack.pop() {
+                    self.finish(node, anchor);
+                }
+            }
+            Event::Alias(id) => match self.anchors.get(&id).cloned() {
+                Some(mut node) => {
+                    node.loc = loc;
+                    self.finish(node, 0);
+                }
+                None => {
+                    self.error
+                        .get_or_insert_with(|| Diag::new(loc, "bad YAML: unknown alias"));
+                }
+            },
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_keep_their_lines() {
+        let spec = load("steps:\n  - mkimg: x.img\n    size: 4G\n\n  - echo: hi\n").unwrap();
+        assert_eq!(spec.steps.len(), 2);
+        assert_eq!(spec.steps[0].loc.line, 2);
+        let Value::Map(m) = &spec.steps[1].value else {
+            panic!("not a map")
+        };
+        assert_eq!(m[0].0.as_str(), Some("echo"));
+        assert_eq!(m[0].1.loc, Loc { line: 5, col: 11 });
+    }
+
+    #[test]
+    fn quoted_scalars_are_not_plain() {
+        let n = parse_yaml("a: 'true'\nb: true\n").unwrap();
+        let Value::Map(m) = n.value else { panic!() };
+        assert!(matches!(&m[0].1.value, Value::Scalar { plain: false, .. }));
+        assert!(matches!(&m[1].1.value, Value::Scalar { plain: true, .. }));
+    }
+
+    #[test]
+    fn bad_yaml_has_a_position() {
+        let d = load("steps:\n  - mkimg: [x\n").unwrap_err();
+        assert_eq!(d.len(), 1);
+        assert!(d[0].msg.starts_with("bad YAML"), "{:?}", d[0]);
+        assert!(d[0].loc.line >= 2);
+    }
+
+    #[test]
+    fn top_level_must_have_steps() {
+        let d = load("stepz: []\n").unwrap_err();
+        assert!(d[0].msg.contains("unknown top-level key 'stepz'"));
+        let d = load("- a\n").unwrap_err();
+        assert!(d[0].msg.contains("expected a mapping"));
+    }
+
+    #[test]
+    fn aliases_are_expanded() {
+        let n = parse_yaml("a: &x hello\nb: *x\n").unwrap();
+        let Value::Map(m) = n.value else { panic!() };
+        assert_eq!(m[1].1.as_str(), Some("hello"));
+        assert_eq!(m[1].1.loc.line, 2);
+    }
+}

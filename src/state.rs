@@ -1,0 +1,123 @@
+//! The build state the steps share: tags (partitions, filesystems, mount points) and flags.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Result};
+
+#[derive(Debug, Clone, Default)]
+pub struct Tag {
+    pub name: String,
+    /// The image or whole-disk device the partition is on.
+    pub disk: Option<PathBuf>,
+    pub number: Option<u32>,
+    /// Byte offset and size of the partition on `disk`.
+    pub offset: u64,
+    pub size: u64,
+    /// The block device of this partition once attached (a loop device at its offset).
+    pub device: Option<PathBuf>,
+    pub fs_type: Option<String>,
+    pub fs_uuid: Option<String>,
+    /// Where the filesystem is mounted on the host, while it is.
+    pub mount_point: Option<PathBuf>,
+    /// Where it is mounted inside the image ("/", "/boot/efi").
+    pub target: Option<String>,
+    /// Mount options for fstab.
+    pub fstab_options: Option<String>,
+    /// A FAT filesystem the kernel cannot mount: its mount point is a staging tmpfs
+    /// copied into the filesystem with mtools when it is unmounted.
+    pub fat_staged: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub tags: Vec<Tag>,
+    pub flags: BTreeSet<String>,
+}
+
+impl State {
+    pub fn tag(&self, name: &str) -> Result<&Tag> {
+        self.tags
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| anyhow!("no tag '{name}' in the build state"))
+    }
+
+    pub fn tag_mut(&mut self, name: &str) -> Result<&mut Tag> {
+        self.tags
+            .iter_mut()
+            .find(|t| t.name == name)
+            .ok_or_else(|| anyhow!("no tag '{name}' in the build state"))
+    }
+
+    pub fn add_tag(&mut self, tag: Tag) -> Result<()> {
+        if self.tags.iter().any(|t| t.name == tag.name) {
+            bail!("tag '{}' is already defined", tag.name);
+        }
+        self.tags.push(tag);
+        Ok(())
+    }
+
+    pub fn device(&self, name: &str) -> Result<&Path> {
+        self.tag(name)?
+            .device
+            .as_deref()
+            .ok_or_else(|| anyhow!("tag '{name}' has no block device (is there a kpartx step, or a partition with that tag?)"))
+    }
+
+    pub fn mount_point(&self, name: &str) -> Result<&Path> {
+        self.tag(name)?
+            .mount_point
+            .as_deref()
+            .ok_or_else(|| anyhow!("tag '{name}' is not mounted"))
+    }
+
+    /// The host directory of the image's root filesystem (the tag mounted at "/").
+    pub fn root_dir(&self) -> Result<&Path> {
+        self.tags
+            .iter()
+            .find(|t| t.target.as_deref() == Some("/") && t.mount_point.is_some())
+            .and_then(|t| t.mount_point.as_deref())
+            .ok_or_else(|| anyhow!("no filesystem is mounted at / of the image"))
+    }
+
+    /// Unless-flags: a step is skipped when all its flags are set (vmdb2's rule).
+    pub fn skips(&self, unless: &[String]) -> bool {
+        !unless.is_empty() && unless.iter().all(|f| self.flags.contains(f))
+    }
+}
+
+/// Resolve a path inside the image to a host path below `root`, refusing to leave it.
+pub fn in_image(root: &Path, path: &str) -> Result<PathBuf> {
+    let rel = Path::new(path);
+    if rel
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        bail!("path '{path}' must not contain '..'");
+    }
+    Ok(root.join(path.trim_start_matches('/')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unless_needs_all_flags() {
+        let mut s = State::default();
+        s.flags.insert("a".into());
+        assert!(!s.skips(&[]));
+        assert!(s.skips(&["a".into()]));
+        assert!(!s.skips(&["a".into(), "b".into()]));
+    }
+
+    #[test]
+    fn image_paths_stay_inside() {
+        assert_eq!(
+            in_image(Path::new("/mnt"), "/etc/hosts").unwrap(),
+            PathBuf::from("/mnt/etc/hosts")
+        );
+        assert!(in_image(Path::new("/mnt"), "/../etc").is_err());
+    }
+}

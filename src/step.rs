@@ -1,0 +1,552 @@
+//! Step types: the schema each plugin declares, the typed step it receives, and the
+//! validation that turns untyped YAML steps into typed ones, reporting every mistake.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, Result};
+
+use crate::build::Build;
+use crate::plan::Plan;
+use crate::spec::{Diag, Loc, Node, Value};
+use crate::template::Renderer;
+
+/// What a key's value must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Str,
+    Bool,
+    Int,
+    /// A list of strings; a single string is taken as a list of one.
+    List,
+    /// Octal file mode such as 0644.
+    Mode,
+    /// A mapping of names to strings (ansible's extra_vars).
+    Map,
+}
+
+impl Kind {
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Str => "a string",
+            Kind::Bool => "true or false",
+            Kind::Int => "a whole number",
+            Kind::List => "a list of strings",
+            Kind::Mode => "an octal file mode such as 0644",
+            Kind::Map => "a mapping of names to values",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Key {
+    pub name: &'static str,
+    pub aliases: &'static [&'static str],
+    pub kind: Kind,
+    pub required: bool,
+    /// Value used when the key is absent (rendered as if written in the spec).
+    pub default: Option<&'static str>,
+    pub doc: &'static str,
+}
+
+impl Key {
+    pub const fn req(name: &'static str, kind: Kind, doc: &'static str) -> Key {
+        Key {
+            name,
+            aliases: &[],
+            kind,
+            required: true,
+            default: None,
+            doc,
+        }
+    }
+    pub const fn opt(name: &'static str, kind: Kind, doc: &'static str) -> Key {
+        Key {
+            name,
+            aliases: &[],
+            kind,
+            required: false,
+            default: None,
+            doc,
+        }
+    }
+    pub const fn default(mut self, value: &'static str) -> Key {
+        self.default = Some(value);
+        self
+    }
+    pub const fn aliases(mut self, aliases: &'static [&'static str]) -> Key {
+        self.aliases = aliases;
+        self
+    }
+}
+
+/// A plugin's description of its step type.
+#[derive(Debug)]
+pub struct StepSpec {
+    /// The key that selects this step type; its value is the step's main argument.
+    pub name: &'static str,
+    pub value: Kind,
+    pub value_doc: &'static str,
+    pub keys: &'static [Key],
+    pub summary: &'static str,
+}
+
+/// One step type. Teardown must cope with a run that stopped anywhere: it undoes only
+/// what the build state says was done.
+pub trait Plugin: Sync {
+    fn spec(&self) -> &'static StepSpec;
+    /// Checks beyond types, against what earlier steps will have made (tags, disks).
+    fn check(&self, _c: &mut Check) {}
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()>;
+    fn teardown(&self, _step: &Step, _b: &mut Build) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Val {
+    Str(String),
+    Bool(bool),
+    Int(i64),
+    List(Vec<String>),
+    Map(BTreeMap<String, String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub val: Val,
+    pub loc: Loc,
+}
+
+/// A rendered, typed step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// 1-based position in the spec.
+    pub index: usize,
+    pub kind: &'static str,
+    pub loc: Loc,
+    pub value: Param,
+    pub params: BTreeMap<&'static str, Param>,
+    pub unless: Vec<String>,
+}
+
+impl Step {
+    /// The main argument (the value of the type key) as a string.
+    pub fn arg(&self) -> &str {
+        match &self.value.val {
+            Val::Str(s) => s,
+            _ => "",
+        }
+    }
+    pub fn has(&self, key: &str) -> bool {
+        self.params.contains_key(key)
+    }
+    pub fn opt_str(&self, key: &str) -> Option<&str> {
+        match self.params.get(key).map(|p| &p.val) {
+            Some(Val::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+    /// A required string key (validation guarantees it is there).
+    pub fn str(&self, key: &str) -> Result<&str> {
+        self.opt_str(key).ok_or_else(|| {
+            anyhow!(
+                "step {} ({}): key '{key}' is missing",
+                self.index,
+                self.kind
+            )
+        })
+    }
+    pub fn bool(&self, key: &str) -> bool {
+        matches!(self.params.get(key).map(|p| &p.val), Some(Val::Bool(true)))
+    }
+    pub fn int(&self, key: &str) -> Option<i64> {
+        match self.params.get(key).map(|p| &p.val) {
+            Some(Val::Int(i)) => Some(*i),
+            _ => None,
+        }
+    }
+    pub fn list(&self, key: &str) -> Vec<String> {
+        match self.params.get(key).map(|p| &p.val) {
+            Some(Val::List(l)) => l.clone(),
+            _ => Vec::new(),
+        }
+    }
+    pub fn map(&self, key: &str) -> BTreeMap<String, String> {
+        match self.params.get(key).map(|p| &p.val) {
+            Some(Val::Map(m)) => m.clone(),
+            _ => BTreeMap::new(),
+        }
+    }
+    pub fn loc_of(&self, key: &str) -> Loc {
+        self.params.get(key).map(|p| p.loc).unwrap_or(self.loc)
+    }
+    /// One line naming the step, for progress output.
+    pub fn describe(&self) -> String {
+        let arg = self.arg();
+        if arg.is_empty() || arg.contains('\n') {
+            self.kind.to_string()
+        } else {
+            format!("{}: {}", self.kind, arg)
+        }
+    }
+}
+
+/// Semantic checking of one step against the plan.
+pub struct Check<'a> {
+    pub step: &'a Step,
+    pub plan: &'a mut Plan,
+    diags: &'a mut Vec<Diag>,
+}
+
+impl Check<'_> {
+    /// Report a problem with one key of the step (the type key's name for its value).
+    pub fn err(&mut self, key: &str, msg: impl Into<String>) {
+        let loc = if key == self.step.kind {
+            self.step.value.loc
+        } else {
+            self.step.loc_of(key)
+        };
+        self.diags.push(Diag {
+            loc,
+            step: Some((self.step.index, self.step.kind.to_string())),
+            key: Some(key.to_string()),
+            msg: msg.into(),
+        });
+    }
+    /// The step uses a tag: it must have been defined by an earlier step.
+    pub fn use_tag(&mut self, key: &str, tag: &str) -> bool {
+        match self.plan.tags.get(tag) {
+            Some(_) => true,
+            None => {
+                let known = self.plan.tag_names();
+                self.err(
+                    key,
+                    format!(
+                        "tag '{tag}' is not defined by an earlier step (defined so far: {known})"
+                    ),
+                );
+                false
+            }
+        }
+    }
+}
+
+/// Type-check every step (after rendering), then check each in order against the plan.
+/// Returns the typed steps, or every problem found.
+pub fn validate(
+    raw: &[Node],
+    renderer: &Renderer,
+    plugins: &[&'static dyn Plugin],
+    plan: &mut Plan,
+) -> Result<Vec<Step>, Vec<Diag>> {
+    let mut diags = Vec::new();
+    let mut steps = Vec::new();
+    for (i, node) in raw.iter().enumerate() {
+        if let Some(step) = type_step(i + 1, node, renderer, plugins, &mut diags) {
+            steps.push(step);
+        }
+    }
+    // Semantic checks only make sense on steps that typed cleanly, but all of them run,
+    // so a tag error late in the spec is reported together with a typo early on.
+    for step in &steps {
+        let plugin = find(plugins, step.kind).expect("typed steps have a plugin");
+        let mut c = Check {
+            step,
+            plan,
+            diags: &mut diags,
+        };
+        plugin.check(&mut c);
+    }
+    if diags.is_empty() {
+        Ok(steps)
+    } else {
+        diags.sort_by_key(|d| (d.loc.line, d.loc.col));
+        Err(diags)
+    }
+}
+
+pub fn find(plugins: &[&'static dyn Plugin], name: &str) -> Option<&'static dyn Plugin> {
+    plugins.iter().copied().find(|p| p.spec().name == name)
+}
+
+const UNLESS: Key = Key::opt(
+    "unless",
+    Kind::List,
+    "skip the step when all these flags are set",
+);
+
+fn type_step(
+    index: usize,
+    node: &Node,
+    renderer: &Renderer,
+    plugins: &[&'static dyn Plugin],
+    diags: &mut Vec<Diag>,
+) -> Option<Step> {
+    let Value::Map(entries) = &node.value else {
+        diags.push(Diag {
+            loc: node.loc,
+            step: Some((index, "?".into())),
+            key: None,
+            msg: format!(
+                "a step must be a mapping such as 'mkfs: ext4', found {}",
+                node.kind_name()
+            ),
+        });
+        return None;
+    };
+    let keys: Vec<&str> = entries.iter().filter_map(|(k, _)| k.as_str()).collect();
+    // The first plugin in registry order whose name is a key wins (chroot before shell).
+    let Some(plugin) = plugins
+        .iter()
+        .copied()
+        .find(|p| keys.contains(&p.spec().name))
+    else {
+        let names: Vec<&str> = plugins.iter().map(|p| p.spec().name).collect();
+        let first = keys.first().copied().unwrap_or("");
+        let hint = did_you_mean(first, names.iter().copied())
+            .map(|s| format!("; did you mean '{s}'?"))
+            .unwrap_or_default();
+        diags.push(Diag {
+            loc: node.loc,
+            step: Some((index, "?".into())),
+            key: None,
+            msg: format!(
+                "unknown step type: none of its keys ({}) names a step type{hint}",
+                keys.join(", ")
+            ),
+        });
+        return None;
+    };
+    let spec = plugin.spec();
+    let mut ok = true;
+    let mut err = |loc: Loc, key: Option<&str>, msg: String| {
+        diags.push(Diag {
+            loc,
+            step: Some((index, spec.name.to_string())),
+            key: key.map(str::to_string),
+            msg,
+        });
+    };
+
+    let mut value = None;
+    let mut params: BTreeMap<&'static str, Param> = BTreeMap::new();
+    let mut seen_as: BTreeMap<&'static str, String> = BTreeMap::new();
+    let all_keys = || spec.keys.iter().chain(std::iter::once(&UNLESS));
+    for (k, v) in entries {
+        let Some(name) = k.as_str() else {
+            err(k.loc, None, "a key must be a string".into());
+            ok = false;
+            continue;
+        };
+        if name == spec.name {
+            match convert(v, spec.value, renderer) {
+                Ok(val) => value = Some(Param { val, loc: v.loc }),
+                Err(msg) => {
+                    err(v.loc, Some(name), msg);
+                    ok = false;
+                }
+            }
+            continue;
+        }
+        let Some(key) = all_keys().find(|key| key.name == name || key.aliases.contains(&name))
+        else {
+            let candidates = all_keys()
+                .flat_map(|key| std::iter::once(key.name).chain(key.aliases.iter().copied()));
+            let hint = did_you_mean(name, candidates)
+                .map(|s| format!("; did you mean '{s}'?"))
+                .unwrap_or_else(|| {
+                    let mut names: Vec<&str> = spec.keys.iter().map(|k| k.name).collect();
+                    names.push("unless");
+                    format!(" (known keys: {})", names.join(", "))
+                });
+            err(
+                k.loc,
+                Some(name),
+                format!("unknown key for step type '{}'{hint}", spec.name),
+            );
+            ok = false;
+            continue;
+        };
+        if let Some(first) = seen_as.get(key.name) {
+            err(
+                k.loc,
+                Some(name),
+                format!("given twice (also as '{first}'); these keys mean the same"),
+            );
+            ok = false;
+            continue;
+        }
+        seen_as.insert(key.name, name.to_string());
+        match convert(v, key.kind, renderer) {
+            Ok(val) => {
+                params.insert(key.name, Param { val, loc: v.loc });
+            }
+            Err(msg) => {
+                err(v.loc, Some(name), msg);
+                ok = false;
+            }
+        }
+    }
+    for key in spec.keys {
+        if params.contains_key(key.name) {
+            continue;
+        }
+        if key.required {
+            let aka = if key.aliases.is_empty() {
+                String::new()
+            } else {
+                format!(" (or {})", key.aliases.join(", "))
+            };
+            err(
+                node.loc,
+                Some(key.name),
+                format!(
+                    "missing required key{aka}: expected {}",
+                    key.kind.expected()
+                ),
+            );
+            ok = false;
+        } else if let Some(d) = key.default {
+            let n = Node {
+                value: Value::Scalar {
+                    text: d.to_string(),
+                    plain: true,
+                },
+                loc: node.loc,
+            };
+            if let Ok(val) = convert(&n, key.kind, renderer) {
+                params.insert(key.name, Param { val, loc: node.loc });
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    let unless = match params.remove("unless") {
+        Some(Param {
+            val: Val::List(l), ..
+        }) => l,
+        _ => Vec::new(),
+    };
+    Some(Step {
+        index,
+        kind: spec.name,
+        loc: node.loc,
+        value: value.expect("the type key is present"),
+        params,
+        unless,
+    })
+}
+
+fn render_scalar(n: &Node, renderer: &Renderer) -> Result<String, String> {
+    match &n.value {
+        Value::Scalar { text, .. } => renderer.render(text),
+        _ => Err(format!("expected a string, found {}", n.kind_name())),
+    }
+}
+
+/// Render and convert one value to the kind the key wants.
+fn convert(n: &Node, kind: Kind, renderer: &Renderer) -> Result<Val, String> {
+    let wrong = |what: &str| format!("expected {}, found {what}", kind.expected());
+    match kind {
+        Kind::Str => match &n.value {
+            Value::Scalar { .. } if n.is_null() => Err(wrong("nothing")),
+            Value::Scalar { .. } => render_scalar(n, renderer).map(Val::Str),
+            _ => Err(wrong(n.kind_name())),
+        },
+        Kind::Bool => {
+            let s = render_scalar(n, renderer).map_err(|_| wrong(n.kind_name()))?;
+            match s.as_str() {
+                "true" | "True" | "yes" | "Yes" | "on" => Ok(Val::Bool(true)),
+                "false" | "False" | "no" | "No" | "off" => Ok(Val::Bool(false)),
+                _ => Err(wrong(&format!("'{s}'"))),
+            }
+        }
+        Kind::Int => {
+            let s = render_scalar(n, renderer).map_err(|_| wrong(n.kind_name()))?;
+            s.trim()
+                .parse::<i64>()
+                .map(Val::Int)
+                .map_err(|_| wrong(&format!("'{s}'")))
+        }
+        Kind::Mode => {
+            let s = render_scalar(n, renderer).map_err(|_| wrong(n.kind_name()))?;
+            let digits = s.trim().trim_start_matches("0o");
+            u32::from_str_radix(digits, 8)
+                .ok()
+                .filter(|m| *m <= 0o7777)
+                .map(|m| Val::Int(m as i64))
+                .ok_or_else(|| wrong(&format!("'{s}'")))
+        }
+        Kind::List => match &n.value {
+            Value::Seq(items) => items
+                .iter()
+                .map(|i| match &i.value {
+                    Value::Scalar { .. } if !i.is_null() => render_scalar(i, renderer),
+                    _ => Err(format!(
+                        "expected a list of strings, found {} in the list",
+                        i.kind_name()
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Val::List),
+            Value::Scalar { .. } if n.is_null() => Ok(Val::List(Vec::new())),
+            Value::Scalar { .. } => render_scalar(n, renderer).map(|s| Val::List(vec![s])),
+            Value::Map(_) => Err(wrong("a mapping")),
+        },
+        Kind::Map => match &n.value {
+            Value::Map(entries) => {
+                let mut m = BTreeMap::new();
+                for (k, v) in entries {
+                    let k = k.as_str().ok_or_else(|| wrong("a non-string key"))?;
+                    m.insert(k.to_string(), render_scalar(v, renderer)?);
+                }
+                Ok(Val::Map(m))
+            }
+            _ => Err(wrong(n.kind_name())),
+        },
+    }
+}
+
+/// The closest known name, if it is close enough to be a likely typo.
+pub fn did_you_mean<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions() {
+        let keys = ["partition", "label", "options"];
+        assert_eq!(
+            did_you_mean("partiton", keys.iter().copied()),
+            Some("partition")
+        );
+        assert_eq!(did_you_mean("zzz", keys.iter().copied()), None);
+    }
+
+    #[test]
+    fn modes_are_octal() {
+        let r = Renderer::new(Default::default());
+        let n = crate::spec::parse_yaml("0644").unwrap();
+        assert_eq!(convert(&n, Kind::Mode, &r), Ok(Val::Int(0o644)));
+        let n = crate::spec::parse_yaml("0999").unwrap();
+        assert!(convert(&n, Kind::Mode, &r).is_err());
+    }
+
+    #[test]
+    fn lists_accept_a_single_string() {
+        let r = Renderer::new(Default::default());
+        let n = crate::spec::parse_yaml("flag").unwrap();
+        assert_eq!(
+            convert(&n, Kind::List, &r),
+            Ok(Val::List(vec!["flag".into()]))
+        );
+    }
+}

@@ -1,0 +1,286 @@
+//! The process shape that makes a build leave nothing behind.
+//!
+//! vmdb forks the build into a new PID namespace, where it is init, and into a private
+//! mount namespace. The build dies with its parent (PDEATHSIG), and when the build's
+//! init dies the kernel kills every process in the namespace; the namespace's mounts
+//! then vanish and the autoclear loop devices detach. The parent only waits, passes on
+//! signals, and puts the image under its final name, or removes it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use crate::app::{Prepared, EXIT_FAILED};
+use crate::build::{is_block_device, Build};
+use crate::{cmd, log, mount, plugins, runner};
+
+/// Where the image goes: built under a temporary name beside the final one, or written
+/// straight to a block device.
+pub struct Target {
+    final_path: PathBuf,
+    build_path: PathBuf,
+    device: bool,
+}
+
+impl Target {
+    pub fn new(out: &Path) -> Result<Target> {
+        if is_block_device(out) {
+            if let Some(m) = mounted_part_of(out)? {
+                bail!("refusing to write to {}: {m} is mounted", out.display());
+            }
+            return Ok(Target {
+                final_path: out.to_path_buf(),
+                build_path: out.to_path_buf(),
+                device: true,
+            });
+        }
+        let abs = std::path::absolute(out).with_context(|| format!("output {}", out.display()))?;
+        let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let name = abs
+            .file_name()
+            .with_context(|| format!("output {} has no file name", out.display()))?
+            .to_string_lossy()
+            .into_owned();
+        if !dir.is_dir() {
+            bail!(
+                "cannot build {}: directory {} does not exist",
+                out.display(),
+                dir.display()
+            );
+        }
+        if abs.is_dir() {
+            bail!("cannot build {}: it is a directory", out.display());
+        }
+        remove_stale_partials(&dir, &name);
+        let build_path = dir.join(format!(".{name}.vmdb-partial-{}", std::process::id()));
+        Ok(Target {
+            final_path: abs,
+            build_path,
+            device: false,
+        })
+    }
+
+    pub fn build_path(&self) -> &Path {
+        &self.build_path
+    }
+
+    fn commit(&self) -> Result<bool> {
+        if self.device {
+            return Ok(true);
+        }
+        if !self.build_path.exists() {
+            return Ok(false);
+        }
+        std::fs::rename(&self.build_path, &self.final_path).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                self.build_path.display(),
+                self.final_path.display()
+            )
+        })?;
+        Ok(true)
+    }
+
+    fn discard(&self, keep: bool) {
+        if self.device || !self.build_path.exists() {
+            return;
+        }
+        if keep {
+            let kept = PathBuf::from(format!("{}.failed", self.final_path.display()));
+            if std::fs::rename(&self.build_path, &kept).is_ok() {
+                log::info(&format!(
+                    "vmdb: kept the half-built image as {}",
+                    kept.display()
+                ));
+                return;
+            }
+        }
+        if let Err(e) = std::fs::remove_file(&self.build_path) {
+            log::info(&format!(
+                "vmdb: could not remove {}: {e}",
+                self.build_path.display()
+            ));
+        }
+    }
+}
+
+/// Partial images of builds whose vmdb was SIGKILLed (their PID is gone).
+fn remove_stale_partials(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.vmdb-partial-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let fname = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = fname
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// The mount source on `dev` or one of its partitions, if any is mounted.
+fn mounted_part_of(dev: &Path) -> Result<Option<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(dev)?.rdev();
+    let (maj, min) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{maj}:{min}"))?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let (Some(mm), Some(point)) = (f.get(2), f.get(4)) else {
+            continue;
+        };
+        if let Ok(p) = std::fs::canonicalize(format!("/sys/dev/block/{mm}")) {
+            if p == sys || p.starts_with(&sys) {
+                return Ok(Some(format!("a filesystem on it (mounted on {point})")));
+            }
+        }
+    }
+    Ok(None)
+}
+
+pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
+    let started = Instant::now();
+    match supervise(p) {
+        Ok(true) => match target.commit() {
+            Ok(true) => {
+                log::info(&format!(
+                    "vmdb: built {} in {:.1}s",
+                    target.final_path.display(),
+                    started.elapsed().as_secs_f64()
+                ));
+                0
+            }
+            Ok(false) => {
+                log::info(&format!(
+                    "vmdb: done in {:.1}s (the spec made no image at {})",
+                    started.elapsed().as_secs_f64(),
+                    target.build_path.display()
+                ));
+                0
+            }
+            Err(e) => {
+                log::info(&format!("vmdb: {e:#}"));
+                target.discard(false);
+                EXIT_FAILED
+            }
+        },
+        Ok(false) => {
+            target.discard(keep_failed);
+            log::info("vmdb: build failed; everything was torn down");
+            EXIT_FAILED
+        }
+        Err(e) => {
+            log::info(&format!("vmdb: {e:#}"));
+            target.discard(keep_failed);
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Fork the build into its namespaces and wait for it; true if it succeeded.
+fn supervise(p: Prepared) -> Result<bool> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("building needs root (loop devices, mounts): run vmdb with sudo");
+    }
+    // A pipe whose write end only the parent holds: EOF tells the child the parent died
+    // before PDEATHSIG was armed.
+    let (alive_r, alive_w) = nix::unistd::pipe().context("creating a pipe")?;
+    // Threads cannot be created once the PID namespace is unshared, so the thread that
+    // passes signals on starts now and learns the child's PID after the fork.
+    forward_signals_to_child()?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
+        .context("creating a PID namespace for the build")?;
+    // SAFETY: the only other thread is the signal forwarder, blocked reading its pipe
+    // and holding no lock, so the child may run ordinary code after fork.
+    match unsafe { fork() }.context("forking the build")? {
+        ForkResult::Child => {
+            drop(alive_w);
+            let code = child_main(p, alive_r);
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => {
+            drop(alive_r);
+            CHILD.store(child.as_raw(), std::sync::atomic::Ordering::SeqCst);
+            let status = loop {
+                match waitpid(child, None) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => break other.context("waiting for the build")?,
+                }
+            };
+            drop(alive_w);
+            match status {
+                WaitStatus::Exited(_, 0) => Ok(true),
+                WaitStatus::Exited(_, _) => Ok(false),
+                WaitStatus::Signaled(_, sig, _) => {
+                    bail!("the build process was killed by {sig:?}")
+                }
+                other => bail!("the build process ended oddly: {other:?}"),
+            }
+        }
+    }
+}
+
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+fn forward_signals_to_child() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            let child = CHILD.load(std::sync::atomic::Ordering::SeqCst);
+            if child > 0 {
+                let _ =
+                    nix::sys::signal::kill(Pid::from_raw(child), nix::sys::signal::Signal::SIGTERM);
+            }
+        }
+    });
+    Ok(())
+}
+
+fn child_main(p: Prepared, alive: std::os::fd::OwnedFd) -> i32 {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's attributes.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if parent_gone(&alive) {
+        return EXIT_FAILED;
+    }
+    if let Err(e) = mount::enter_private_namespace() {
+        log::info(&format!("vmdb: {e:#}"));
+        return EXIT_FAILED;
+    }
+    if let Err(e) = cmd::forward_signals() {
+        log::info(&format!("vmdb: {e:#}"));
+        return EXIT_FAILED;
+    }
+    let mut b = match Build::new(p.opts) {
+        Ok(b) => b,
+        Err(e) => {
+            log::info(&format!("vmdb: {e:#}"));
+            return EXIT_FAILED;
+        }
+    };
+    let errors = runner::run(&p.steps, plugins::ALL, &mut b);
+    for e in &errors {
+        log::info(&format!("vmdb: error: {e:#}"));
+    }
+    if errors.is_empty() {
+        0
+    } else {
+        EXIT_FAILED
+    }
+}
+
+fn parent_gone(alive: &std::os::fd::OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(alive.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
