@@ -32,29 +32,36 @@ impl Renderer {
             .env
             .template_from_str(text)
             .map_err(|e| format!("bad template: {}", detail(&e)))?;
-        let mut missing: Vec<String> = tmpl
-            .undeclared_variables(false)
-            .into_iter()
-            .filter(|v| !self.vars.contains_key(v))
-            .collect();
-        if !missing.is_empty() {
-            missing.sort();
-            let names = missing
-                .iter()
-                .map(|m| format!("'{m}'"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let hint = missing
-                .iter()
-                .map(|m| format!("--variable {m}=VALUE"))
-                .collect::<Vec<_>>()
-                .join(" ");
-            return Err(format!(
-                "undefined template variable {names} (set it with {hint})"
-            ));
+        match tmpl.render(&self.vars) {
+            Ok(out) => Ok(out),
+            Err(e) if e.kind() == minijinja::ErrorKind::UndefinedError => {
+                // Name the variables a spec author forgot (filters like `default` make
+                // some undeclared names fine, so this is only worked out on failure).
+                let mut missing: Vec<String> = tmpl
+                    .undeclared_variables(false)
+                    .into_iter()
+                    .filter(|v| !self.vars.contains_key(v))
+                    .collect();
+                if missing.is_empty() {
+                    return Err(format!("template error: {}", detail(&e)));
+                }
+                missing.sort();
+                let names = missing
+                    .iter()
+                    .map(|m| format!("'{m}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let hint = missing
+                    .iter()
+                    .map(|m| format!("--variable {m}=VALUE"))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                Err(format!(
+                    "undefined template variable {names} (set it with {hint})"
+                ))
+            }
+            Err(e) => Err(format!("template error: {}", detail(&e))),
         }
-        tmpl.render(&self.vars)
-            .map_err(|e| format!("template error: {}", detail(&e)))
     }
 }
 
@@ -98,6 +105,14 @@ mod tests {
     #[test]
     fn does_not_html_escape_and_keeps_newline() {
         assert_eq!(r().render("a<{{ suite }}>&\n").unwrap(), "a<bookworm>&\n");
+    }
+
+    #[test]
+    fn default_filter_allows_a_missing_variable() {
+        assert_eq!(
+            r().render("{{ arch | default('amd64') }}").unwrap(),
+            "amd64"
+        );
     }
 
     #[test]

@@ -5,5 +5,29 @@ use crate::step::Plugin;
 
 pub mod echo;
 pub mod error;
+pub mod fstab;
+pub mod grub;
+pub mod kpartx;
+pub mod mkfs;
+pub mod mkimg;
+pub mod mklabel;
+pub mod mkpart;
+pub mod mount;
+pub mod set_part_flag;
 
-pub static ALL: &[&dyn Plugin] = &[&echo::Echo, &error::Error];
+#[cfg(test)]
+pub mod testing;
+
+pub static ALL: &[&dyn Plugin] = &[
+    &mkimg::Mkimg,
+    &mklabel::Mklabel,
+    &mkpart::Mkpart,
+    &set_part_flag::SetPartFlag,
+    &kpartx::Kpartx,
+    &mkfs::Mkfs,
+    &mount::Mount,
+    &fstab::Fstab,
+    &grub::Grub,
+    &echo::Echo,
+    &error::Error,
+];

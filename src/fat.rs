@@ -1,0 +1,103 @@
+//! FAT filesystems without the kernel: on these hosts the kernel cannot mount vfat, so
+//! a FAT mount point is a staging directory whose contents mtools copy in and out.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::cmd::Cmd;
+
+fn mtools(prog: &str) -> Cmd {
+    // The partition's loop device has no drive geometry mtools would accept.
+    Cmd::new(prog).env("MTOOLS_SKIP_CHECK", "1")
+}
+
+/// Copy everything in the FAT filesystem on `dev` into `dir`.
+pub fn copy_out(dev: &Path, dir: &Path) -> Result<()> {
+    let listing = mtools("mdir").args(["-b", "-i"]).arg(dev).arg("::/").run();
+    // mdir fails on an empty root directory; then there is nothing to copy.
+    if listing.map(|l| l.trim().is_empty()).unwrap_or(true) {
+        return Ok(());
+    }
+    mtools("mcopy")
+        .args(["-s", "-n", "-m", "-Q", "-i"])
+        .arg(dev)
+        .arg("::*")
+        .arg(dir)
+        .run()
+        .with_context(|| format!("copying the FAT filesystem on {} out", dev.display()))?;
+    Ok(())
+}
+
+/// Copy everything below `dir` into the root of the FAT filesystem on `dev`,
+/// overwriting files of the same name.
+pub fn copy_in(dir: &Path, dev: &Path) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    if entries.is_empty() {
+        return Ok(());
+    }
+    entries.sort();
+    mtools("mcopy")
+        .args(["-s", "-o", "-m", "-Q", "-i"])
+        .arg(dev)
+        .args(&entries)
+        .arg("::/")
+        .run()
+        .with_context(|| {
+            format!(
+                "copying {} into the FAT filesystem on {}",
+                dir.display(),
+                dev.display()
+            )
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_through_a_fat_image() {
+        if Cmd::new("mkfs.vfat").arg("--help").run().is_err()
+            && !Path::new("/sbin/mkfs.vfat").exists()
+        {
+            eprintln!("skipped: dosfstools missing");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("fat.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        Cmd::new("mkfs.vfat").arg(&img).run().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("EFI/BOOT")).unwrap();
+        std::fs::write(src.join("EFI/BOOT/BOOTX64.EFI"), b"efi binary").unwrap();
+        std::fs::write(src.join("startup.nsh"), b"fs0:").unwrap();
+        copy_in(&src, &img).unwrap();
+        let out = d.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        copy_out(&img, &out).unwrap();
+        assert_eq!(
+            std::fs::read(out.join("EFI/BOOT/BOOTX64.EFI")).unwrap(),
+            b"efi binary"
+        );
+        assert_eq!(std::fs::read(out.join("startup.nsh")).unwrap(), b"fs0:");
+        // An empty filesystem copies out to nothing.
+        let img2 = d.path().join("empty.img");
+        std::fs::File::create(&img2)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        Cmd::new("mkfs.vfat").arg(&img2).run().unwrap();
+        let out2 = d.path().join("out2");
+        std::fs::create_dir(&out2).unwrap();
+        copy_out(&img2, &out2).unwrap();
+        assert_eq!(std::fs::read_dir(&out2).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,430 @@
+//! `grub`: install GRUB for BIOS or UEFI from the host's GRUB files, with a grub.cfg
+//! vmdb writes itself.
+//!
+//! grub-mkconfig cannot be used: run in the image's chroot on partition-offset loop
+//! devices it silently writes a menu without kernels. grub-install for EFI refuses an
+//! ESP that is not a mounted FAT filesystem, and the kernel here cannot mount FAT. So:
+//! BIOS uses host `grub-install --target=i386-pc` on the whole disk; UEFI builds the
+//! removable-path loader (EFI/BOOT/BOOTX64.EFI) with grub-mkimage and an early config
+//! that finds the boot filesystem by UUID. Neither needs the network, nor GRUB
+//! packages in the image.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::blockdev::table;
+use crate::build::Build;
+use crate::cmd::Cmd;
+use crate::state::{in_image, Tag};
+use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+
+pub struct Grub;
+
+static SPEC: StepSpec = StepSpec {
+    name: "grub",
+    value: Kind::Str,
+    value_doc: "firmware to boot with: bios or uefi",
+    keys: &[
+        Key::req("tag", Kind::Str, "tag of the root filesystem").aliases(&["root-fs"]),
+        Key::opt("efi", Kind::Str, "tag of the EFI system partition (uefi)").aliases(&["efi-part"]),
+        Key::opt(
+            "console",
+            Kind::Str,
+            "'serial' for a serial console on ttyS0 (as well as the screen)",
+        ),
+        Key::opt("quiet", Kind::Bool, "boot the kernel with 'quiet'").default("false"),
+        Key::opt("timeout", Kind::Int, "seconds the GRUB menu waits").default("0"),
+        Key::opt(
+            "kernel-params",
+            Kind::List,
+            "extra kernel command line parameters (default: net.ifnames=0 consoleblank=0)",
+        ),
+        Key::opt(
+            "image-dev",
+            Kind::Str,
+            "disk to install the BIOS boot code on (default: the disk holding the root partition)",
+        ),
+    ],
+    summary: "Install the GRUB boot loader for BIOS or UEFI.",
+};
+
+impl Plugin for Grub {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+
+    fn check(&self, c: &mut Check) {
+        let fw = c.step.arg().to_string();
+        if fw != "bios" && fw != "uefi" {
+            c.err(
+                "grub",
+                format!("unknown firmware '{fw}': expected bios or uefi"),
+            );
+        }
+        let root = c.step.opt_str("tag").unwrap_or_default().to_string();
+        if c.use_tag("tag", &root) && !c.plan.tags[&root].mounted {
+            c.err(
+                "tag",
+                format!("tag '{root}' is not mounted by an earlier step"),
+            );
+        }
+        match c.step.opt_str("efi").map(str::to_string) {
+            Some(efi) => {
+                if c.use_tag("efi", &efi) {
+                    let fs = c.plan.tags[&efi].fs_type.clone();
+                    if !matches!(fs.as_deref(), Some("vfat") | Some("fat")) {
+                        c.err(
+                            "efi",
+                            format!(
+                                "tag '{efi}' must have a vfat filesystem (an EFI system partition)"
+                            ),
+                        );
+                    }
+                }
+            }
+            None if fw == "uefi" => c.err(
+                "efi",
+                "required for uefi: the tag of the EFI system partition",
+            ),
+            None => {}
+        }
+        if let Some(con) = c.step.opt_str("console") {
+            if con != "serial" {
+                let con = con.to_string();
+                c.err(
+                    "console",
+                    format!("unknown console '{con}': expected serial"),
+                );
+            }
+        }
+    }
+
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let root_tag = b.state.tag(step.str("tag")?)?.clone();
+        let root_dir = root_tag
+            .mount_point
+            .clone()
+            .context("the root filesystem is not mounted")?;
+        let root_uuid = root_tag
+            .fs_uuid
+            .clone()
+            .context("the root filesystem has no UUID (made by mkfs?)")?;
+        // A separate /boot holds the kernels; GRUB then sees them at its top.
+        let boot = b
+            .state
+            .tags
+            .iter()
+            .find(|t| t.target.as_deref() == Some("/boot") && t.mount_point.is_some())
+            .cloned();
+        let (boot_uuid, boot_prefix) = match &boot {
+            Some(t) => (t.fs_uuid.clone().context("/boot has no UUID")?, ""),
+            None => (root_uuid.clone(), "/boot"),
+        };
+        let boot_fs = boot
+            .as_ref()
+            .unwrap_or(&root_tag)
+            .fs_type
+            .clone()
+            .unwrap_or_else(|| "ext4".into());
+        let kernel = latest_kernel(&in_image(&root_dir, "/boot")?)?;
+        let params = kernel_params(step, &root_uuid);
+        let cfg = grub_cfg(&kernel, boot_prefix, &boot_uuid, &params, step);
+        let grub_dir = in_image(&root_dir, "/boot/grub")?;
+        std::fs::create_dir_all(&grub_dir)?;
+        std::fs::write(grub_dir.join("grub.cfg"), cfg).context("writing grub.cfg")?;
+
+        let disk = match step.opt_str("image-dev") {
+            Some(d) => PathBuf::from(d),
+            None => root_tag
+                .disk
+                .clone()
+                .context("the root filesystem is not on a partition of a disk")?,
+        };
+        match step.arg() {
+            "bios" => install_bios(b, &disk, &root_dir, &boot_fs),
+            _ => {
+                let efi = b.state.tag(step.str("efi")?)?.clone();
+                install_uefi(b, &efi, &root_dir, &boot_uuid, boot_prefix, &boot_fs)
+            }
+        }
+    }
+}
+
+fn install_bios(b: &mut Build, disk: &Path, root_dir: &Path, boot_fs: &str) -> Result<()> {
+    let dev = b.disk_device(disk)?;
+    let modules = format!("part_msdos part_gpt {}", grub_fs_module(boot_fs));
+    Cmd::new("grub-install")
+        .arg("--target=i386-pc")
+        .arg(format!(
+            "--boot-directory={}",
+            in_image(root_dir, "/boot")?.display()
+        ))
+        .arg(format!("--modules={modules}"))
+        .arg("--no-floppy")
+        .arg(&dev)
+        .run()
+        .context("installing GRUB for BIOS (is grub-pc-bin installed on the host?)")?;
+    Ok(())
+}
+
+fn install_uefi(
+    b: &mut Build,
+    efi: &Tag,
+    root_dir: &Path,
+    boot_uuid: &str,
+    boot_prefix: &str,
+    boot_fs: &str,
+) -> Result<()> {
+    let arch = image_arch(root_dir)?;
+    let (platform, loader) = match arch.as_str() {
+        "amd64" => ("x86_64-efi", "BOOTX64.EFI"),
+        "i386" => ("i386-efi", "BOOTIA32.EFI"),
+        "arm64" => ("arm64-efi", "BOOTAA64.EFI"),
+        other => bail!("no UEFI GRUB platform known for architecture '{other}'"),
+    };
+    let lib = PathBuf::from("/usr/lib/grub").join(platform);
+    if !lib.is_dir() {
+        bail!(
+            "{} is missing: install grub-efi-{}-bin on the host",
+            lib.display(),
+            arch
+        );
+    }
+    // Modules beside grub.cfg, so that insmod works after the early config hands over.
+    let mod_dir = in_image(root_dir, &format!("/boot/grub/{platform}"))?;
+    std::fs::create_dir_all(&mod_dir)?;
+    for e in std::fs::read_dir(&lib)?.flatten() {
+        let p = e.path();
+        if matches!(p.extension().and_then(|x| x.to_str()), Some("mod" | "lst")) {
+            std::fs::copy(&p, mod_dir.join(e.file_name()))?;
+        }
+    }
+    let scratch = b.scratch_dir("grub-")?;
+    let early = scratch.join("early.cfg");
+    std::fs::write(
+        &early,
+        format!(
+            "search --no-floppy --fs-uuid --set=root {boot_uuid}\nset prefix=($root){boot_prefix}/grub\nconfigfile $prefix/grub.cfg\n"
+        ),
+    )?;
+    let staging = scratch.join("esp");
+    let boot_dir = staging.join("EFI/BOOT");
+    std::fs::create_dir_all(&boot_dir)?;
+    let mut modules = vec![
+        "part_gpt",
+        "part_msdos",
+        "fat",
+        "ext2",
+        "search",
+        "search_fs_uuid",
+        "normal",
+        "linux",
+        "configfile",
+        "serial",
+        "terminal",
+        "echo",
+        "test",
+        "ls",
+        "gzio",
+        "boot",
+        "all_video",
+    ];
+    modules.push(grub_fs_module(boot_fs));
+    if platform != "arm64-efi" {
+        modules.push("efi_gop");
+    }
+    Cmd::new("grub-mkimage")
+        .args(["-O", platform, "-d"])
+        .arg(&lib)
+        .args(["-p", &format!("{boot_prefix}/grub"), "-c"])
+        .arg(&early)
+        .arg("-o")
+        .arg(boot_dir.join(loader))
+        .args(&modules)
+        .run()
+        .context("building the EFI boot loader")?;
+    // Into the ESP: through its mount point if it has one, else straight into the FAT.
+    match &efi.mount_point {
+        Some(point) => {
+            let dest = point.join("EFI/BOOT");
+            std::fs::create_dir_all(&dest)?;
+            std::fs::copy(boot_dir.join(loader), dest.join(loader))?;
+        }
+        None => {
+            let dev = b.partition_device(&efi.name)?;
+            crate::fat::copy_in(&staging, &dev)?;
+        }
+    }
+    // Firmware looks for the ESP by its type.
+    if let (Some(disk), Some(n)) = (&efi.disk, efi.number) {
+        if !crate::build::is_block_device(disk) || disk.to_string_lossy().starts_with("/dev/loop") {
+            table::set_flag(disk, n, "esp", true)?;
+        }
+    }
+    Ok(())
+}
+
+fn grub_fs_module(fs: &str) -> &'static str {
+    match fs {
+        "xfs" => "xfs",
+        "btrfs" => "btrfs",
+        _ => "ext2",
+    }
+}
+
+/// Debian architecture of the image, from dpkg's status of base-files.
+fn image_arch(root: &Path) -> Result<String> {
+    let status = std::fs::read_to_string(in_image(root, "/var/lib/dpkg/status")?)
+        .context("reading the image's dpkg status (is Debian installed in it?)")?;
+    status
+        .split("\n\n")
+        .find(|p| p.lines().any(|l| l == "Package: base-files"))
+        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("Architecture: ")))
+        .map(|a| a.trim().to_string())
+        .context("base-files has no architecture in the image's dpkg status")
+}
+
+/// The newest vmlinuz-VERSION in `boot`, as (kernel file, initrd file if any).
+fn latest_kernel(boot: &Path) -> Result<(String, Option<String>)> {
+    let mut versions: Vec<String> = std::fs::read_dir(boot)
+        .with_context(|| format!("reading {}", boot.display()))?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(str::to_string)
+        })
+        .collect();
+    versions.sort_by(|a, b| version_cmp(a, b));
+    let Some(v) = versions.pop() else {
+        bail!("no kernel in /boot of the image: install one first (for example an apt step with linux-image-amd64)");
+    };
+    let initrd = format!("initrd.img-{v}");
+    let initrd = boot.join(&initrd).exists().then_some(initrd);
+    Ok((format!("vmlinuz-{v}"), initrd))
+}
+
+/// Compare version strings piecewise, numbers numerically ("6.1.0-10" > "6.1.0-9").
+fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let split = |s: &str| -> Vec<(u64, String)> {
+        s.split(|c: char| !c.is_ascii_alphanumeric())
+            .map(|p| (p.parse::<u64>().unwrap_or(0), p.to_string()))
+            .collect()
+    };
+    split(a).cmp(&split(b))
+}
+
+fn kernel_params(step: &Step, root_uuid: &str) -> Vec<String> {
+    let mut p = vec![format!("root=UUID={root_uuid}"), "ro".to_string()];
+    if step.opt_str("console") == Some("serial") {
+        // The last console= is /dev/console, where systemd starts a getty.
+        p.push("console=tty0".into());
+        p.push("console=ttyS0,115200n8".into());
+    }
+    let extra = step.list("kernel-params");
+    if step.has("kernel-params") {
+        p.extend(extra);
+    } else {
+        p.extend(["net.ifnames=0".to_string(), "consoleblank=0".to_string()]);
+    }
+    if step.bool("quiet") {
+        p.push("quiet".into());
+    }
+    p
+}
+
+fn grub_cfg(
+    kernel: &(String, Option<String>),
+    prefix: &str,
+    boot_uuid: &str,
+    params: &[String],
+    step: &Step,
+) -> String {
+    let timeout = step.int("timeout").unwrap_or(0);
+    let mut s = String::from("# Written by vmdb.\n");
+    s.push_str(&format!("set default=0\nset timeout={timeout}\n"));
+    if step.opt_str("console") == Some("serial") {
+        s.push_str("serial --unit=0 --speed=115200\nterminal_input serial console\nterminal_output serial console\n");
+    }
+    s.push_str(&format!(
+        "search --no-floppy --fs-uuid --set=root {boot_uuid}\n"
+    ));
+    s.push_str("menuentry 'Debian GNU/Linux' {\n");
+    s.push_str(&format!(
+        "    linux {prefix}/{} {}\n",
+        kernel.0,
+        params.join(" ")
+    ));
+    if let Some(initrd) = &kernel.1 {
+        s.push_str(&format!("    initrd {prefix}/{initrd}\n"));
+    }
+    s.push_str("}\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::testing::{check_errors, steps};
+
+    #[test]
+    fn newest_kernel_wins() {
+        let d = tempfile::tempdir().unwrap();
+        for f in [
+            "vmlinuz-6.1.0-9-amd64",
+            "vmlinuz-6.1.0-10-amd64",
+            "initrd.img-6.1.0-10-amd64",
+            "config-6.1.0-10-amd64",
+        ] {
+            std::fs::write(d.path().join(f), b"").unwrap();
+        }
+        assert_eq!(
+            latest_kernel(d.path()).unwrap(),
+            (
+                "vmlinuz-6.1.0-10-amd64".to_string(),
+                Some("initrd.img-6.1.0-10-amd64".to_string())
+            )
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert!(latest_kernel(empty.path())
+            .unwrap_err()
+            .to_string()
+            .contains("no kernel in /boot"));
+    }
+
+    #[test]
+    fn config_finds_root_by_uuid_and_uses_serial() {
+        let s = steps(&["grub: bios\ntag: /\nconsole: serial\ntimeout: 3\nquiet: true"]).unwrap();
+        let params = kernel_params(&s[0], "1234");
+        let cfg = grub_cfg(
+            &("vmlinuz-6.1".into(), Some("initrd.img-6.1".into())),
+            "/boot",
+            "1234",
+            &params,
+            &s[0],
+        );
+        assert_eq!(
+            cfg,
+            "# Written by vmdb.\nset default=0\nset timeout=3\n\
+             serial --unit=0 --speed=115200\nterminal_input serial console\nterminal_output serial console\n\
+             search --no-floppy --fs-uuid --set=root 1234\n\
+             menuentry 'Debian GNU/Linux' {\n\
+             \x20   linux /boot/vmlinuz-6.1 root=UUID=1234 ro console=tty0 console=ttyS0,115200n8 net.ifnames=0 consoleblank=0 quiet\n\
+             \x20   initrd /boot/initrd.img-6.1\n}\n"
+        );
+    }
+
+    #[test]
+    fn uefi_needs_an_efi_tag() {
+        assert_eq!(
+            check_errors("grub: uefi\ntag: /"),
+            vec!["key 'efi': required for uefi: the tag of the EFI system partition"]
+        );
+        assert_eq!(
+            check_errors("grub: coreboot\ntag: /"),
+            vec!["key 'grub': unknown firmware 'coreboot': expected bios or uefi"]
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! `kpartx`: make the partitions of a disk usable as block devices. vmdb uses no
+//! device-mapper: each partition becomes a loop device at its offset and size.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+
+use crate::blockdev::table;
+use crate::build::Build;
+use crate::plan::PlanTag;
+use crate::state::Tag;
+use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+
+pub struct Kpartx;
+
+static SPEC: StepSpec = StepSpec {
+    name: "kpartx",
+    value: Kind::Str,
+    value_doc: "image file or block device whose partitions to map",
+    keys: &[Key::opt(
+        "tags",
+        Kind::List,
+        "for a disk partitioned outside this spec: tags to give its partitions, in order",
+    )],
+    summary: "Map a disk's partitions to block devices (loop devices at each partition's offset).",
+};
+
+impl Plugin for Kpartx {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+
+    fn check(&self, c: &mut Check) {
+        let disk = c.step.arg().to_string();
+        for tag in c.step.list("tags") {
+            let t = PlanTag {
+                step: c.step.index,
+                disk: Some(disk.clone()),
+                ..PlanTag::default()
+            };
+            if let Err(e) = c.plan.define_tag(&tag, t) {
+                c.err("tags", e);
+            }
+        }
+    }
+
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let disk = PathBuf::from(step.arg());
+        let tags = step.list("tags");
+        if !tags.is_empty() {
+            let parts = table::read_partitions(&disk)?;
+            if parts.len() < tags.len() {
+                bail!(
+                    "{} has {} partitions but {} tags were given",
+                    disk.display(),
+                    parts.len(),
+                    tags.len()
+                );
+            }
+            for (name, p) in tags.iter().zip(parts) {
+                b.state.add_tag(Tag {
+                    name: name.clone(),
+                    disk: Some(disk.clone()),
+                    number: Some(p.number),
+                    offset: p.start_sector * 512,
+                    size: p.size_sectors * 512,
+                    ..Tag::default()
+                })?;
+            }
+        }
+        for name in partition_tags(b, &disk) {
+            let dev = b.partition_device(&name)?;
+            crate::log::verbose(&format!("  partition '{name}' is {}", dev.display()));
+        }
+        Ok(())
+    }
+
+    fn teardown(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let names = partition_tags(b, &PathBuf::from(step.arg()));
+        b.release_partitions(&names);
+        Ok(())
+    }
+}
+
+fn partition_tags(b: &Build, disk: &PathBuf) -> Vec<String> {
+    b.state
+        .tags
+        .iter()
+        .filter(|t| t.disk.as_ref() == Some(disk))
+        .map(|t| t.name.clone())
+        .collect()
+}

@@ -1,0 +1,93 @@
+//! `mkimg`: create a sparse raw image file of a given size.
+
+use std::fs::OpenOptions;
+
+use anyhow::{Context, Result};
+
+use crate::build::{is_block_device, Build};
+use crate::plan::PlanDisk;
+use crate::size;
+use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+
+pub struct Mkimg;
+
+static SPEC: StepSpec = StepSpec {
+    name: "mkimg",
+    value: Kind::Str,
+    value_doc: "path of the image file to create (usually \"{{ output }}\")",
+    keys: &[Key::req(
+        "size",
+        Kind::Str,
+        "size of the image: 4G, 512M, 300MiB (K, M, G, T are binary, as with qemu-img; KB, MB, GB are decimal)",
+    )],
+    summary: "Create a sparse raw disk image file.",
+};
+
+impl Plugin for Mkimg {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+
+    fn check(&self, c: &mut Check) {
+        let size = match size::parse(c.step.opt_str("size").unwrap_or_default()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                c.err("size", e);
+                None
+            }
+        };
+        c.plan.disks.insert(
+            c.step.arg().to_string(),
+            PlanDisk {
+                size,
+                ..PlanDisk::default()
+            },
+        );
+    }
+
+    fn run(&self, step: &Step, _b: &mut Build) -> Result<()> {
+        let path = std::path::Path::new(step.arg());
+        let size = size::parse(step.str("size")?).map_err(anyhow::Error::msg)?;
+        if is_block_device(path) {
+            // Writing to a device: there is nothing to create.
+            crate::log::verbose(&format!(
+                "  {} is a block device; not creating a file",
+                path.display()
+            ));
+            return Ok(());
+        }
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .with_context(|| format!("creating image {}", path.display()))?;
+        f.set_len(size)
+            .with_context(|| format!("sizing image {} to {size} bytes", path.display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::plugins::testing::{check_errors, run_step};
+
+    #[test]
+    fn creates_a_sparse_file_of_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        run_step(&format!("mkimg: {}\nsize: 300M", img.display())).unwrap();
+        let m = std::fs::metadata(&img).unwrap();
+        assert_eq!(m.len(), 300 << 20);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(m.blocks(), 0, "sparse");
+    }
+
+    #[test]
+    fn bad_size_is_a_validation_error() {
+        assert_eq!(
+            check_errors("mkimg: x.img\nsize: 4Q"),
+            vec!["key 'size': '4Q' is not a size: expected a number with an optional unit, like 4G, 512M, 300MiB or 10GB"]
+        );
+    }
+}

@@ -1,0 +1,63 @@
+//! `mklabel`: write a new, empty partition table (msdos or gpt).
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::blockdev::table::{self, LabelKind};
+use crate::build::Build;
+use crate::plan::PlanDisk;
+use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+
+pub struct Mklabel;
+
+static SPEC: StepSpec = StepSpec {
+    name: "mklabel",
+    value: Kind::Str,
+    value_doc: "kind of partition table: msdos or gpt",
+    keys: &[Key::req(
+        "device",
+        Kind::Str,
+        "image file or block device to label",
+    )],
+    summary: "Write an empty partition table.",
+};
+
+impl Plugin for Mklabel {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+
+    fn check(&self, c: &mut Check) {
+        let Some(kind) = LabelKind::parse(c.step.arg()) else {
+            let got = c.step.arg().to_string();
+            c.err(
+                "mklabel",
+                format!("unknown partition table '{got}': expected msdos or gpt"),
+            );
+            return;
+        };
+        let dev = c.step.opt_str("device").unwrap_or_default().to_string();
+        let disk = c.plan.disks.entry(dev).or_insert_with(PlanDisk::default);
+        disk.label = Some(kind);
+        disk.parts.clear();
+    }
+
+    fn run(&self, step: &Step, _b: &mut Build) -> Result<()> {
+        let kind = LabelKind::parse(step.arg()).expect("validated");
+        table::write_label(Path::new(step.str("device")?), kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::plugins::testing::check_errors;
+
+    #[test]
+    fn unknown_label_is_refused() {
+        assert_eq!(
+            check_errors("mklabel: apple\ndevice: x.img"),
+            vec!["key 'mklabel': unknown partition table 'apple': expected msdos or gpt"]
+        );
+    }
+}
