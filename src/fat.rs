@@ -8,30 +8,37 @@ use anyhow::{Context, Result};
 use crate::cmd::Cmd;
 
 fn mtools(prog: &str) -> Cmd {
-    // The partition's loop device has no drive geometry mtools would accept.
     Cmd::new(prog).env("MTOOLS_SKIP_CHECK", "1")
 }
 
-/// Copy everything in the FAT filesystem on `dev` into `dir`.
-pub fn copy_out(dev: &Path, dir: &Path) -> Result<()> {
-    let listing = mtools("mdir").args(["-b", "-i"]).arg(dev).arg("::/").run();
+/// mtools cannot use a loop device (it wants a drive geometry), so it is pointed at
+/// the disk image itself with the partition's byte offset.
+fn drive(disk: &Path, offset: u64) -> String {
+    format!("{}@@{offset}", disk.display())
+}
+
+/// Copy everything in the FAT filesystem at `offset` of `disk` into `dir`.
+pub fn copy_out(disk: &Path, offset: u64, dir: &Path) -> Result<()> {
+    let dev = drive(disk, offset);
+    let listing = mtools("mdir").args(["-b", "-i"]).arg(&dev).arg("::/").run();
     // mdir fails on an empty root directory; then there is nothing to copy.
     if listing.map(|l| l.trim().is_empty()).unwrap_or(true) {
         return Ok(());
     }
     mtools("mcopy")
         .args(["-s", "-n", "-m", "-Q", "-i"])
-        .arg(dev)
+        .arg(&dev)
         .arg("::*")
         .arg(dir)
         .run()
-        .with_context(|| format!("copying the FAT filesystem on {} out", dev.display()))?;
+        .with_context(|| format!("copying the FAT filesystem on {} out", dev))?;
     Ok(())
 }
 
-/// Copy everything below `dir` into the root of the FAT filesystem on `dev`,
-/// overwriting files of the same name.
-pub fn copy_in(dir: &Path, dev: &Path) -> Result<()> {
+/// Copy everything below `dir` into the root of the FAT filesystem at `offset` of
+/// `disk`, overwriting files of the same name.
+pub fn copy_in(dir: &Path, disk: &Path, offset: u64) -> Result<()> {
+    let dev = drive(disk, offset);
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -42,7 +49,7 @@ pub fn copy_in(dir: &Path, dev: &Path) -> Result<()> {
     entries.sort();
     mtools("mcopy")
         .args(["-s", "-o", "-m", "-Q", "-i"])
-        .arg(dev)
+        .arg(&dev)
         .args(&entries)
         .arg("::/")
         .run()
@@ -50,7 +57,7 @@ pub fn copy_in(dir: &Path, dev: &Path) -> Result<()> {
             format!(
                 "copying {} into the FAT filesystem on {}",
                 dir.display(),
-                dev.display()
+                dev
             )
         })?;
     Ok(())
@@ -79,10 +86,10 @@ mod tests {
         std::fs::create_dir_all(src.join("EFI/BOOT")).unwrap();
         std::fs::write(src.join("EFI/BOOT/BOOTX64.EFI"), b"efi binary").unwrap();
         std::fs::write(src.join("startup.nsh"), b"fs0:").unwrap();
-        copy_in(&src, &img).unwrap();
+        copy_in(&src, &img, 0).unwrap();
         let out = d.path().join("out");
         std::fs::create_dir(&out).unwrap();
-        copy_out(&img, &out).unwrap();
+        copy_out(&img, 0, &out).unwrap();
         assert_eq!(
             std::fs::read(out.join("EFI/BOOT/BOOTX64.EFI")).unwrap(),
             b"efi binary"
@@ -97,7 +104,7 @@ mod tests {
         Cmd::new("mkfs.vfat").arg(&img2).run().unwrap();
         let out2 = d.path().join("out2");
         std::fs::create_dir(&out2).unwrap();
-        copy_out(&img2, &out2).unwrap();
+        copy_out(&img2, 0, &out2).unwrap();
         assert_eq!(std::fs::read_dir(&out2).unwrap().count(), 0);
     }
 }

@@ -252,8 +252,8 @@ fn install_uefi(
             std::fs::copy(boot_dir.join(loader), dest.join(loader))?;
         }
         None => {
-            let dev = b.partition_device(&efi.name)?;
-            crate::fat::copy_in(&staging, &dev)?;
+            let disk = efi.disk.clone().context("the EFI tag is not a partition")?;
+            crate::fat::copy_in(&staging, &disk, efi.offset)?;
         }
     }
     // Firmware looks for the ESP by its type.

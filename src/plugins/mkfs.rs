@@ -90,6 +90,11 @@ impl Plugin for Mkfs {
                 .args(label.map(|l| ["-L", l]).into_iter().flatten()),
         };
         cmd.args(&extra).arg(&dev).run()?;
+        // Flush the device's cache to the image file: mtools and later tools read the
+        // image file directly.
+        std::fs::File::open(&dev)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("flushing {}", dev.display()))?;
         let uuid = Cmd::new("blkid")
             .args(["-p", "-s", "UUID", "-o", "value"])
             .arg(&dev)

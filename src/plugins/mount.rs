@@ -121,7 +121,12 @@ impl Plugin for Mount {
         t.target = Some(target);
         t.fat_staged = fat;
         if fat {
-            fat::copy_out(&dev, &point)?;
+            let disk = t
+                .disk
+                .clone()
+                .context("a FAT filesystem must be on a partition")?;
+            let offset = t.offset;
+            fat::copy_out(&disk, offset, &point)?;
         }
         Ok(())
     }
@@ -135,7 +140,8 @@ impl Plugin for Mount {
             return Ok(());
         };
         let staged = t.fat_staged;
-        let dev = t.device.clone();
+        let disk = t.disk.clone();
+        let offset = t.offset;
         // Whatever later steps mounted below and did not unmount goes first.
         let mut result = Ok(());
         for inner in mount::mounts_below(&point)? {
@@ -146,8 +152,8 @@ impl Plugin for Mount {
             }
         }
         if staged {
-            if let Some(dev) = &dev {
-                if let Err(e) = fat::copy_in(&point, dev) {
+            if let Some(disk) = &disk {
+                if let Err(e) = fat::copy_in(&point, disk, offset) {
                     result = Err(e);
                 }
             }

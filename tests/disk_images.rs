@@ -1,0 +1,238 @@
+//! Build real images with the vmdb binary and check them with the system's own tools
+//! (sfdisk, blkid, fsck, debugfs, mtools), never with vmdb's code.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// Copy one partition out of an image (by sfdisk's start and size in sectors).
+fn extract(img: &Path, start: u64, size: u64, out: &Path) {
+    tool(
+        "dd",
+        &[
+            &format!("if={}", img.display()),
+            &format!("of={}", out.display()),
+            "bs=512",
+            &format!("skip={start}"),
+            &format!("count={size}"),
+            "conv=sparse",
+            "status=none",
+        ],
+    );
+}
+
+fn partitions(img: &Path) -> (String, Vec<serde_json::Value>) {
+    let j: serde_json::Value =
+        serde_json::from_str(&tool("sfdisk", &["-J", &img.to_string_lossy()])).unwrap();
+    let t = &j["partitiontable"];
+    (
+        t["label"].as_str().unwrap().to_string(),
+        t["partitions"].as_array().unwrap().clone(),
+    )
+}
+
+fn part_range(p: &serde_json::Value) -> (u64, u64) {
+    (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap())
+}
+
+const GPT_SPEC: &str = r#"
+steps:
+  - mkimg: "{{ output }}"
+    size: 300M
+  - mklabel: gpt
+    device: "{{ output }}"
+  - mkpart: primary
+    device: "{{ output }}"
+    start: 1M
+    end: 65M
+    fs-type: fat32
+    tag: efi
+  - mkpart: primary
+    device: "{{ output }}"
+    start: 65M
+    end: 100%
+    tag: root
+  - kpartx: "{{ output }}"
+  - mkfs: vfat
+    partition: efi
+    label: ESP
+  - mkfs: ext4
+    partition: root
+    label: rootfs
+  - mount: root
+  - mount: efi
+    mount-on: root
+    dirname: /boot/efi
+  - create-file: /etc/motd
+    contents: "hello from vmdb\n"
+    perm: "0600"
+  - create-dir: /srv/data
+    perm: "0750"
+    uid: 1000
+  - copy-file: /srv/data/input.txt
+    src: input.txt
+  - create-file: /boot/efi/EFI/BOOT/hello.txt
+    contents: "on the ESP\n"
+  - fstab: root
+"#;
+
+#[test]
+fn gpt_image_with_esp_and_nested_mount() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let spec = write(d.path(), "gpt.vmdb", GPT_SPEC);
+    write(d.path(), "input.txt", "copied in\n");
+    let img = d.path().join("gpt.img");
+    let r = run(&[&spec.to_string_lossy(), "--output", &img.to_string_lossy()]);
+    assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert_eq!(
+        listing(d.path()),
+        vec!["gpt.img", "gpt.vmdb", "input.txt"],
+        "no partial file left"
+    );
+    wait_clean(d.path(), 5).unwrap();
+
+    // The layout parted would have made for the same spec (see DESIGN.md).
+    let (label, parts) = partitions(&img);
+    assert_eq!(label, "gpt");
+    assert_eq!(parts.len(), 2);
+    assert_eq!(part_range(&parts[0]), (2048, 126975 - 2048 + 1));
+    assert_eq!(part_range(&parts[1]), (126976, 612351 - 126976 + 1));
+    assert_eq!(parts[0]["type"], "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7");
+    assert_eq!(parts[1]["type"], "0FC63DAF-8483-4772-8E79-3D69D8477DE4");
+    let fdisk = tool("fdisk", &["-l", &img.to_string_lossy()]);
+    assert!(!fdisk.to_lowercase().contains("corrupt"), "{fdisk}");
+
+    let esp = d.path().join("esp.part");
+    let root = d.path().join("root.part");
+    let (s, n) = part_range(&parts[0]);
+    extract(&img, s, n, &esp);
+    let (s, n) = part_range(&parts[1]);
+    extract(&img, s, n, &root);
+
+    assert_eq!(
+        tool(
+            "blkid",
+            &["-p", "-s", "TYPE", "-o", "value", &esp.to_string_lossy()]
+        )
+        .trim(),
+        "vfat"
+    );
+    assert_eq!(
+        tool(
+            "blkid",
+            &["-p", "-s", "LABEL", "-o", "value", &esp.to_string_lossy()]
+        )
+        .trim(),
+        "ESP"
+    );
+    assert_eq!(
+        tool(
+            "blkid",
+            &["-p", "-s", "TYPE", "-o", "value", &root.to_string_lossy()]
+        )
+        .trim(),
+        "ext4"
+    );
+    assert_eq!(
+        tool(
+            "blkid",
+            &["-p", "-s", "LABEL", "-o", "value", &root.to_string_lossy()]
+        )
+        .trim(),
+        "rootfs"
+    );
+    tool("e2fsck", &["-fn", &root.to_string_lossy()]);
+    tool("fsck.vfat", &["-n", &esp.to_string_lossy()]);
+
+    let rs = root.to_string_lossy();
+    assert_eq!(
+        tool("debugfs", &["-R", "cat /etc/motd", &rs]),
+        "hello from vmdb\n"
+    );
+    assert_eq!(
+        tool("debugfs", &["-R", "cat /srv/data/input.txt", &rs]),
+        "copied in\n"
+    );
+    let motd = tool("debugfs", &["-R", "stat /etc/motd", &rs]);
+    assert!(motd.contains("Mode:  0600"), "{motd}");
+    let data = tool("debugfs", &["-R", "stat /srv/data", &rs]);
+    assert!(
+        data.contains("Mode:  0750") && data.contains("User:  1000"),
+        "{data}"
+    );
+
+    // The file written below /boot/efi is in the FAT filesystem, not on the root.
+    let es = format!("{}", esp.display());
+    let mtype = std::process::Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-i", &es, "::/EFI/BOOT/hello.txt"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&mtype.stdout), "on the ESP\n");
+    assert!(!tool("debugfs", &["-R", "ls -l /boot/efi", &rs]).contains("EFI"));
+
+    let efi_uuid = tool("blkid", &["-p", "-s", "UUID", "-o", "value", &es])
+        .trim()
+        .to_string();
+    let root_uuid = tool("blkid", &["-p", "-s", "UUID", "-o", "value", &rs])
+        .trim()
+        .to_string();
+    assert_eq!(
+        tool("debugfs", &["-R", "cat /etc/fstab", &rs]),
+        format!(
+            "UUID={root_uuid} / ext4 errors=remount-ro 0 1\nUUID={efi_uuid} /boot/efi vfat umask=0077 0 2\n"
+        )
+    );
+}
+
+#[test]
+fn mbr_image_whole_disk() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let spec = write(
+        d.path(),
+        "mbr.vmdb",
+        r#"
+steps:
+  - mkimg: "{{ output }}"
+    size: 64M
+  - mklabel: msdos
+    device: "{{ output }}"
+  - mkpart: primary
+    device: "{{ output }}"
+    start: 0%
+    end: 100%
+    tag: /
+  - kpartx: "{{ output }}"
+  - mkfs: ext4
+    partition: /
+  - mount: /
+  - create-file: /hello
+    contents: "{{ greeting }}"
+"#,
+    );
+    let img = d.path().join("mbr.img");
+    let r = run(&[
+        &spec.to_string_lossy(),
+        "--image",
+        &img.to_string_lossy(),
+        "--variable",
+        "greeting=hi there",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    wait_clean(d.path(), 5).unwrap();
+    let (label, parts) = partitions(&img);
+    assert_eq!(label, "dos");
+    assert_eq!(parts[0]["type"], "83");
+    assert_eq!(part_range(&parts[0]), (2048, 131072 - 2048));
+    let root = d.path().join("root.part");
+    extract(&img, 2048, 131072 - 2048, &root);
+    tool("e2fsck", &["-fn", &root.to_string_lossy()]);
+    assert_eq!(
+        tool("debugfs", &["-R", "cat /hello", &root.to_string_lossy()]),
+        "hi there"
+    );
+}
