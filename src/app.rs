@@ -28,6 +28,13 @@ pub fn main(cli: Cli) -> i32 {
                 Err(code) => code,
             }
         }
+        Some(Command::Boot(b)) => match crate::boot::boot(&b, false) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("vmdb boot: {e:#}");
+                EXIT_FAILED
+            }
+        },
         None => build(cli.build),
     }
 }

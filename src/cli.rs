@@ -26,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Check a spec without building anything: load, render, validate, print the plan
     Validate(ValidateArgs),
+    /// Boot an image in qemu, log in on the serial console, run a command, power off
+    Boot(crate::boot::BootArgs),
 }
 
 #[derive(Args, Debug, Clone, Default)]

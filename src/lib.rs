@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod blockdev;
+pub mod boot;
 pub mod build;
 pub mod cli;
 pub mod cmd;

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use nix::mount::{umount2, MntFlags, MsFlags};
+use anyhow::{Context, Result, bail};
+use nix::mount::{MntFlags, MsFlags, umount2};
 
 /// Give this process its own mount namespace, with nothing propagating back to the
 /// host: every mount the build makes vanishes with the namespace, even on SIGKILL.
@@ -129,8 +129,10 @@ mod tests {
 
     #[test]
     fn finds_root_mount() {
-        assert!(mounts_below(Path::new("/"))
-            .unwrap()
-            .contains(&PathBuf::from("/")));
+        assert!(
+            mounts_below(Path::new("/"))
+                .unwrap()
+                .contains(&PathBuf::from("/"))
+        );
     }
 }

@@ -2,12 +2,12 @@
 
 use std::time::Instant;
 
-use anyhow::{anyhow, Error};
+use anyhow::{Error, anyhow};
 
 use crate::build::Build;
 use crate::cmd;
 use crate::log;
-use crate::step::{find, Plugin, Step};
+use crate::step::{Plugin, Step, find};
 
 /// Run every step; on the first failure (or a signal) stop, then tear down every step
 /// that started, newest first, carrying on past teardown errors. Returns all errors.

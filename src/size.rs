@@ -9,7 +9,9 @@ pub fn parse(s: &str) -> Result<u64, String> {
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let bad = || {
-        format!("'{s}' is not a size: expected a number with an optional unit, like 4G, 512M, 300MiB or 10GB")
+        format!(
+            "'{s}' is not a size: expected a number with an optional unit, like 4G, 512M, 300MiB or 10GB"
+        )
     };
     if num.is_empty() {
         return Err(bad());

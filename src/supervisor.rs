@@ -9,12 +9,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
+use anyhow::{Context, Result, bail};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork};
 
-use crate::app::{Prepared, EXIT_FAILED};
-use crate::build::{is_block_device, Build};
+use crate::app::{EXIT_FAILED, Prepared};
+use crate::build::{Build, is_block_device};
 use crate::{cmd, log, mount, plugins, runner};
 
 /// Where the image goes: built under a temporary name beside the final one, or written
@@ -271,15 +271,11 @@ fn child_main(p: Prepared, alive: std::os::fd::OwnedFd) -> i32 {
     for e in &errors {
         log::info(&format!("vmdb: error: {e:#}"));
     }
-    if errors.is_empty() {
-        0
-    } else {
-        EXIT_FAILED
-    }
+    if errors.is_empty() { 0 } else { EXIT_FAILED }
 }
 
 fn parent_gone(alive: &std::os::fd::OwnedFd) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd;
     let mut fds = [PollFd::new(alive.as_fd(), PollFlags::POLLIN)];
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)

@@ -117,9 +117,10 @@ mod tests {
 
     #[test]
     fn syntax_error_is_reported() {
-        assert!(r()
-            .render("{{ suite ")
-            .unwrap_err()
-            .starts_with("bad template"));
+        assert!(
+            r().render("{{ suite ")
+                .unwrap_err()
+                .starts_with("bad template")
+        );
     }
 }

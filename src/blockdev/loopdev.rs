@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
@@ -138,7 +138,7 @@ impl LoopDevice {
 }
 
 fn make_node(path: &Path, nr: u32) -> Result<()> {
-    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
     mknod(
         path,
         SFlag::S_IFBLK,

@@ -8,7 +8,7 @@
 //! Everything works on a plain image file or on a block device (e.g. a loop
 //! device). Sectors are always 512 bytes.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use gpt::partition_types::{self, Type};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -1295,10 +1295,12 @@ mod tests {
         };
         let lo = Loop(dev);
         let dev = Path::new(&lo.0);
-        assert!(std::fs::metadata(dev)
-            .unwrap()
-            .file_type()
-            .is_block_device());
+        assert!(
+            std::fs::metadata(dev)
+                .unwrap()
+                .file_type()
+                .is_block_device()
+        );
         assert_eq!(disk_size(dev).unwrap(), MIB300);
 
         write_label(dev, LabelKind::Gpt).unwrap();

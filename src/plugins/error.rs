@@ -1,6 +1,6 @@
 //! `error`: print a text and fail (to test teardown); prints another at teardown.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use crate::build::Build;
 use crate::step::{Key, Kind, Plugin, Step, StepSpec};

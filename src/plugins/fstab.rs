@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 
 use crate::build::Build;
-use crate::state::{in_image, Tag};
+use crate::state::{Tag, in_image};
 use crate::step::{Check, Kind, Plugin, Step, StepSpec};
 
 pub struct Fstab;

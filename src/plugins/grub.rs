@@ -11,12 +11,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::blockdev::table;
 use crate::build::Build;
 use crate::cmd::Cmd;
-use crate::state::{in_image, Tag};
+use crate::state::{Tag, in_image};
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Grub;
@@ -299,7 +299,9 @@ fn latest_kernel(boot: &Path) -> Result<(String, Option<String>)> {
         .collect();
     versions.sort_by(|a, b| version_cmp(a, b));
     let Some(v) = versions.pop() else {
-        bail!("no kernel in /boot of the image: install one first (for example an apt step with linux-image-amd64)");
+        bail!(
+            "no kernel in /boot of the image: install one first (for example an apt step with linux-image-amd64)"
+        );
     };
     let initrd = format!("initrd.img-{v}");
     let initrd = boot.join(&initrd).exists().then_some(initrd);
@@ -388,10 +390,12 @@ mod tests {
             )
         );
         let empty = tempfile::tempdir().unwrap();
-        assert!(latest_kernel(empty.path())
-            .unwrap_err()
-            .to_string()
-            .contains("no kernel in /boot"));
+        assert!(
+            latest_kernel(empty.path())
+                .unwrap_err()
+                .to_string()
+                .contains("no kernel in /boot")
+        );
     }
 
     #[test]

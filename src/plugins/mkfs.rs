@@ -137,7 +137,9 @@ mod tests {
     fn long_fat_label() {
         assert_eq!(
             check_errors("mkfs: vfat\npartition: /\nlabel: MUCHTOOLONGLABEL"),
-            vec!["key 'label': label 'MUCHTOOLONGLABEL' is longer than 11 characters, the most vfat allows"]
+            vec![
+                "key 'label': label 'MUCHTOOLONGLABEL' is longer than 11 characters, the most vfat allows"
+            ]
         );
     }
 }

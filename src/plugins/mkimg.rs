@@ -4,7 +4,7 @@ use std::fs::OpenOptions;
 
 use anyhow::{Context, Result};
 
-use crate::build::{is_block_device, Build};
+use crate::build::{Build, is_block_device};
 use crate::plan::PlanDisk;
 use crate::size;
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
@@ -87,7 +87,9 @@ mod tests {
     fn bad_size_is_a_validation_error() {
         assert_eq!(
             check_errors("mkimg: x.img\nsize: 4Q"),
-            vec!["key 'size': '4Q' is not a size: expected a number with an optional unit, like 4G, 512M, 300MiB or 10GB"]
+            vec![
+                "key 'size': '4Q' is not a size: expected a number with an optional unit, like 4G, 512M, 300MiB or 10GB"
+            ]
         );
     }
 }

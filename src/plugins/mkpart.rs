@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use crate::blockdev::table::{self, LabelKind, NewPartition};
 use crate::build::Build;

@@ -16,7 +16,11 @@ static SPEC: StepSpec = StepSpec {
     value_doc: "image file or block device holding the partition",
     keys: &[
         Key::req("tag", Kind::Str, "tag of the partition"),
-        Key::req("flag", Kind::Str, "flag name as parted knows it: esp, boot, bios_grub, lvm, raid, swap, legacy_boot, msftdata"),
+        Key::req(
+            "flag",
+            Kind::Str,
+            "flag name as parted knows it: esp, boot, bios_grub, lvm, raid, swap, legacy_boot, msftdata",
+        ),
         Key::opt("state", Kind::Str, "enabled or disabled").default("enabled"),
     ],
     summary: "Set or clear a flag on a partition.",

@@ -2,7 +2,7 @@
 
 use crate::build::{Build, Options};
 use crate::plan::{Plan, PlanTag};
-use crate::step::{validate, Step};
+use crate::step::{Step, validate};
 use crate::template::Renderer;
 
 /// Validate a spec's steps (YAML list items without the leading "- "), with a plan in
