@@ -4,10 +4,16 @@
 use crate::step::Plugin;
 
 pub mod create_dir;
+pub mod create_file;
 pub mod echo;
 pub mod error;
 
-pub static ALL: &[&dyn Plugin] = &[&echo::Echo, &error::Error, &create_dir::CreateDir];
+pub static ALL: &[&dyn Plugin] = &[
+    &echo::Echo,
+    &error::Error,
+    &create_file::CreateFile,
+    &create_dir::CreateDir,
+];
 
 #[cfg(test)]
 pub(crate) use testing::{test_build_with_root, test_step};
