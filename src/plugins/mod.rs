@@ -3,6 +3,7 @@
 
 use crate::step::Plugin;
 
+pub mod copy_file;
 pub mod create_dir;
 pub mod create_file;
 pub mod echo;
@@ -13,6 +14,7 @@ pub static ALL: &[&dyn Plugin] = &[
     &error::Error,
     &create_file::CreateFile,
     &create_dir::CreateDir,
+    &copy_file::CopyFile,
 ];
 
 #[cfg(test)]
