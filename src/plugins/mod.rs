@@ -3,6 +3,7 @@
 
 use crate::step::Plugin;
 
+pub mod copy_dir;
 pub mod copy_file;
 pub mod create_dir;
 pub mod create_file;
@@ -15,6 +16,7 @@ pub static ALL: &[&dyn Plugin] = &[
     &create_file::CreateFile,
     &create_dir::CreateDir,
     &copy_file::CopyFile,
+    &copy_dir::CopyDir,
 ];
 
 #[cfg(test)]
