@@ -9,6 +9,7 @@ pub mod create_dir;
 pub mod create_file;
 pub mod echo;
 pub mod error;
+pub mod shell;
 
 pub static ALL: &[&dyn Plugin] = &[
     &echo::Echo,
@@ -17,6 +18,7 @@ pub static ALL: &[&dyn Plugin] = &[
     &create_dir::CreateDir,
     &copy_file::CopyFile,
     &copy_dir::CopyDir,
+    &shell::Shell,
 ];
 
 #[cfg(test)]
