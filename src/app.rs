@@ -116,6 +116,7 @@ pub fn prepare(
     let raw = spec::load(&text).map_err(report)?;
     let renderer = Renderer::new(vars.clone());
     let mut plan = Plan::for_this_host();
+    plan.spec_dir = spec_dir.clone();
     let steps = step::validate(&raw.steps, &renderer, plugins::ALL, &mut plan).map_err(report)?;
     Ok(Prepared {
         name,

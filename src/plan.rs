@@ -30,6 +30,8 @@ pub struct Plan {
     pub disks: BTreeMap<String, PlanDisk>,
     /// Whether the host can use device-mapper (cryptsetup, LVM).
     pub host_has_device_mapper: bool,
+    /// Directory of the spec file, for checking that source files named in steps exist.
+    pub spec_dir: std::path::PathBuf,
 }
 
 impl Plan {

@@ -230,7 +230,14 @@ impl MarkedEventReceiver for TreeBuilder {
                 anchor,
             )),
             Event::SequenceEnd | Event::MappingEnd => {
-                if let Some((node, _, anchor)) = self.stack.pop() {
+                if let Some((mut node, _, anchor)) = self.stack.pop() {
+                    // A block mapping's start event is marked after its first key; the
+                    // key itself is where a reader looks for the step.
+                    if let Value::Map(entries) = &node.value {
+                        if let Some((k, _)) = entries.first() {
+                            node.loc = k.loc;
+                        }
+                    }
                     self.finish(node, anchor);
                 }
             }

@@ -376,6 +376,7 @@ fn type_step(
             ok = false;
             continue;
         }
+        // Seen, even if its value is bad: one error per key, not also "missing".
         seen_as.insert(key.name, name.to_string());
         match convert(v, key.kind, renderer) {
             Ok(val) => {
@@ -388,7 +389,7 @@ fn type_step(
         }
     }
     for key in spec.keys {
-        if params.contains_key(key.name) {
+        if params.contains_key(key.name) || seen_as.contains_key(key.name) {
             continue;
         }
         if key.required {

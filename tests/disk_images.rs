@@ -197,16 +197,16 @@ fn mbr_image_whole_disk() {
         "mbr.vmdb",
         r#"
 steps:
-  - mkimg: "{{ output }}"
+  - mkimg: "{{ image }}"
     size: 64M
   - mklabel: msdos
-    device: "{{ output }}"
+    device: "{{ image }}"
   - mkpart: primary
-    device: "{{ output }}"
+    device: "{{ image }}"
     start: 0%
     end: 100%
     tag: /
-  - kpartx: "{{ output }}"
+  - kpartx: "{{ image }}"
   - mkfs: ext4
     partition: /
   - mount: /

@@ -99,11 +99,10 @@ impl Plugin for Mkpart {
             }
         }
         if let Some(tag) = step.opt_str("tag") {
-            let fs = step.opt_str("fs-type").map(str::to_string);
             let t = PlanTag {
                 step: step.index,
                 disk: Some(device),
-                fs_type: fs,
+                fs_type: None,
                 mounted: false,
             };
             if let Err(e) = c.plan.define_tag(tag, t) {

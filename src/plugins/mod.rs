@@ -3,6 +3,10 @@
 
 use crate::step::Plugin;
 
+pub mod copy_dir;
+pub mod copy_file;
+pub mod create_dir;
+pub mod create_file;
 pub mod echo;
 pub mod error;
 pub mod fstab;
@@ -14,9 +18,12 @@ pub mod mklabel;
 pub mod mkpart;
 pub mod mount;
 pub mod set_part_flag;
+pub mod shell;
 
 #[cfg(test)]
 pub mod testing;
+#[cfg(test)]
+pub(crate) use testing::{test_build_with_root, test_step};
 
 pub static ALL: &[&dyn Plugin] = &[
     &mkimg::Mkimg,
@@ -27,6 +34,11 @@ pub static ALL: &[&dyn Plugin] = &[
     &mkfs::Mkfs,
     &mount::Mount,
     &fstab::Fstab,
+    &create_file::CreateFile,
+    &create_dir::CreateDir,
+    &copy_file::CopyFile,
+    &copy_dir::CopyDir,
+    &shell::Shell,
     &grub::Grub,
     &echo::Echo,
     &error::Error,

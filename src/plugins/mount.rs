@@ -183,8 +183,8 @@ mod tests {
             e,
             vec![
                 "key 'mount': tag 'root' has no filesystem: add an mkfs step before mounting it",
-                "key 'mount': tag 'nope' is not defined by an earlier step (defined so far: '/', 'root')",
                 "key 'dirname': required with mount-on: where below it to mount (e.g. /boot/efi)",
+                "key 'mount': tag 'nope' is not defined by an earlier step (defined so far: '/', 'root')",
             ]
         );
     }

@@ -1,0 +1,291 @@
+//! `copy-dir`: copy a directory tree from the host (relative to the spec) into the image.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::build::Build;
+use crate::plugins::create_dir::{
+    Owner, check_image_path, check_owner, check_root_mounted, make_parents, set_owner_mode, target,
+};
+use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+
+pub struct CopyDir;
+
+static SPEC: StepSpec = StepSpec {
+    name: "copy-dir",
+    value: Kind::Str,
+    value_doc: "path of the directory in the image to copy into",
+    keys: &[
+        Key::req(
+            "src",
+            Kind::Str,
+            "directory on the host to copy, relative to the spec file's directory",
+        ),
+        Key::opt(
+            "perm",
+            Kind::Mode,
+            "mode of the destination directory itself (default: a new one gets the \
+             source's mode, an existing one keeps its mode); copied entries keep their modes",
+        ),
+        Key::opt("uid", Kind::Int, "numeric owner of every copied entry").default("0"),
+        Key::opt("gid", Kind::Int, "numeric group of every copied entry").default("0"),
+    ],
+    summary: "Copy a directory tree from the host into the image; symlinks are copied as \
+              symlinks (missing parent directories are created with mode 0755).",
+};
+
+fn source(spec_dir: &Path, src: &str) -> PathBuf {
+    spec_dir.join(src)
+}
+
+impl Plugin for CopyDir {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+    fn check(&self, c: &mut Check) {
+        check_image_path(c);
+        check_owner(c);
+        if let Some(src) = c.step.opt_str("src") {
+            let path = source(&c.plan.spec_dir, src);
+            match fs::metadata(&path) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => c.err("src", format!("{} is not a directory", path.display())),
+                Err(e) => c.err("src", format!("cannot read {}: {e}", path.display())),
+            }
+        }
+        check_root_mounted(c);
+    }
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let src = source(&b.opts.spec_dir, step.str("src")?);
+        let (dest, owner) = target(step, b)?;
+        let meta = fs::metadata(&src)
+            .with_context(|| format!("cannot read source directory {}", src.display()))?;
+        if !meta.is_dir() {
+            bail!("source {} is not a directory", src.display());
+        }
+        make_parents(&dest)?;
+        let created = ensure_dir(&dest, meta.mode() & 0o7777)?;
+        copy_tree(&src, &dest, owner)?;
+        let perm = step.int("perm").map(|m| m as u32);
+        let perm = perm.or(created.then_some(meta.mode() & 0o7777));
+        set_owner_mode(&dest, owner, perm)
+    }
+}
+
+/// Make `dir` a directory (an existing one, or a symlink to one, is used as it is).
+/// Returns whether it was created.
+fn ensure_dir(dir: &Path, mode: u32) -> Result<bool> {
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => return Ok(false),
+        Ok(_) => bail!("cannot copy into {}: it is not a directory", dir.display()),
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("examining {}", dir.display())),
+    }
+    if fs::symlink_metadata(dir).is_ok() {
+        // A dangling symlink: replace it rather than create its target outside.
+        fs::remove_file(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    fs::DirBuilder::new()
+        .mode(mode)
+        .create(dir)
+        .with_context(|| format!("creating directory {}", dir.display()))?;
+    Ok(true)
+}
+
+/// Remove a file or symlink at `path` if there is one; a directory is an error.
+fn clear(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => bail!(
+            "cannot copy over {}: it is a directory in the image",
+            path.display()
+        ),
+        Ok(_) => fs::remove_file(path).with_context(|| format!("removing {}", path.display())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("examining {}", path.display())),
+    }
+}
+
+/// Copy the entries of `src` into the directory `dest`: files and directories keep their
+/// modes, symlinks are copied as symlinks, and every created entry gets `owner`.
+/// Directories that already exist in the image are merged into and keep mode and owner.
+fn copy_tree(src: &Path, dest: &Path, owner: Owner) -> Result<()> {
+    let mut entries = fs::read_dir(src)
+        .with_context(|| format!("reading directory {}", src.display()))?
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("reading directory {}", src.display()))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let from = entry.path();
+        let to = dest.join(entry.file_name());
+        let m =
+            fs::symlink_metadata(&from).with_context(|| format!("examining {}", from.display()))?;
+        let ft = m.file_type();
+        let mode = m.mode() & 0o7777;
+        if ft.is_dir() {
+            if ensure_dir(&to, mode)? {
+                set_owner_mode(&to, owner, Some(mode))?;
+            }
+            copy_tree(&from, &to, owner)?;
+        } else if ft.is_symlink() {
+            let link =
+                fs::read_link(&from).with_context(|| format!("reading link {}", from.display()))?;
+            clear(&to)?;
+            std::os::unix::fs::symlink(&link, &to)
+                .with_context(|| format!("creating symlink {}", to.display()))?;
+            set_owner_mode(&to, owner, None)?;
+        } else if ft.is_file() {
+            clear(&to)?;
+            fs::copy(&from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+            set_owner_mode(&to, owner, Some(mode))?;
+        } else {
+            bail!(
+                "cannot copy {}: not a file, directory or symlink",
+                from.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::test_build_with_root;
+    use crate::plugins::testing::{is_root, plan_with_root, step_errors, validate_step};
+    use std::os::unix::fs::PermissionsExt;
+
+    fn chmod(p: &Path, mode: u32) {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A source tree: top (0750) / a.sh (0755), sub (0700) / b.txt (0600), link -> sub/b.txt
+    fn source_tree() -> tempfile::TempDir {
+        let spec_dir = tempfile::tempdir().unwrap();
+        let top = spec_dir.path().join("overlay");
+        fs::create_dir_all(top.join("sub")).unwrap();
+        fs::write(top.join("a.sh"), "#!/bin/sh\necho a\n").unwrap();
+        fs::write(top.join("sub/b.txt"), [0u8, 1, 2, 255]).unwrap();
+        std::os::unix::fs::symlink("sub/b.txt", top.join("link")).unwrap();
+        chmod(&top, 0o750);
+        chmod(&top.join("a.sh"), 0o755);
+        chmod(&top.join("sub"), 0o700);
+        chmod(&top.join("sub/b.txt"), 0o600);
+        spec_dir
+    }
+
+    fn step(yaml: &str, spec_dir: &Path) -> Step {
+        let mut plan = plan_with_root();
+        plan.spec_dir = spec_dir.to_path_buf();
+        validate_step(yaml, &mut plan).unwrap()
+    }
+
+    #[test]
+    fn copies_tree_with_modes_links_and_owner() {
+        if !is_root("copy-dir copies_tree_with_modes_links_and_owner") {
+            return;
+        }
+        let spec_dir = source_tree();
+        let (mut b, root) = test_build_with_root();
+        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        let s = step(
+            "copy-dir: /opt/app\nsrc: overlay\nuid: 42\ngid: 43",
+            spec_dir.path(),
+        );
+        CopyDir.run(&s, &mut b).unwrap();
+        let dest = root.path().join("opt/app");
+        let meta = |p: &str| fs::symlink_metadata(dest.join(p)).unwrap();
+        let m = meta("");
+        assert!(m.is_dir());
+        assert_eq!(m.mode() & 0o7777, 0o750);
+        assert_eq!(fs::read(dest.join("a.sh")).unwrap(), b"#!/bin/sh\necho a\n");
+        assert_eq!(fs::read(dest.join("sub/b.txt")).unwrap(), [0u8, 1, 2, 255]);
+        assert_eq!(meta("a.sh").mode() & 0o7777, 0o755);
+        assert_eq!(meta("sub").mode() & 0o7777, 0o700);
+        assert_eq!(meta("sub/b.txt").mode() & 0o7777, 0o600);
+        assert!(meta("link").file_type().is_symlink());
+        assert_eq!(
+            fs::read_link(dest.join("link")).unwrap(),
+            Path::new("sub/b.txt")
+        );
+        for p in ["", "a.sh", "sub", "sub/b.txt", "link"] {
+            let m = meta(p);
+            assert_eq!((m.uid(), m.gid()), (42, 43), "{p}");
+        }
+        // The parent made for it is 0755 root:root.
+        let m = fs::metadata(root.path().join("opt")).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o755, 0, 0));
+    }
+
+    #[test]
+    fn perm_applies_to_the_top_and_existing_dirs_are_merged() {
+        if !is_root("copy-dir perm_applies_to_the_top_and_existing_dirs_are_merged") {
+            return;
+        }
+        let spec_dir = source_tree();
+        let (mut b, root) = test_build_with_root();
+        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        let dest = root.path().join("etc");
+        fs::create_dir_all(dest.join("sub")).unwrap();
+        chmod(&dest.join("sub"), 0o755);
+        fs::write(dest.join("keep"), "kept").unwrap();
+        fs::write(dest.join("a.sh"), "old and longer contents").unwrap();
+        std::os::unix::fs::symlink("/nonexistent", dest.join("sub/b.txt")).unwrap();
+        let s = step("copy-dir: /etc\nsrc: overlay\nperm: 0711", spec_dir.path());
+        CopyDir.run(&s, &mut b).unwrap();
+        assert_eq!(fs::metadata(&dest).unwrap().mode() & 0o7777, 0o711);
+        assert_eq!(fs::read(dest.join("keep")).unwrap(), b"kept");
+        assert_eq!(fs::read(dest.join("a.sh")).unwrap(), b"#!/bin/sh\necho a\n");
+        // An existing directory keeps its mode; a symlink in the way is replaced.
+        assert_eq!(
+            fs::metadata(dest.join("sub")).unwrap().mode() & 0o7777,
+            0o755
+        );
+        let m = fs::symlink_metadata(dest.join("sub/b.txt")).unwrap();
+        assert!(m.is_file());
+        assert_eq!(m.mode() & 0o7777, 0o600);
+    }
+
+    #[test]
+    fn validation() {
+        let spec_dir = source_tree();
+        let mut plan = plan_with_root();
+        plan.spec_dir = spec_dir.path().to_path_buf();
+        assert_eq!(
+            step_errors("copy-dir: /x\nsrc: missing", &mut plan),
+            [format!(
+                "spec:2:6: step 1 (copy-dir): key 'src': cannot read {}: No such file or directory (os error 2)",
+                spec_dir.path().join("missing").display()
+            )]
+        );
+        assert_eq!(
+            step_errors("copy-dir: /x\nsrc: overlay/a.sh", &mut plan),
+            [format!(
+                "spec:2:6: step 1 (copy-dir): key 'src': {} is not a directory",
+                spec_dir.path().join("overlay/a.sh").display()
+            )]
+        );
+        assert_eq!(
+            step_errors("copy-dir: /x\nsrc: overlay\nperm: '0999'", &mut plan),
+            [
+                "spec:3:7: step 1 (copy-dir): key 'perm': expected an octal file mode such as 0644, found '0999'"
+            ]
+        );
+        let mut no_root = crate::plan::Plan {
+            spec_dir: spec_dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        assert_eq!(
+            step_errors("copy-dir: /x\nsrc: overlay", &mut no_root),
+            [
+                "spec:1:11: step 1 (copy-dir): key 'copy-dir': no filesystem is mounted at / by an earlier step (add a mount step)"
+            ]
+        );
+        let s = step("copy-dir: /x\nsrc: overlay", spec_dir.path());
+        assert_eq!(s.int("perm"), None);
+    }
+}

@@ -1,0 +1,198 @@
+//! `create-file`: write a file with given contents into the image.
+
+use std::fs;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::build::Build;
+use crate::plugins::create_dir::{
+    Owner, check_image_path, check_owner, check_root_mounted, make_parents, mode, set_owner_mode,
+    target,
+};
+use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+
+pub struct CreateFile;
+
+static SPEC: StepSpec = StepSpec {
+    name: "create-file",
+    value: Kind::Str,
+    value_doc: "path of the file in the image",
+    keys: &[
+        Key::req(
+            "contents",
+            Kind::Str,
+            "the file's contents, written exactly",
+        ),
+        Key::opt("perm", Kind::Mode, "mode of the file").default("0644"),
+        Key::opt("uid", Kind::Int, "numeric owner of the file").default("0"),
+        Key::opt("gid", Kind::Int, "numeric group of the file").default("0"),
+    ],
+    summary: "Create a file in the image with the given contents \
+              (missing parent directories are created with mode 0755).",
+};
+
+impl Plugin for CreateFile {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+    fn check(&self, c: &mut Check) {
+        check_image_path(c);
+        check_owner(c);
+        check_root_mounted(c);
+    }
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let (path, owner) = target(step, b)?;
+        let mut contents = step.str("contents")?.as_bytes();
+        write_file(&path, &mut contents, owner, mode(step, "perm"))
+    }
+}
+
+/// Write a regular file at `path` (creating missing parents), replacing whatever file or
+/// symlink is there: a symlink in the image is never followed out to the host.
+pub(crate) fn write_file(path: &Path, data: &mut dyn Read, owner: Owner, mode: u32) -> Result<()> {
+    make_parents(path)?;
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => bail!("cannot write {}: it is a directory", path.display()),
+        Ok(m) if m.file_type().is_symlink() => fs::remove_file(path)
+            .with_context(|| format!("removing the symlink {}", path.display()))?,
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("examining {}", path.display())),
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::copy(data, &mut f).with_context(|| format!("writing {}", path.display()))?;
+    f.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
+    drop(f);
+    set_owner_mode(path, owner, Some(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::testing::{is_root, plan_with_root, step_errors};
+    use crate::plugins::{test_build_with_root, test_step};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn run(yaml: &str, b: &mut Build) -> Result<()> {
+        CreateFile.run(&test_step(yaml), b)
+    }
+
+    #[test]
+    fn writes_exact_contents_mode_and_owner() {
+        if !is_root("create-file writes_exact_contents_mode_and_owner") {
+            return;
+        }
+        let (mut b, root) = test_build_with_root();
+        let yaml = "create-file: /etc/motd.d/hello\n\
+                    contents: \"line 1\\n  line 2 \\u00e9\"\n\
+                    perm: 04750\nuid: 1000\ngid: 100";
+        run(yaml, &mut b).unwrap();
+        let p = root.path().join("etc/motd.d/hello");
+        assert_eq!(fs::read(&p).unwrap(), "line 1\n  line 2 \u{e9}".as_bytes());
+        let m = fs::metadata(&p).unwrap();
+        assert!(m.is_file());
+        assert_eq!(m.mode() & 0o7777, 0o4750);
+        assert_eq!((m.uid(), m.gid()), (1000, 100));
+        for d in ["etc", "etc/motd.d"] {
+            let m = fs::metadata(root.path().join(d)).unwrap();
+            assert_eq!(m.mode() & 0o7777, 0o755, "{d}");
+        }
+    }
+
+    #[test]
+    fn defaults_and_overwrite() {
+        if !is_root("create-file defaults_and_overwrite") {
+            return;
+        }
+        let (mut b, root) = test_build_with_root();
+        let p = root.path().join("hostname");
+        fs::write(&p, "a much longer old content\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(&p, Some(5), Some(5)).unwrap();
+        run("create-file: /hostname\ncontents: |\n  box\n", &mut b).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"box\n");
+        let m = fs::metadata(&p).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o644);
+        assert_eq!((m.uid(), m.gid()), (0, 0));
+        // Empty contents give an empty file.
+        run("create-file: /empty\ncontents: ''", &mut b).unwrap();
+        assert_eq!(fs::read(root.path().join("empty")).unwrap(), b"");
+    }
+
+    #[test]
+    fn replaces_a_symlink_instead_of_following_it() {
+        let (mut b, root) = test_build_with_root();
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        fs::write(outside.path(), "host file").unwrap();
+        let link = root.path().join("resolv.conf");
+        std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+        CreateFile
+            .run(
+                &test_step("create-file: /resolv.conf\ncontents: nameserver x\n"),
+                &mut b,
+            )
+            .or_else(|e| {
+                // Without root the chown to 0:0 fails, after the file was written.
+                if nix::unistd::geteuid().is_root() {
+                    Err(e)
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap();
+        assert_eq!(fs::read(outside.path()).unwrap(), b"host file");
+        let m = fs::symlink_metadata(&link).unwrap();
+        assert!(m.is_file());
+        assert_eq!(fs::read(&link).unwrap(), b"nameserver x");
+    }
+
+    #[test]
+    fn a_directory_in_the_way_is_an_error() {
+        let (mut b, root) = test_build_with_root();
+        fs::create_dir(root.path().join("d")).unwrap();
+        let e = run("create-file: /d\ncontents: x", &mut b)
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("/d: it is a directory"), "{e}");
+    }
+
+    #[test]
+    fn validation() {
+        let mut plan = plan_with_root();
+        assert_eq!(
+            step_errors("create-file: /x", &mut plan),
+            [
+                "spec:1:1: step 1 (create-file): key 'contents': missing required key: expected a string"
+            ]
+        );
+        assert_eq!(
+            step_errors("create-file: /x\ncontents: a\nperm: '0999'", &mut plan),
+            [
+                "spec:3:7: step 1 (create-file): key 'perm': expected an octal file mode such as 0644, found '0999'"
+            ]
+        );
+        assert_eq!(
+            step_errors(
+                "create-file: /x\ncontents: a",
+                &mut crate::plan::Plan::default()
+            ),
+            [
+                "spec:1:14: step 1 (create-file): key 'create-file': no filesystem is mounted at / by an earlier step (add a mount step)"
+            ]
+        );
+        let s = test_step("create-file: /x\ncontents: a");
+        assert_eq!(s.int("perm"), Some(0o644));
+        assert_eq!((s.int("uid"), s.int("gid")), (Some(0), Some(0)));
+    }
+}
