@@ -8,8 +8,11 @@ use vmdb::step::validate;
 use vmdb::template::Renderer;
 
 fn page(name: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins").join(format!("{name}.md"));
-    std::fs::read_to_string(&p).unwrap_or_else(|_| panic!("step type '{name}' has no page {}", p.display()))
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("plugins")
+        .join(format!("{name}.md"));
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|_| panic!("step type '{name}' has no page {}", p.display()))
 }
 
 fn example(name: &str, page: &str) -> String {
@@ -23,8 +26,10 @@ fn example(name: &str, page: &str) -> String {
 
 /// A plan in which earlier steps made and mounted "/" (ext4) and "efi" (vfat).
 fn plan_with_disk(spec_dir: &Path) -> Plan {
-    let mut plan = Plan::default();
-    plan.spec_dir = spec_dir.to_path_buf();
+    let mut plan = Plan {
+        spec_dir: spec_dir.to_path_buf(),
+        ..Plan::default()
+    };
     for (tag, fs) in [("/", "ext4"), ("efi", "vfat")] {
         plan.define_tag(
             tag,
@@ -45,7 +50,11 @@ fn every_step_type_has_a_page_naming_its_keys() {
     for p in vmdb::plugins::ALL {
         let spec = p.spec();
         let text = page(spec.name);
-        assert!(text.starts_with(&format!("# {}\n", spec.name)), "plugins/{}.md: title", spec.name);
+        assert!(
+            text.starts_with(&format!("# {}\n", spec.name)),
+            "plugins/{}.md: title",
+            spec.name
+        );
         for key in std::iter::once(spec.name).chain(spec.keys.iter().map(|k| k.name)) {
             assert!(
                 text.contains(&format!("`{key}`")),
@@ -55,7 +64,11 @@ fn every_step_type_has_a_page_naming_its_keys() {
         }
         for key in spec.keys {
             for alias in key.aliases {
-                assert!(text.contains(&format!("`{alias}`")), "plugins/{}.md: alias '{alias}'", spec.name);
+                assert!(
+                    text.contains(&format!("`{alias}`")),
+                    "plugins/{}.md: alias '{alias}'",
+                    spec.name
+                );
             }
         }
     }
@@ -78,12 +91,31 @@ fn every_example_validates() {
     for p in vmdb::plugins::ALL {
         let name = p.spec().name;
         let yaml = example(name, &page(name));
-        let text = format!("steps:\n{}", yaml.lines().map(|l| format!("  {l}\n")).collect::<String>());
-        let raw = vmdb::spec::load(&text).unwrap_or_else(|d| panic!("plugins/{name}.md example: {d:?}"));
-        let mut plan = if yaml.starts_with("- mkimg:") { Plan { spec_dir: dir.path().to_path_buf(), ..Plan::default() } } else { plan_with_disk(dir.path()) };
-        let steps = validate(&raw.steps, &renderer, vmdb::plugins::ALL, &mut plan)
-            .unwrap_or_else(|d| panic!("plugins/{name}.md example does not validate: {:#?}", d.iter().map(|d| d.render("example")).collect::<Vec<_>>()));
-        assert!(steps.iter().any(|s| s.kind == name), "plugins/{name}.md example has no {name} step");
+        let text = format!(
+            "steps:\n{}",
+            yaml.lines().map(|l| format!("  {l}\n")).collect::<String>()
+        );
+        let raw =
+            vmdb::spec::load(&text).unwrap_or_else(|d| panic!("plugins/{name}.md example: {d:?}"));
+        let mut plan = if yaml.starts_with("- mkimg:") {
+            Plan {
+                spec_dir: dir.path().to_path_buf(),
+                ..Plan::default()
+            }
+        } else {
+            plan_with_disk(dir.path())
+        };
+        let steps =
+            validate(&raw.steps, &renderer, vmdb::plugins::ALL, &mut plan).unwrap_or_else(|d| {
+                panic!(
+                    "plugins/{name}.md example does not validate: {:#?}",
+                    d.iter().map(|d| d.render("example")).collect::<Vec<_>>()
+                )
+            });
+        assert!(
+            steps.iter().any(|s| s.kind == name),
+            "plugins/{name}.md example has no {name} step"
+        );
     }
 }
 
