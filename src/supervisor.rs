@@ -29,7 +29,7 @@ impl Target {
     pub fn new(out: &Path) -> Result<Target> {
         if is_block_device(out) {
             if let Some(m) = mounted_part_of(out)? {
-                bail!("refusing to write to {}: {m} is mounted", out.display());
+                bail!("refusing to write to {}: {m}", out.display());
             }
             return Ok(Target {
                 final_path: out.to_path_buf(),
