@@ -3,9 +3,11 @@
 pub mod app;
 pub mod blockdev;
 pub mod build;
+pub mod chroot;
 pub mod cli;
 pub mod cmd;
 pub mod log;
+pub mod mirror;
 pub mod mount;
 pub mod plan;
 pub mod plugins;
