@@ -220,13 +220,15 @@ fn have(prog: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// The last line of a command's error (its own message, e.g. curl's).
+/// The program's own last message from a command's error (curl's "curl: (6) ..."),
+/// skipping the bare status code curl prints on stdout.
 fn last_line(e: &anyhow::Error) -> String {
     let s = e.to_string();
     s.lines()
+        .filter_map(|l| l.strip_prefix("  | "))
+        .filter(|l| !l.trim().chars().all(|c| c.is_ascii_digit()))
         .last()
-        .unwrap_or("")
-        .trim_start_matches("  | ")
+        .unwrap_or(s.lines().next().unwrap_or(""))
         .to_string()
 }
 

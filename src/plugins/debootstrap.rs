@@ -308,3 +308,164 @@ mod tests {
         );
     }
 }
+
+/// The whole way with a real mirror (the host's): run with `cargo test -- --ignored`.
+#[cfg(test)]
+mod root_tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::chroot::testing;
+    use crate::plugins::unpack_rootfs::UnpackRootfs;
+
+    fn listing(dir: &Path) -> String {
+        Cmd::new("sh")
+            .args([
+                "-c",
+                // Directory sizes depend on their history, not their contents.
+                "cd \"$1\" && { find . -type d -printf '%p d %m %U:%G\\n'; \
+                 find . ! -type d -printf '%p %y %m %U:%G %s %l\\n'; \
+                 find . -type c -exec stat -c '%n %t:%T' {} +; } | sort",
+                "-",
+            ])
+            .arg(dir)
+            .run()
+            .unwrap()
+    }
+
+    #[test]
+    #[ignore = "downloads a Debian system (about a minute)"]
+    fn bootstrap_install_chroot_cache_unpack() {
+        if !testing::is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(d.path()).unwrap().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let _guard = testing::Unmounter(root.clone());
+        let tarball = d.path().join("rootfs.tar.zst");
+        let steps = testing::validate(
+            "steps:
+  - debootstrap: bookworm
+    target: /
+    variant: minbase
+  - apt: install
+    packages: [hello]
+    tag: /
+    recommends: false
+  - chroot: /
+    shell: |
+      test -x /usr/bin/hello
+      test -e /proc/self/status
+      test -c /dev/null
+      test -x /usr/sbin/policy-rc.d
+      hello > /hello.out
+  - cache-rootfs: /
+",
+        )
+        .unwrap();
+        let mut b = testing::build(&root, Some(&tarball));
+        for s in &steps {
+            let t = Instant::now();
+            let p = crate::step::find(crate::plugins::ALL, s.kind).unwrap();
+            p.run(s, &mut b).unwrap();
+            eprintln!("TIMING {}: {:.1}s", s.describe(), t.elapsed().as_secs_f64());
+        }
+        for s in steps.iter().rev() {
+            let p = crate::step::find(crate::plugins::ALL, s.kind).unwrap();
+            p.teardown(s, &mut b).unwrap();
+        }
+        assert_eq!(
+            std::fs::read_to_string(root.join("hello.out")).unwrap(),
+            "Hello, world!\n"
+        );
+        assert!(!root.join("usr/sbin/policy-rc.d").exists());
+        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        // apt ran its update once and remembers it; nothing else is left in the state.
+        let flags: Vec<&String> = b.state.flags.iter().collect();
+        assert_eq!(flags.len(), 1, "{flags:?}");
+        assert!(flags[0].starts_with("vmdb:apt-updated:"));
+        eprintln!(
+            "TIMING tarball {:.0} MB",
+            std::fs::metadata(&tarball).unwrap().len() as f64 / 1e6
+        );
+
+        // Unpacked into a fresh directory, the tree is the same.
+        let fresh = d.path().join("fresh");
+        std::fs::create_dir(&fresh).unwrap();
+        let mut b2 = testing::build(&fresh, Some(&tarball));
+        let unpack = testing::step("steps:\n  - unpack-rootfs: /\n");
+        let t = Instant::now();
+        UnpackRootfs.run(&unpack, &mut b2).unwrap();
+        eprintln!("TIMING unpack-rootfs: {:.1}s", t.elapsed().as_secs_f64());
+        assert!(b2.state.flags.contains("rootfs_unpacked"));
+        std::fs::remove_file(root.join("hello.out")).unwrap();
+        std::fs::remove_file(fresh.join("hello.out")).unwrap();
+        let (l1, l2) = (listing(&root), listing(&fresh));
+        if l1 != l2 {
+            std::fs::write(d.path().join("l1"), &l1).unwrap();
+            std::fs::write(d.path().join("l2"), &l2).unwrap();
+            let diff = Cmd::new("diff")
+                .arg(d.path().join("l1"))
+                .arg(d.path().join("l2"))
+                .run();
+            panic!("trees differ: {diff:?}");
+        }
+        Cmd::new("diff")
+            // Device nodes are compared by the listing (diff cannot read them).
+            .args(["-r", "--no-dereference", "-q", "--exclude=dev"])
+            .arg(&root)
+            .arg(&fresh)
+            .run()
+            .unwrap();
+
+        // A second apt step with the same sources skips apt-get update.
+        let again = testing::step("steps:\n  - apt: install\n    packages: [hello]\n    tag: /\n");
+        let t = Instant::now();
+        crate::plugins::apt::Apt.run(&again, &mut b).unwrap();
+        eprintln!("TIMING apt again: {:.1}s", t.elapsed().as_secs_f64());
+
+        // A chroot step that fails half-way: its teardown unmounts and cleans up.
+        let fail = testing::step("steps:\n  - chroot: /\n    shell: exit 3\n");
+        let e = crate::plugins::chroot::Chroot
+            .run(&fail, &mut b)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("command failed with exit status 3: chroot "),
+            "{e}"
+        );
+        assert_eq!(crate::mount::mounts_below(&root).unwrap().len(), 4);
+        assert!(root.join("usr/sbin/policy-rc.d").exists());
+        crate::plugins::chroot::Chroot
+            .teardown(&fail, &mut b)
+            .unwrap();
+        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        assert!(!root.join("usr/sbin/policy-rc.d").exists());
+    }
+
+    #[test]
+    #[ignore = "needs the network"]
+    fn bad_suite_and_unreachable_mirror_fail_fast() {
+        let m = mirror::host_default().expect("a Debian mirror in the host's apt sources");
+        let t = Instant::now();
+        let e = mirror::check_suite(&m, "bookwrm").unwrap_err().to_string();
+        eprintln!("TIMING bad suite: {:.2}s: {e}", t.elapsed().as_secs_f64());
+        assert_eq!(
+            e,
+            format!("suite 'bookwrm' not found at {m} (no dists/bookwrm/InRelease or Release)")
+        );
+        let bad = "http://no-such-host.invalid/debian";
+        let t = Instant::now();
+        let e = mirror::check_suite(bad, "bookworm")
+            .unwrap_err()
+            .to_string();
+        eprintln!("TIMING bad host: {:.2}s: {e}", t.elapsed().as_secs_f64());
+        assert!(
+            e.starts_with(&format!("cannot reach {bad}: curl: (6)")),
+            "{e}"
+        );
+        assert!(t.elapsed().as_secs() < 25);
+        mirror::check_suite(&m, "bookworm").unwrap();
+    }
+}
