@@ -227,7 +227,7 @@ fn last_line(e: &anyhow::Error) -> String {
     s.lines()
         .filter_map(|l| l.strip_prefix("  | "))
         .filter(|l| !l.trim().chars().all(|c| c.is_ascii_digit()))
-        .last()
+        .next_back()
         .unwrap_or(s.lines().next().unwrap_or(""))
         .to_string()
 }
