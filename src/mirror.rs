@@ -226,8 +226,7 @@ fn last_line(e: &anyhow::Error) -> String {
     let s = e.to_string();
     s.lines()
         .filter_map(|l| l.strip_prefix("  | "))
-        .filter(|l| !l.trim().chars().all(|c| c.is_ascii_digit()))
-        .next_back()
+        .rfind(|l| !l.trim().chars().all(|c| c.is_ascii_digit()))
         .unwrap_or(s.lines().next().unwrap_or(""))
         .to_string()
 }
