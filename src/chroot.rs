@@ -305,3 +305,63 @@ pub(crate) mod testing {
         }
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::testing;
+
+    const PAGES: &[&str] = &[
+        "debootstrap",
+        "apt",
+        "chroot",
+        "virtual-filesystems",
+        "cache-rootfs",
+        "unpack-rootfs",
+    ];
+
+    fn page(name: &str) -> String {
+        let p = format!("{}/plugins/{name}.md", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+
+    /// The example in each page validates, and is a step of that page's type.
+    #[test]
+    fn page_examples_validate() {
+        for name in PAGES {
+            let text = page(name);
+            let start = text.find("```yaml\n").expect("an example") + 8;
+            let len = text[start..].find("```").expect("the example's end");
+            let steps = testing::validate(&text[start..start + len])
+                .unwrap_or_else(|d| panic!("{name}.md: {d:?}"));
+            assert_eq!(steps.len(), 1, "{name}");
+            assert_eq!(steps[0].kind, *name);
+        }
+    }
+
+    /// Every key of the step type is in its page's table, and nothing else is.
+    #[test]
+    fn pages_list_every_key() {
+        for name in PAGES {
+            let spec = crate::step::find(crate::plugins::ALL, name)
+                .expect("registered")
+                .spec();
+            let text = page(name);
+            let documented: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("| `"))
+                .filter_map(|l| l.split('`').next())
+                .collect();
+            let mut want: Vec<&str> = vec![spec.name, "unless"];
+            want.extend(spec.keys.iter().map(|k| k.name));
+            let mut got = documented.clone();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "{name}.md");
+            for k in spec.keys {
+                for a in k.aliases {
+                    assert!(text.contains(&format!("`{a}`")), "{name}.md: alias {a}");
+                }
+            }
+        }
+    }
+}
