@@ -97,7 +97,7 @@ pub fn pack_argv(root: &Path, file: &Path, prog: Option<&str>, mounted: &[&str])
 }
 
 /// Those of the virtual filesystem paths that are mount points now.
-fn mounted_virtuals(root: &Path) -> Result<Vec<&'static str>> {
+pub fn mounted_virtuals(root: &Path) -> Result<Vec<&'static str>> {
     let mounts = crate::mount::mounts_below(root)?;
     Ok(image::VIRTUAL_PATHS
         .iter()

@@ -9,7 +9,7 @@ use crate::build::Build;
 use crate::chroot as image;
 use crate::cmd::Cmd;
 use crate::log;
-use crate::plugins::cache_rootfs::{have_pigz, Compression, TAR_KEEP};
+use crate::plugins::cache_rootfs::{have_pigz, mounted_virtuals, Compression, TAR_KEEP};
 use crate::step::{Check, Kind, Plugin, Step, StepSpec};
 
 pub struct UnpackRootfs;
@@ -25,11 +25,13 @@ static SPEC: StepSpec = StepSpec {
 /// The flag later steps test with `unless: rootfs_unpacked`.
 pub const FLAG: &str = "rootfs_unpacked";
 
-/// tar's arguments to unpack `file` into `root`.
+/// tar's arguments to unpack `file` into `root`, leaving alone the virtual filesystems
+/// mounted in `mounted` (e.g. "dev": the host's device nodes).
 pub fn unpack_argv(
     root: &std::path::Path,
     file: &std::path::Path,
     prog: Option<&str>,
+    mounted: &[&str],
 ) -> Vec<String> {
     let mut v: Vec<String> = vec!["--extract".into(), format!("--file={}", file.display())];
     if let Some(p) = prog {
@@ -37,6 +39,9 @@ pub fn unpack_argv(
     }
     v.push("--preserve-permissions".into());
     v.extend(TAR_KEEP.iter().map(|s| s.to_string()));
+    for m in mounted {
+        v.push(format!("--exclude=./{m}/*"));
+    }
     v.push(format!("--directory={}", root.display()));
     v
 }
@@ -72,9 +77,10 @@ impl Plugin for UnpackRootfs {
             Compression::Xz => Some("xz -d"),
             Compression::None | Compression::Unknown => None,
         };
+        let mounted = mounted_virtuals(&root)?;
         let t = Instant::now();
         Cmd::new("tar")
-            .args(unpack_argv(&root, &tarball, prog))
+            .args(unpack_argv(&root, &tarball, prog, &mounted))
             .run()?;
         log::verbose(&format!(
             "  unpacked {} in {:.1}s",
@@ -96,7 +102,12 @@ mod tests {
     #[test]
     fn unpack_command_line() {
         assert_eq!(
-            unpack_argv(Path::new("/mnt"), Path::new("/c/r.tar.gz"), Some("gzip -d")),
+            unpack_argv(
+                Path::new("/mnt"),
+                Path::new("/c/r.tar.gz"),
+                Some("gzip -d"),
+                &["dev"]
+            ),
             [
                 "--extract",
                 "--file=/c/r.tar.gz",
@@ -106,6 +117,7 @@ mod tests {
                 "--xattrs",
                 "--xattrs-include=*",
                 "--acls",
+                "--exclude=./dev/*",
                 "--directory=/mnt"
             ]
         );
@@ -160,5 +172,43 @@ mod tests {
                 Path::new("deep/file")
             );
         }
+    }
+
+    /// With the virtual filesystems mounted, nothing is unpacked into them (the
+    /// image's dev would be the host's).
+    #[test]
+    fn leaves_mounted_virtual_filesystems_alone() {
+        if !testing::is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(d.path()).unwrap();
+        let src = base.join("src");
+        let marker = "vmdb-test-marker-unpack";
+        std::fs::create_dir_all(src.join("dev")).unwrap();
+        std::fs::create_dir_all(src.join("etc")).unwrap();
+        std::fs::write(src.join("dev").join(marker), "x").unwrap();
+        std::fs::write(src.join("etc/hostname"), "x\n").unwrap();
+        let t = base.join("r.tar");
+        let mut b = testing::build(&src, Some(&t));
+        CacheRootfs
+            .run(&testing::step("steps:\n  - cache-rootfs: /\n"), &mut b)
+            .unwrap();
+        let dst = base.join("dst");
+        std::fs::create_dir(&dst).unwrap();
+        let _guard = testing::Unmounter(dst.clone());
+        let mut b = testing::build(&dst, Some(&t));
+        crate::chroot::mount_vfs(&mut b, &dst, crate::chroot::FOR_BUILD, "test").unwrap();
+        let r = UnpackRootfs.run(&testing::step("steps:\n  - unpack-rootfs: /\n"), &mut b);
+        let leaked = Path::new("/dev").join(marker);
+        let was_leaked = leaked.exists();
+        let _ = std::fs::remove_file(&leaked);
+        crate::chroot::unmount_vfs(&mut b, "test").unwrap();
+        r.unwrap();
+        assert!(!was_leaked, "unpacked into the host's /dev");
+        assert_eq!(
+            std::fs::read_to_string(dst.join("etc/hostname")).unwrap(),
+            "x\n"
+        );
     }
 }
