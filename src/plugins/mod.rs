@@ -3,10 +3,14 @@
 
 use crate::step::Plugin;
 
+pub mod apt;
+pub mod cache_rootfs;
+pub mod chroot;
 pub mod copy_dir;
 pub mod copy_file;
 pub mod create_dir;
 pub mod create_file;
+pub mod debootstrap;
 pub mod echo;
 pub mod error;
 pub mod fstab;
@@ -19,6 +23,8 @@ pub mod mkpart;
 pub mod mount;
 pub mod set_part_flag;
 pub mod shell;
+pub mod unpack_rootfs;
+pub mod virtual_filesystems;
 
 #[cfg(test)]
 pub mod testing;
@@ -33,6 +39,13 @@ pub static ALL: &[&dyn Plugin] = &[
     &kpartx::Kpartx,
     &mkfs::Mkfs,
     &mount::Mount,
+    &virtual_filesystems::VirtualFilesystems,
+    &unpack_rootfs::UnpackRootfs,
+    &debootstrap::Debootstrap,
+    &apt::Apt,
+    &cache_rootfs::CacheRootfs,
+    // Before shell: a chroot step has a `shell` key too.
+    &chroot::Chroot,
     &fstab::Fstab,
     &create_file::CreateFile,
     &create_dir::CreateDir,

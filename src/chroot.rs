@@ -1,0 +1,307 @@
+//! Running programs inside the image: the virtual filesystems a chroot needs, a
+//! policy-rc.d that keeps services from starting, and the command itself.
+//!
+//! Everything mounted or written here is recorded in the build state's flags
+//! (`vmdb:mounted:OWNER:PATH`, `vmdb:policy-rc.d:PATH`), so that a teardown after a
+//! step that failed half-way undoes exactly that and nothing else.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use nix::mount::MsFlags;
+
+use crate::build::Build;
+use crate::cmd::Cmd;
+use crate::mount;
+use crate::plan::PlanTag;
+use crate::step::Check;
+
+/// PATH inside the image: the host's may lack the sbin directories.
+pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// One virtual filesystem: its path in the image, type and options.
+pub struct Vfs {
+    pub path: &'static str,
+    pub fstype: &'static str,
+    pub data: Option<&'static str>,
+}
+
+const PROC: Vfs = Vfs {
+    path: "proc",
+    fstype: "proc",
+    data: None,
+};
+const SYS: Vfs = Vfs {
+    path: "sys",
+    fstype: "sysfs",
+    data: None,
+};
+const DEV: Vfs = Vfs {
+    path: "dev",
+    fstype: "devtmpfs",
+    data: None,
+};
+const DEVPTS: Vfs = Vfs {
+    path: "dev/pts",
+    fstype: "devpts",
+    data: Some("gid=5,mode=620,ptmxmode=666"),
+};
+const RUN: Vfs = Vfs {
+    path: "run",
+    fstype: "tmpfs",
+    data: Some("mode=755"),
+};
+
+/// What a chroot or apt step mounts for its own duration.
+pub const FOR_CHROOT: &[Vfs] = &[PROC, SYS, DEV, DEVPTS];
+/// What the virtual-filesystems step mounts for the rest of the build.
+pub const FOR_BUILD: &[Vfs] = &[PROC, SYS, DEV, DEVPTS, RUN];
+/// Paths in the image that hold virtual filesystems (left out of a rootfs tarball).
+pub const VIRTUAL_PATHS: &[&str] = &["proc", "sys", "dev", "run"];
+
+const MOUNTED: &str = "vmdb:mounted:";
+const POLICY: &str = "vmdb:policy-rc.d:";
+
+fn mounted_flag(owner: &str, p: &Path) -> String {
+    format!("{MOUNTED}{owner}:{}", p.display())
+}
+
+/// The host directory of a mounted tag, canonical (mountinfo has canonical paths).
+pub fn tag_dir(b: &Build, tag: &str) -> Result<PathBuf> {
+    let mp = b.state.mount_point(tag)?;
+    std::fs::canonicalize(mp).with_context(|| format!("mount point {}", mp.display()))
+}
+
+/// Validation: the step's `key` names a tag that an earlier step mounts.
+pub fn check_mounted_tag(c: &mut Check, key: &str, tag: &str) {
+    if !c.use_tag(key, tag) {
+        return;
+    }
+    if !c.plan.tags.get(tag).is_some_and(|t: &PlanTag| t.mounted) {
+        c.err(
+            key,
+            format!("tag '{tag}' is not mounted at this point: add a 'mount: {tag}' step before this one"),
+        );
+    }
+}
+
+/// Mount those of `set` that are not mounted already below `root`, recording each
+/// under `owner`. Something already there (mounted by the virtual-filesystems step or
+/// by hand) is used as it is and left alone.
+pub fn mount_vfs(b: &mut Build, root: &Path, set: &[Vfs], owner: &str) -> Result<()> {
+    for v in set {
+        let target = root.join(v.path);
+        let present = mount::mounts_below(root)?;
+        if present.contains(&target) {
+            continue;
+        }
+        if !target.is_dir() {
+            std::fs::create_dir_all(&target)
+                .with_context(|| format!("creating {}", target.display()))?;
+        }
+        let src = Path::new(v.fstype);
+        let flags = MsFlags::MS_NOSUID
+            | if v.fstype == "devtmpfs" {
+                MsFlags::empty()
+            } else {
+                MsFlags::MS_NODEV
+            };
+        let r = mount::mount(src, &target, Some(v.fstype), flags, v.data);
+        if let Err(e) = r {
+            if v.fstype != "devtmpfs" {
+                return Err(e);
+            }
+            // Where devtmpfs cannot be mounted (some containers), the host's /dev will do.
+            mount::mount(Path::new("/dev"), &target, None, MsFlags::MS_BIND, None)
+                .context("binding /dev into the image")?;
+        }
+        b.state.flags.insert(mounted_flag(owner, &target));
+    }
+    Ok(())
+}
+
+/// Unmount what `mount_vfs` mounted for `owner`, deepest first (with anything mounted
+/// below them since), and forget it.
+pub fn unmount_vfs(b: &mut Build, owner: &str) -> Result<()> {
+    let prefix = format!("{MOUNTED}{owner}:");
+    let mut paths: Vec<(String, PathBuf)> = b
+        .state
+        .flags
+        .iter()
+        .filter_map(|f| {
+            f.strip_prefix(&prefix)
+                .map(|p| (f.clone(), PathBuf::from(p)))
+        })
+        .collect();
+    paths.sort_by_key(|(_, p)| std::cmp::Reverse(p.components().count()));
+    let mut errors = Vec::new();
+    for (flag, p) in paths {
+        match mount::unmount_below(&p) {
+            Ok(()) => {
+                b.state.flags.remove(&flag);
+            }
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(errors.join("; "))
+    }
+}
+
+const POLICY_RC_D: &str = "#!/bin/sh\n# Written by vmdb while it runs programs in the image: start no services.\nexit 101\n";
+
+/// Write usr/sbin/policy-rc.d (exit 101) unless the image has one already.
+pub fn forbid_services(b: &mut Build, root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let sbin = root.join("usr/sbin");
+    // Not through a symbolic link, which could lead out of the image.
+    let is_dir = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    if !is_dir(&root.join("usr")) || !is_dir(&sbin) {
+        return Ok(());
+    }
+    let f = sbin.join("policy-rc.d");
+    if std::fs::symlink_metadata(&f).is_ok() {
+        return Ok(());
+    }
+    b.state.flags.insert(format!("{POLICY}{}", f.display()));
+    std::fs::write(&f, POLICY_RC_D).with_context(|| format!("writing {}", f.display()))?;
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} executable", f.display()))?;
+    Ok(())
+}
+
+/// Remove the policy-rc.d files vmdb wrote.
+pub fn allow_services(b: &mut Build) -> Result<()> {
+    let ours: Vec<String> = b
+        .state
+        .flags
+        .iter()
+        .filter(|f| f.starts_with(POLICY))
+        .cloned()
+        .collect();
+    for flag in ours {
+        let f = Path::new(&flag[POLICY.len()..]);
+        match std::fs::remove_file(f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", f.display())),
+        }
+        b.state.flags.remove(&flag);
+    }
+    Ok(())
+}
+
+/// Get the image ready to run programs in: virtual filesystems and no services.
+pub fn enter(b: &mut Build, root: &Path, owner: &str) -> Result<()> {
+    forbid_services(b, root)?;
+    mount_vfs(b, root, FOR_CHROOT, owner)
+}
+
+/// Undo `enter` (also the teardown of a step that failed between the two).
+pub fn leave(b: &mut Build, owner: &str) -> Result<()> {
+    let a = unmount_vfs(b, owner);
+    let p = allow_services(b);
+    a.and(p)
+}
+
+/// A command run inside the image.
+pub fn command<S: AsRef<std::ffi::OsStr>>(root: &Path, argv: &[S]) -> Cmd {
+    Cmd::new("chroot")
+        .arg(root)
+        .args(argv)
+        .env("PATH", PATH)
+        .env("LC_ALL", "C.UTF-8")
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Validating one-step specs against a plan where "/" is mounted.
+
+    use std::collections::BTreeMap;
+
+    use crate::plan::{Plan, PlanTag};
+    use crate::spec::Diag;
+    use crate::step::{self, Step};
+    use crate::template::Renderer;
+
+    pub fn validate(yaml: &str) -> Result<Vec<Step>, Vec<Diag>> {
+        let raw = crate::spec::load(yaml)?;
+        let renderer = Renderer::new(BTreeMap::new());
+        let mut plan = Plan::default();
+        plan.define_tag(
+            "/",
+            PlanTag {
+                step: 0,
+                mounted: true,
+                ..PlanTag::default()
+            },
+        )
+        .expect("a fresh plan");
+        plan.define_tag(
+            "unmounted",
+            PlanTag {
+                step: 0,
+                ..PlanTag::default()
+            },
+        )
+        .expect("a fresh plan");
+        step::validate(&raw.steps, &renderer, crate::plugins::ALL, &mut plan)
+    }
+
+    pub fn step(yaml: &str) -> Step {
+        match validate(yaml) {
+            Ok(mut s) => s.remove(0),
+            Err(d) => panic!("{d:?}"),
+        }
+    }
+
+    /// The messages of the problems found.
+    pub fn errors(yaml: &str) -> Vec<String> {
+        match validate(yaml) {
+            Ok(_) => panic!("no error in {yaml}"),
+            Err(d) => d.into_iter().map(|d| d.msg).collect(),
+        }
+    }
+
+    /// A build whose "/" is the directory `root` (no disk).
+    pub fn build(root: &std::path::Path, tarball: Option<&std::path::Path>) -> crate::build::Build {
+        let mut b = crate::build::Build::new(crate::build::Options {
+            rootfs_tarball: tarball.map(|t| t.to_path_buf()),
+            ..Default::default()
+        })
+        .expect("a build");
+        b.state
+            .add_tag(crate::state::Tag {
+                name: "/".into(),
+                mount_point: Some(root.to_path_buf()),
+                target: Some("/".into()),
+                ..Default::default()
+            })
+            .expect("a fresh state");
+        b
+    }
+
+    /// Test builds run in the host's mount namespace: whatever a failed test left
+    /// mounted below the directory is detached before the directory is removed (it
+    /// must be declared after the TempDir, to be dropped first).
+    pub struct Unmounter(pub std::path::PathBuf);
+
+    impl Drop for Unmounter {
+        fn drop(&mut self) {
+            for m in crate::mount::mounts_below(&self.0).unwrap_or_default() {
+                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+
+    pub fn is_root() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            true
+        } else {
+            eprintln!("skipped: needs root");
+            false
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! `apt: install`: install packages into the image with apt-get, in a chroot.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::build::Build;
+use crate::chroot;
+use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+
+pub struct Apt;
+
+static SPEC: StepSpec = StepSpec {
+    name: "apt",
+    value: Kind::Str,
+    value_doc: "the operation: only 'install'",
+    keys: &[
+        Key::req("packages", Kind::List, "the packages to install"),
+        Key::req(
+            "tag",
+            Kind::Str,
+            "tag of the image's mounted root filesystem",
+        )
+        .aliases(&["fs-tag"]),
+        Key::opt("recommends", Kind::Bool, "install recommended packages too").default("true"),
+        Key::opt("clean", Kind::Bool, "empty apt's package cache afterwards").default("true"),
+    ],
+    summary: "Install packages in the image with apt-get.",
+};
+
+/// Owner of the virtual filesystems mounted for the step's duration.
+const OWNER: &str = "apt";
+/// `vmdb:apt-updated:ROOT:FINGERPRINT`: apt-get update ran with these sources.
+const UPDATED: &str = "vmdb:apt-updated:";
+
+/// apt-get's command line (inside the chroot) to install the packages.
+pub fn install_argv(packages: &[String], recommends: bool) -> Vec<String> {
+    let mut v: Vec<String> = ["apt-get", "-y", "-o", "Dpkg::Use-Pty=0", "install"]
+        .map(String::from)
+        .to_vec();
+    if !recommends {
+        v.push("--no-install-recommends".into());
+    }
+    v.extend(packages.iter().cloned());
+    v
+}
+
+/// The image's apt sources, to notice when a step changed them since the last update.
+fn sources_fingerprint(root: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let etc = root.join("etc/apt");
+    let mut files = vec![etc.join("sources.list")];
+    if let Ok(d) = std::fs::read_dir(etc.join("sources.list.d")) {
+        let mut more: Vec<_> = d.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        more.sort();
+        files.extend(more);
+    }
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(&f).unwrap_or_default().hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+/// Whether apt has package lists at all (an image may have had them removed).
+fn has_lists(root: &Path) -> bool {
+    std::fs::read_dir(root.join("var/lib/apt/lists"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
+        })
+        .unwrap_or(false)
+}
+
+fn apt_get(root: &Path, argv: &[String]) -> Result<String> {
+    chroot::command(root, argv)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("DEBCONF_NONINTERACTIVE_SEEN", "true")
+        .run()
+}
+
+impl Plugin for Apt {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+
+    fn check(&self, c: &mut Check) {
+        let step = c.step;
+        if step.arg() != "install" {
+            c.err(
+                "apt",
+                format!(
+                    "unknown apt operation '{}': only 'apt: install' is supported",
+                    step.arg()
+                ),
+            );
+        }
+        if step.has("packages") && step.list("packages").is_empty() {
+            c.err("packages", "no packages to install");
+        }
+        if let Ok(tag) = step.str("tag") {
+            chroot::check_mounted_tag(c, "tag", tag);
+        }
+    }
+
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let root = chroot::tag_dir(b, step.str("tag")?)?;
+        chroot::enter(b, &root, OWNER)?;
+        let updated = format!("{UPDATED}{}:{}", root.display(), sources_fingerprint(&root));
+        if !b.state.flags.contains(&updated) || !has_lists(&root) {
+            apt_get(&root, &["apt-get".into(), "update".into()])?;
+            b.state.flags.insert(updated);
+        }
+        apt_get(
+            &root,
+            &install_argv(&step.list("packages"), step.bool("recommends")),
+        )?;
+        if step.bool("clean") {
+            apt_get(&root, &["apt-get".into(), "clean".into()])?;
+        }
+        chroot::leave(b, OWNER)
+    }
+
+    fn teardown(&self, _step: &Step, b: &mut Build) -> Result<()> {
+        // Only what a run that failed half-way left behind.
+        chroot::leave(b, OWNER)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chroot::testing;
+
+    #[test]
+    fn install_command_line() {
+        let pkgs = vec!["hello".to_string(), "less".to_string()];
+        assert_eq!(
+            install_argv(&pkgs, true),
+            [
+                "apt-get",
+                "-y",
+                "-o",
+                "Dpkg::Use-Pty=0",
+                "install",
+                "hello",
+                "less"
+            ]
+        );
+        assert_eq!(
+            install_argv(&pkgs, false),
+            [
+                "apt-get",
+                "-y",
+                "-o",
+                "Dpkg::Use-Pty=0",
+                "install",
+                "--no-install-recommends",
+                "hello",
+                "less"
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_defaults_and_alias() {
+        let s = testing::step("steps:\n  - apt: install\n    packages: hello\n    fs-tag: /\n");
+        assert_eq!(s.list("packages"), ["hello"]);
+        assert_eq!(s.opt_str("tag"), Some("/"));
+        assert!(s.bool("recommends"));
+        assert!(s.bool("clean"));
+        let s = testing::step(
+            "steps:\n  - apt: install\n    packages: [a, b]\n    tag: /\n    recommends: false\n    clean: false\n",
+        );
+        assert!(!s.bool("recommends") && !s.bool("clean"));
+    }
+
+    #[test]
+    fn packages_are_required() {
+        assert_eq!(
+            testing::errors("steps:\n  - apt: install\n    tag: /\n"),
+            ["missing required key: expected a list of strings"]
+        );
+        assert_eq!(
+            testing::errors("steps:\n  - apt: install\n    packages: []\n    tag: /\n"),
+            ["no packages to install"]
+        );
+    }
+
+    #[test]
+    fn only_install_is_supported() {
+        assert_eq!(
+            testing::errors("steps:\n  - apt: remove\n    packages: hello\n    tag: /\n"),
+            ["unknown apt operation 'remove': only 'apt: install' is supported"]
+        );
+    }
+
+    #[test]
+    fn unknown_or_unmounted_tag() {
+        assert_eq!(
+            testing::errors("steps:\n  - apt: install\n    packages: hello\n    tag: /boot\n"),
+            ["tag '/boot' is not defined by an earlier step (defined so far: '/', 'unmounted')"]
+        );
+        assert_eq!(
+            testing::errors("steps:\n  - apt: install\n    packages: hello\n    tag: unmounted\n"),
+            [
+                "tag 'unmounted' is not mounted at this point: add a 'mount: unmounted' step before this one"
+            ]
+        );
+    }
+
+    #[test]
+    fn fingerprint_follows_the_sources() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc/apt/sources.list.d")).unwrap();
+        let a = sources_fingerprint(d.path());
+        std::fs::write(
+            d.path().join("etc/apt/sources.list.d/x.sources"),
+            "Types: deb\n",
+        )
+        .unwrap();
+        let b = sources_fingerprint(d.path());
+        assert_ne!(a, b);
+        assert_eq!(b, sources_fingerprint(d.path()));
+    }
+}

@@ -1,0 +1,79 @@
+//! `chroot: TAG` with `shell: SCRIPT`: run a shell script inside the image.
+
+use anyhow::Result;
+
+use crate::build::Build;
+use crate::chroot as image;
+use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+
+pub struct Chroot;
+
+static SPEC: StepSpec = StepSpec {
+    name: "chroot",
+    value: Kind::Str,
+    value_doc: "tag of the mounted filesystem to chroot into (the image's root)",
+    keys: &[Key::req(
+        "shell",
+        Kind::Str,
+        "shell script to run with 'sh -ec' inside the image",
+    )],
+    summary: "Run a shell script inside the image, with proc, sys and dev mounted.",
+};
+
+const OWNER: &str = "chroot";
+
+/// The command run inside the chroot: the script is an argument, never interpolated.
+pub fn argv(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-ec".into(), script.into()]
+}
+
+impl Plugin for Chroot {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+
+    fn check(&self, c: &mut Check) {
+        let tag = c.step.arg();
+        image::check_mounted_tag(c, "chroot", tag);
+    }
+
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let root = image::tag_dir(b, step.arg())?;
+        image::enter(b, &root, OWNER)?;
+        let out = image::command(&root, &argv(step.str("shell")?)).run()?;
+        if !out.is_empty() {
+            crate::log::debug(out.trim_end());
+        }
+        image::leave(b, OWNER)
+    }
+
+    fn teardown(&self, _step: &Step, b: &mut Build) -> Result<()> {
+        image::leave(b, OWNER)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chroot::testing;
+
+    #[test]
+    fn script_is_one_argument() {
+        assert_eq!(argv("echo 'a b'; true"), ["sh", "-ec", "echo 'a b'; true"]);
+    }
+
+    #[test]
+    fn needs_a_script_and_a_mounted_tag() {
+        let s = testing::step("steps:\n  - chroot: /\n    shell: |\n      echo hi\n");
+        assert_eq!(s.kind, "chroot");
+        assert_eq!(s.str("shell").unwrap(), "echo hi\n");
+        assert_eq!(
+            testing::errors("steps:\n  - chroot: /\n"),
+            ["missing required key: expected a string"]
+        );
+        assert_eq!(
+            testing::errors("steps:\n  - chroot: nope\n    shell: true\n"),
+            ["tag 'nope' is not defined by an earlier step (defined so far: '/', 'unmounted')"]
+        );
+    }
+}

@@ -1,0 +1,473 @@
+//! `debootstrap: SUITE`: install a minimal Debian system into a mounted filesystem.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::build::Build;
+use crate::chroot;
+use crate::cmd::Cmd;
+use crate::mirror;
+use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+
+pub struct Debootstrap;
+
+static SPEC: StepSpec = StepSpec {
+    name: "debootstrap",
+    value: Kind::Str,
+    value_doc: "the suite to install (bookworm, stable, ...)",
+    keys: &[
+        Key::req(
+            "target",
+            Kind::Str,
+            "tag of the mounted filesystem to install into",
+        ),
+        Key::opt(
+            "mirror",
+            Kind::Str,
+            "the Debian mirror (default: the host's apt configuration's)",
+        ),
+        Key::opt("arch", Kind::Str, "architecture (default: the host's)"),
+        Key::opt(
+            "variant",
+            Kind::Str,
+            "debootstrap variant; '-' is its default",
+        )
+        .default("-"),
+        Key::opt("components", Kind::List, "archive components").default("main"),
+        Key::opt("include", Kind::List, "more packages to install"),
+        Key::opt("exclude", Kind::List, "packages to leave out"),
+        Key::opt(
+            "keyring",
+            Kind::Str,
+            "keyring to check the archive's signature with",
+        ),
+        Key::opt(
+            "require_empty_target",
+            Kind::Bool,
+            "fail unless the target is empty (but for lost+found)",
+        )
+        .default("true"),
+    ],
+    summary: "Install a basic Debian system with debootstrap.",
+};
+
+/// Set while debootstrap runs: its teardown then unmounts what it may have left.
+const RUNNING: &str = "vmdb:debootstrap-running:";
+
+/// The values debootstrap is run with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Args {
+    pub suite: String,
+    pub target: String,
+    pub mirror: String,
+    pub arch: String,
+    pub variant: String,
+    pub components: Vec<String>,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub keyring: Option<String>,
+}
+
+/// debootstrap's command line.
+pub fn argv(a: &Args) -> Vec<String> {
+    let mut v = vec!["debootstrap".to_string(), format!("--arch={}", a.arch)];
+    if a.variant != "-" && !a.variant.is_empty() {
+        v.push(format!("--variant={}", a.variant));
+    }
+    if !a.components.is_empty() {
+        v.push(format!("--components={}", a.components.join(",")));
+    }
+    if !a.include.is_empty() {
+        v.push(format!("--include={}", a.include.join(",")));
+    }
+    if !a.exclude.is_empty() {
+        v.push(format!("--exclude={}", a.exclude.join(",")));
+    }
+    if let Some(k) = &a.keyring {
+        v.push(format!("--keyring={k}"));
+    }
+    v.extend([a.suite.clone(), a.target.clone(), a.mirror.clone()]);
+    v
+}
+
+/// Anything in `dir` but lost+found.
+fn non_empty(dir: &Path) -> Result<Vec<String>> {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lost+found")
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn host_arch() -> Result<String> {
+    Ok(Cmd::new("dpkg")
+        .arg("--print-architecture")
+        .run()?
+        .trim()
+        .to_string())
+}
+
+impl Plugin for Debootstrap {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+
+    fn check(&self, c: &mut Check) {
+        let step = c.step;
+        if let Ok(tag) = step.str("target") {
+            chroot::check_mounted_tag(c, "target", tag);
+        }
+        if step.arg().trim().is_empty() || step.arg().contains(['/', ' ']) {
+            c.err(
+                "debootstrap",
+                format!("'{}' is not a suite name", step.arg()),
+            );
+        }
+        if step.opt_str("mirror").is_none() && mirror::host_default().is_none() {
+            c.err(
+                "debootstrap",
+                "no Debian mirror found in this host's apt configuration: say which with 'mirror: URL'",
+            );
+        }
+    }
+
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let tag = step.str("target")?;
+        let dir = chroot::tag_dir(b, tag)?;
+        if step.bool("require_empty_target") {
+            let found = non_empty(&dir)?;
+            if !found.is_empty() {
+                bail!(
+                    "target '{tag}' ({}) is not empty: it has {}; use an empty filesystem or set require_empty_target: false",
+                    dir.display(),
+                    found.join(", ")
+                );
+            }
+        }
+        let mirror = match step.opt_str("mirror") {
+            Some(m) => m.to_string(),
+            None => mirror::host_default().context(
+                "no Debian mirror found in this host's apt configuration: say which with 'mirror: URL'",
+            )?,
+        };
+        let arch = match step.opt_str("arch") {
+            Some(a) => a.to_string(),
+            None => host_arch()?,
+        };
+        let args = Args {
+            suite: step.arg().to_string(),
+            target: dir.display().to_string(),
+            mirror,
+            arch,
+            variant: step.opt_str("variant").unwrap_or("-").to_string(),
+            components: step.list("components"),
+            include: step.list("include"),
+            exclude: step.list("exclude"),
+            keyring: step
+                .opt_str("keyring")
+                .map(|k| b.spec_path(k).display().to_string()),
+        };
+        mirror::check_suite(&args.mirror, &args.suite)?;
+        let flag = format!("{RUNNING}{}", dir.display());
+        b.state.flags.insert(flag.clone());
+        let argv = argv(&args);
+        Cmd::new(&argv[0]).args(&argv[1..]).run()?;
+        b.state.flags.remove(&flag);
+        Ok(())
+    }
+
+    fn teardown(&self, step: &Step, b: &mut Build) -> Result<()> {
+        // Only after a debootstrap that did not finish: it may have left its own mounts.
+        let Ok(dir) = chroot::tag_dir(b, step.str("target")?) else {
+            return Ok(());
+        };
+        let flag = format!("{RUNNING}{}", dir.display());
+        if !b.state.flags.remove(&flag) {
+            return Ok(());
+        }
+        for p in chroot::VIRTUAL_PATHS {
+            crate::mount::unmount_below(&dir.join(p))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chroot::testing;
+
+    fn args() -> Args {
+        Args {
+            suite: "bookworm".into(),
+            target: "/mnt".into(),
+            mirror: "http://mirror.example.org/debian".into(),
+            arch: "amd64".into(),
+            variant: "-".into(),
+            components: vec!["main".into()],
+            include: vec![],
+            exclude: vec![],
+            keyring: None,
+        }
+    }
+
+    #[test]
+    fn default_command_line() {
+        assert_eq!(
+            argv(&args()),
+            [
+                "debootstrap",
+                "--arch=amd64",
+                "--components=main",
+                "bookworm",
+                "/mnt",
+                "http://mirror.example.org/debian"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_option_on_the_command_line() {
+        let a = Args {
+            variant: "minbase".into(),
+            components: vec!["main".into(), "contrib".into()],
+            include: vec!["less".into(), "vim".into()],
+            exclude: vec!["nano".into()],
+            keyring: Some("/k.gpg".into()),
+            ..args()
+        };
+        assert_eq!(
+            argv(&a),
+            [
+                "debootstrap",
+                "--arch=amd64",
+                "--variant=minbase",
+                "--components=main,contrib",
+                "--include=less,vim",
+                "--exclude=nano",
+                "--keyring=/k.gpg",
+                "bookworm",
+                "/mnt",
+                "http://mirror.example.org/debian"
+            ]
+        );
+    }
+
+    #[test]
+    fn defaults_from_the_schema() {
+        let s = testing::step(
+            "steps:\n  - debootstrap: bookworm\n    target: /\n    mirror: http://m.example.org/debian\n",
+        );
+        assert_eq!(s.opt_str("variant"), Some("-"));
+        assert_eq!(s.list("components"), ["main"]);
+        assert!(s.bool("require_empty_target"));
+        assert!(s.list("include").is_empty());
+    }
+
+    #[test]
+    fn target_must_be_a_mounted_tag() {
+        assert_eq!(
+            testing::errors(
+                "steps:\n  - debootstrap: bookworm\n    target: nope\n    mirror: http://m.example.org/debian\n"
+            ),
+            ["tag 'nope' is not defined by an earlier step (defined so far: '/', 'unmounted')"]
+        );
+        assert_eq!(
+            testing::errors(
+                "steps:\n  - debootstrap: bookworm\n    target: unmounted\n    mirror: http://m.example.org/debian\n"
+            ),
+            [
+                "tag 'unmounted' is not mounted at this point: add a 'mount: unmounted' step before this one"
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_target_allows_lost_and_found_only() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("lost+found")).unwrap();
+        assert!(non_empty(d.path()).unwrap().is_empty());
+        std::fs::write(d.path().join("etc"), "").unwrap();
+        assert_eq!(non_empty(d.path()).unwrap(), ["etc"]);
+    }
+
+    #[test]
+    fn refuses_a_non_empty_target() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("x"), "").unwrap();
+        let s = testing::step(
+            "steps:\n  - debootstrap: bookworm\n    target: /\n    mirror: http://m.example.org/debian\n",
+        );
+        let mut b = testing::build(d.path(), None);
+        let e = Debootstrap.run(&s, &mut b).unwrap_err().to_string();
+        assert!(
+            e.starts_with("target '/' (") && e.contains("is not empty: it has x;"),
+            "{e}"
+        );
+    }
+}
+
+/// The whole way with a real mirror (the host's): run with `cargo test -- --ignored`.
+#[cfg(test)]
+mod root_tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::chroot::testing;
+    use crate::plugins::unpack_rootfs::UnpackRootfs;
+
+    fn listing(dir: &Path) -> String {
+        Cmd::new("sh")
+            .args([
+                "-c",
+                // Directory sizes depend on their history, not their contents.
+                "cd \"$1\" && { find . -type d -printf '%p d %m %U:%G\\n'; \
+                 find . ! -type d -printf '%p %y %m %U:%G %s %l\\n'; \
+                 find . -type c -exec stat -c '%n %t:%T' {} +; } | sort",
+                "-",
+            ])
+            .arg(dir)
+            .run()
+            .unwrap()
+    }
+
+    #[test]
+    #[ignore = "downloads a Debian system (about a minute)"]
+    fn bootstrap_install_chroot_cache_unpack() {
+        if !testing::is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(d.path()).unwrap().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let _guard = testing::Unmounter(root.clone());
+        let tarball = d.path().join("rootfs.tar.zst");
+        let steps = testing::validate(
+            "steps:
+  - debootstrap: bookworm
+    target: /
+    variant: minbase
+  - apt: install
+    packages: [hello]
+    tag: /
+    recommends: false
+  - chroot: /
+    shell: |
+      test -x /usr/bin/hello
+      test -e /proc/self/status
+      test -c /dev/null
+      test -x /usr/sbin/policy-rc.d
+      hello > /hello.out
+  - cache-rootfs: /
+",
+        )
+        .unwrap();
+        let mut b = testing::build(&root, Some(&tarball));
+        for s in &steps {
+            let t = Instant::now();
+            let p = crate::step::find(crate::plugins::ALL, s.kind).unwrap();
+            p.run(s, &mut b).unwrap();
+            eprintln!("TIMING {}: {:.1}s", s.describe(), t.elapsed().as_secs_f64());
+        }
+        for s in steps.iter().rev() {
+            let p = crate::step::find(crate::plugins::ALL, s.kind).unwrap();
+            p.teardown(s, &mut b).unwrap();
+        }
+        assert_eq!(
+            std::fs::read_to_string(root.join("hello.out")).unwrap(),
+            "Hello, world!\n"
+        );
+        assert!(!root.join("usr/sbin/policy-rc.d").exists());
+        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        // apt ran its update once and remembers it; nothing else is left in the state.
+        let flags: Vec<&String> = b.state.flags.iter().collect();
+        assert_eq!(flags.len(), 1, "{flags:?}");
+        assert!(flags[0].starts_with("vmdb:apt-updated:"));
+        eprintln!(
+            "TIMING tarball {:.0} MB",
+            std::fs::metadata(&tarball).unwrap().len() as f64 / 1e6
+        );
+
+        // Unpacked into a fresh directory, the tree is the same.
+        let fresh = d.path().join("fresh");
+        std::fs::create_dir(&fresh).unwrap();
+        let mut b2 = testing::build(&fresh, Some(&tarball));
+        let unpack = testing::step("steps:\n  - unpack-rootfs: /\n");
+        let t = Instant::now();
+        UnpackRootfs.run(&unpack, &mut b2).unwrap();
+        eprintln!("TIMING unpack-rootfs: {:.1}s", t.elapsed().as_secs_f64());
+        assert!(b2.state.flags.contains("rootfs_unpacked"));
+        std::fs::remove_file(root.join("hello.out")).unwrap();
+        std::fs::remove_file(fresh.join("hello.out")).unwrap();
+        let (l1, l2) = (listing(&root), listing(&fresh));
+        if l1 != l2 {
+            std::fs::write(d.path().join("l1"), &l1).unwrap();
+            std::fs::write(d.path().join("l2"), &l2).unwrap();
+            let diff = Cmd::new("diff")
+                .arg(d.path().join("l1"))
+                .arg(d.path().join("l2"))
+                .run();
+            panic!("trees differ: {diff:?}");
+        }
+        Cmd::new("diff")
+            // Device nodes are compared by the listing (diff cannot read them).
+            .args(["-r", "--no-dereference", "-q", "--exclude=dev"])
+            .arg(&root)
+            .arg(&fresh)
+            .run()
+            .unwrap();
+
+        // A second apt step with the same sources skips apt-get update.
+        let again = testing::step("steps:\n  - apt: install\n    packages: [hello]\n    tag: /\n");
+        let t = Instant::now();
+        crate::plugins::apt::Apt.run(&again, &mut b).unwrap();
+        eprintln!("TIMING apt again: {:.1}s", t.elapsed().as_secs_f64());
+
+        // A chroot step that fails half-way: its teardown unmounts and cleans up.
+        let fail = testing::step("steps:\n  - chroot: /\n    shell: exit 3\n");
+        let e = crate::plugins::chroot::Chroot
+            .run(&fail, &mut b)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("command failed with exit status 3: chroot "),
+            "{e}"
+        );
+        assert_eq!(crate::mount::mounts_below(&root).unwrap().len(), 4);
+        assert!(root.join("usr/sbin/policy-rc.d").exists());
+        crate::plugins::chroot::Chroot
+            .teardown(&fail, &mut b)
+            .unwrap();
+        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        assert!(!root.join("usr/sbin/policy-rc.d").exists());
+    }
+
+    #[test]
+    #[ignore = "needs the network"]
+    fn bad_suite_and_unreachable_mirror_fail_fast() {
+        let m = mirror::host_default().expect("a Debian mirror in the host's apt sources");
+        let t = Instant::now();
+        let e = mirror::check_suite(&m, "bookwrm").unwrap_err().to_string();
+        eprintln!("TIMING bad suite: {:.2}s: {e}", t.elapsed().as_secs_f64());
+        assert_eq!(
+            e,
+            format!("suite 'bookwrm' not found at {m} (no dists/bookwrm/InRelease or Release)")
+        );
+        let bad = "http://no-such-host.invalid/debian";
+        let t = Instant::now();
+        let e = mirror::check_suite(bad, "bookworm")
+            .unwrap_err()
+            .to_string();
+        eprintln!("TIMING bad host: {:.2}s: {e}", t.elapsed().as_secs_f64());
+        assert!(
+            e.starts_with(&format!("cannot reach {bad}: curl: (6)")),
+            "{e}"
+        );
+        assert!(t.elapsed().as_secs() < 25);
+        mirror::check_suite(&m, "bookworm").unwrap();
+    }
+}

@@ -1,0 +1,214 @@
+//! `unpack-rootfs: TAG`: fill the mounted filesystem from the rootfs tarball
+//! (`--rootfs-tarball`) when it exists, and set the flag `rootfs_unpacked`.
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use crate::build::Build;
+use crate::chroot as image;
+use crate::cmd::Cmd;
+use crate::log;
+use crate::plugins::cache_rootfs::{Compression, TAR_KEEP, have_pigz, mounted_virtuals};
+use crate::step::{Check, Kind, Plugin, Step, StepSpec};
+
+pub struct UnpackRootfs;
+
+static SPEC: StepSpec = StepSpec {
+    name: "unpack-rootfs",
+    value: Kind::Str,
+    value_doc: "tag of the mounted filesystem to unpack into (the image's root)",
+    keys: &[],
+    summary: "Unpack the --rootfs-tarball file into the image, if it exists; sets rootfs_unpacked.",
+};
+
+/// The flag later steps test with `unless: rootfs_unpacked`.
+pub const FLAG: &str = "rootfs_unpacked";
+
+/// tar's arguments to unpack `file` into `root`, leaving alone the virtual filesystems
+/// mounted in `mounted` (e.g. "dev": the host's device nodes).
+pub fn unpack_argv(
+    root: &std::path::Path,
+    file: &std::path::Path,
+    prog: Option<&str>,
+    mounted: &[&str],
+) -> Vec<String> {
+    let mut v: Vec<String> = vec!["--extract".into(), format!("--file={}", file.display())];
+    if let Some(p) = prog {
+        v.push(format!("--use-compress-program={p}"));
+    }
+    v.push("--preserve-permissions".into());
+    v.extend(TAR_KEEP.iter().map(|s| s.to_string()));
+    for m in mounted {
+        v.push(format!("--exclude=./{m}/*"));
+    }
+    v.push(format!("--directory={}", root.display()));
+    v
+}
+
+impl Plugin for UnpackRootfs {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+
+    fn check(&self, c: &mut Check) {
+        let tag = c.step.arg();
+        image::check_mounted_tag(c, "unpack-rootfs", tag);
+    }
+
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let Some(tarball) = b.opts.rootfs_tarball.clone() else {
+            log::verbose("  no --rootfs-tarball given: nothing to unpack");
+            return Ok(());
+        };
+        if !tarball.exists() {
+            log::verbose(&format!(
+                "  {} does not exist (yet): nothing to unpack",
+                tarball.display()
+            ));
+            return Ok(());
+        }
+        let root = image::tag_dir(b, step.arg())?;
+        // Decompressing; xz and zstd decompress on one thread only anyway.
+        let prog = match Compression::for_path(&tarball) {
+            Compression::Gzip if have_pigz() => Some("pigz -d"),
+            Compression::Gzip => Some("gzip -d"),
+            Compression::Zstd => Some("zstd -d"),
+            Compression::Xz => Some("xz -d"),
+            Compression::None | Compression::Unknown => None,
+        };
+        let mounted = mounted_virtuals(&root)?;
+        let t = Instant::now();
+        Cmd::new("tar")
+            .args(unpack_argv(&root, &tarball, prog, &mounted))
+            .run()?;
+        log::verbose(&format!(
+            "  unpacked {} in {:.1}s",
+            tarball.display(),
+            t.elapsed().as_secs_f64()
+        ));
+        b.state.flags.insert(FLAG.to_string());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chroot::testing;
+    use crate::plugins::cache_rootfs::CacheRootfs;
+    use std::path::Path;
+
+    #[test]
+    fn unpack_command_line() {
+        assert_eq!(
+            unpack_argv(
+                Path::new("/mnt"),
+                Path::new("/c/r.tar.gz"),
+                Some("gzip -d"),
+                &["dev"]
+            ),
+            [
+                "--extract",
+                "--file=/c/r.tar.gz",
+                "--use-compress-program=gzip -d",
+                "--preserve-permissions",
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+                "--acls",
+                "--exclude=./dev/*",
+                "--directory=/mnt"
+            ]
+        );
+    }
+
+    #[test]
+    fn no_tarball_no_flag() {
+        let d = tempfile::tempdir().unwrap();
+        let s = testing::step("steps:\n  - unpack-rootfs: /\n");
+        let mut b = testing::build(d.path(), None);
+        UnpackRootfs.run(&s, &mut b).unwrap();
+        let mut b = testing::build(d.path(), Some(&d.path().join("none.tar.zst")));
+        UnpackRootfs.run(&s, &mut b).unwrap();
+        assert!(b.state.flags.is_empty());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    /// Pack and unpack a small tree with each compression: same names, contents,
+    /// modes, owners and links.
+    #[test]
+    fn round_trip_every_compression() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("etc/deep")).unwrap();
+        std::fs::write(src.join("etc/deep/file"), "contents\n").unwrap();
+        std::os::unix::fs::symlink("deep/file", src.join("etc/link")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            src.join("etc/deep/file"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        let cache = testing::step("steps:\n  - cache-rootfs: /\n");
+        let unpack = testing::step("steps:\n  - unpack-rootfs: /\n");
+        for name in ["r.tar", "r.tar.gz", "r.tar.zst", "r.tar.xz", "r.cache"] {
+            let t = d.path().join(name);
+            let mut b = testing::build(&src, Some(&t));
+            CacheRootfs.run(&cache, &mut b).unwrap();
+            let dst = d.path().join(format!("dst-{name}"));
+            std::fs::create_dir(&dst).unwrap();
+            let mut b = testing::build(&dst, Some(&t));
+            UnpackRootfs.run(&unpack, &mut b).unwrap();
+            assert!(b.state.flags.contains(FLAG));
+            assert_eq!(
+                std::fs::read_to_string(dst.join("etc/link")).unwrap(),
+                "contents\n"
+            );
+            let m = std::fs::metadata(dst.join("etc/deep/file")).unwrap();
+            assert_eq!(m.permissions().mode() & 0o7777, 0o640, "{name}");
+            assert_eq!(
+                std::fs::read_link(dst.join("etc/link")).unwrap(),
+                Path::new("deep/file")
+            );
+        }
+    }
+
+    /// With the virtual filesystems mounted, nothing is unpacked into them (the
+    /// image's dev would be the host's).
+    #[test]
+    fn leaves_mounted_virtual_filesystems_alone() {
+        if !testing::is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(d.path()).unwrap();
+        let src = base.join("src");
+        let marker = "vmdb-test-marker-unpack";
+        std::fs::create_dir_all(src.join("dev")).unwrap();
+        std::fs::create_dir_all(src.join("etc")).unwrap();
+        std::fs::write(src.join("dev").join(marker), "x").unwrap();
+        std::fs::write(src.join("etc/hostname"), "x\n").unwrap();
+        let t = base.join("r.tar");
+        let mut b = testing::build(&src, Some(&t));
+        CacheRootfs
+            .run(&testing::step("steps:\n  - cache-rootfs: /\n"), &mut b)
+            .unwrap();
+        let dst = base.join("dst");
+        std::fs::create_dir(&dst).unwrap();
+        let _guard = testing::Unmounter(dst.clone());
+        let mut b = testing::build(&dst, Some(&t));
+        crate::chroot::mount_vfs(&mut b, &dst, crate::chroot::FOR_BUILD, "test").unwrap();
+        let r = UnpackRootfs.run(&testing::step("steps:\n  - unpack-rootfs: /\n"), &mut b);
+        let leaked = Path::new("/dev").join(marker);
+        let was_leaked = leaked.exists();
+        let _ = std::fs::remove_file(&leaked);
+        crate::chroot::unmount_vfs(&mut b, "test").unwrap();
+        r.unwrap();
+        assert!(!was_leaked, "unpacked into the host's /dev");
+        assert_eq!(
+            std::fs::read_to_string(dst.join("etc/hostname")).unwrap(),
+            "x\n"
+        );
+    }
+}

@@ -1,0 +1,77 @@
+//! `virtual-filesystems: TAG`: mount proc, sys, dev, dev/pts and a tmpfs on /run in
+//! the image for the rest of the build.
+
+use anyhow::Result;
+
+use crate::build::Build;
+use crate::chroot as image;
+use crate::step::{Check, Kind, Plugin, Step, StepSpec};
+
+pub struct VirtualFilesystems;
+
+static SPEC: StepSpec = StepSpec {
+    name: "virtual-filesystems",
+    value: Kind::Str,
+    value_doc: "tag of the mounted filesystem (the image's root)",
+    keys: &[],
+    summary: "Mount proc, sysfs, devtmpfs, devpts and /run in the image until teardown.",
+};
+
+const OWNER: &str = "virtual-filesystems";
+
+impl Plugin for VirtualFilesystems {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+
+    fn check(&self, c: &mut Check) {
+        let tag = c.step.arg();
+        image::check_mounted_tag(c, "virtual-filesystems", tag);
+    }
+
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let root = image::tag_dir(b, step.arg())?;
+        image::mount_vfs(b, &root, image::FOR_BUILD, OWNER)
+    }
+
+    fn teardown(&self, _step: &Step, b: &mut Build) -> Result<()> {
+        image::unmount_vfs(b, OWNER)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chroot::testing;
+    use std::path::PathBuf;
+
+    #[test]
+    fn mounts_until_teardown() {
+        if !testing::is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(d.path()).unwrap();
+        let _guard = testing::Unmounter(root.clone());
+        let mut b = testing::build(&root, None);
+        let s = testing::step("steps:\n  - virtual-filesystems: /\n");
+        VirtualFilesystems.run(&s, &mut b).unwrap();
+        let mut got = crate::mount::mounts_below(&root).unwrap();
+        got.sort();
+        let want: Vec<PathBuf> = ["dev", "dev/pts", "proc", "run", "sys"]
+            .iter()
+            .map(|p| root.join(p))
+            .collect();
+        assert_eq!(got, want);
+        assert!(root.join("proc/self").exists());
+        assert!(root.join("dev/null").exists());
+        // A chroot step then mounts nothing more, and leaves these alone.
+        crate::chroot::enter(&mut b, &root, "chroot").unwrap();
+        assert_eq!(b.state.flags.len(), 5);
+        crate::chroot::leave(&mut b, "chroot").unwrap();
+        assert_eq!(crate::mount::mounts_below(&root).unwrap().len(), 5);
+        VirtualFilesystems.teardown(&s, &mut b).unwrap();
+        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        assert!(b.state.flags.is_empty());
+    }
+}
