@@ -29,7 +29,7 @@ impl Target {
     pub fn new(out: &Path) -> Result<Target> {
         if is_block_device(out) {
             if let Some(m) = mounted_part_of(out)? {
-                bail!("refusing to write to {}: {m} is mounted", out.display());
+                bail!("refusing to write to {}: {m}", out.display());
             }
             return Ok(Target {
                 final_path: out.to_path_buf(),
@@ -126,7 +126,7 @@ fn remove_stale_partials(dir: &Path, name: &str) {
     }
 }
 
-/// The mount source on `dev` or one of its partitions, if any is mounted.
+/// Why `dev` must not be written: it or one of its partitions is mounted.
 fn mounted_part_of(dev: &Path) -> Result<Option<String>> {
     use std::os::unix::fs::MetadataExt;
     let rdev = std::fs::metadata(dev)?.rdev();
@@ -139,8 +139,12 @@ fn mounted_part_of(dev: &Path) -> Result<Option<String>> {
             continue;
         };
         if let Ok(p) = std::fs::canonicalize(format!("/sys/dev/block/{mm}")) {
-            if p == sys || p.starts_with(&sys) {
-                return Ok(Some(format!("a filesystem on it (mounted on {point})")));
+            if p == sys {
+                return Ok(Some(format!("it is mounted on {point}")));
+            }
+            if p.starts_with(&sys) {
+                let part = p.file_name().unwrap_or_default().to_string_lossy();
+                return Ok(Some(format!("its partition {part} is mounted on {point}")));
             }
         }
     }

@@ -236,3 +236,88 @@ steps:
         "hi there"
     );
 }
+
+/// A loop device over a file, detached (and unmounted) when dropped.
+struct TestLoop {
+    dev: String,
+    mounted: Option<std::path::PathBuf>,
+}
+
+impl TestLoop {
+    fn new(file: &Path) -> TestLoop {
+        let dev = tool("losetup", &["-f", "--show", &file.to_string_lossy()]).trim().to_string();
+        TestLoop { dev, mounted: None }
+    }
+}
+
+impl Drop for TestLoop {
+    fn drop(&mut self) {
+        if let Some(m) = &self.mounted {
+            let _ = std::process::Command::new("umount").arg(m).status();
+        }
+        let _ = std::process::Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+const SMALL_SPEC: &str = r#"
+steps:
+  - mkimg: "{{ output }}"
+    size: 64M
+  - mklabel: gpt
+    device: "{{ output }}"
+  - mkpart: primary
+    device: "{{ output }}"
+    start: 0%
+    end: 100%
+    tag: root
+  - mkfs: ext4
+    partition: root
+  - mount: root
+  - create-file: /on-a-device
+    contents: "yes"
+"#;
+
+#[test]
+fn writes_to_a_block_device() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let backing = d.path().join("disk");
+    std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+    let l = TestLoop::new(&backing);
+    let spec = write(d.path(), "dev.vmdb", SMALL_SPEC);
+    let r = run(&[&spec.to_string_lossy(), "--output", &l.dev]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (label, parts) = partitions(&backing);
+    assert_eq!(label, "gpt");
+    let (s, n) = part_range(&parts[0]);
+    let root = d.path().join("root.part");
+    extract(&backing, s, n, &root);
+    assert_eq!(tool("debugfs", &["-R", "cat /on-a-device", &root.to_string_lossy()]), "yes");
+}
+
+#[test]
+fn refuses_a_mounted_block_device() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let backing = d.path().join("disk");
+    std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+    let mut l = TestLoop::new(&backing);
+    tool("mkfs.ext4", &["-q", &l.dev]);
+    let mnt = d.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    tool("mount", &[&l.dev, &mnt.to_string_lossy()]);
+    l.mounted = Some(mnt.clone());
+    let spec = write(d.path(), "dev.vmdb", SMALL_SPEC);
+    let r = run(&[&spec.to_string_lossy(), "--output", &l.dev]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(
+        r.stderr.trim(),
+        format!(
+            "vmdb: refusing to write to {}: it is mounted on {}",
+            l.dev,
+            mnt.display()
+        )
+    );
+    // Untouched: still the ext4 filesystem made above.
+    assert_eq!(tool("blkid", &["-p", "-s", "TYPE", "-o", "value", &backing.to_string_lossy()]).trim(), "ext4");
+}

@@ -6,7 +6,6 @@ use anyhow::Result;
 
 use crate::blockdev::table::{self, LabelKind};
 use crate::build::Build;
-use crate::plan::PlanDisk;
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Mklabel;
@@ -38,7 +37,7 @@ impl Plugin for Mklabel {
             return;
         };
         let dev = c.step.opt_str("device").unwrap_or_default().to_string();
-        let disk = c.plan.disks.entry(dev).or_insert_with(PlanDisk::default);
+        let disk = c.plan.disks.entry(dev).or_default();
         disk.label = Some(kind);
         disk.parts.clear();
     }

@@ -79,42 +79,6 @@ pub(crate) fn is_root(test: &str) -> bool {
     root
 }
 
-/// The example in each plugins/NAME.md page validates.
-#[test]
-fn documented_examples_validate() {
-    let spec_dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(spec_dir.path().join("files")).unwrap();
-    std::fs::create_dir_all(spec_dir.path().join("overlay/skel")).unwrap();
-    std::fs::write(spec_dir.path().join("files/sources.list"), "").unwrap();
-    let pages = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
-    for name in [
-        "create-file",
-        "create-dir",
-        "copy-file",
-        "copy-dir",
-        "shell",
-    ] {
-        let page = std::fs::read_to_string(pages.join(format!("{name}.md"))).unwrap();
-        let start = page.find("```yaml\n").expect("an example") + 8;
-        let end = start + page[start..].find("```").unwrap();
-        let node = crate::spec::parse_yaml(&page[start..end]).unwrap();
-        let crate::spec::Value::Seq(steps) = node.value else {
-            panic!("{name}: the example is not a list of steps")
-        };
-        let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.path().to_path_buf();
-        let mounted = PlanTag {
-            mounted: true,
-            ..PlanTag::default()
-        };
-        plan.define_tag("root", mounted).unwrap();
-        let renderer = Renderer::new(Default::default());
-        let typed = crate::step::validate(&steps, &renderer, super::ALL, &mut plan)
-            .unwrap_or_else(|d| panic!("{name}: {d:?}"));
-        assert_eq!(typed[0].kind, name);
-    }
-}
-
 /// Validate a spec's steps (YAML list items without the leading "- "), with a plan in
 /// which a filesystem is mounted at "/" under the tag "/".
 pub fn steps(yaml_steps: &[&str]) -> Result<Vec<Step>, Vec<String>> {

@@ -1,0 +1,130 @@
+//! Every step type has a reference page in plugins/NAME.md that names each of its keys
+//! and has an example that validates.
+
+use std::path::Path;
+
+use vmdb::plan::{Plan, PlanTag};
+use vmdb::step::validate;
+use vmdb::template::Renderer;
+
+fn page(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("plugins")
+        .join(format!("{name}.md"));
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|_| panic!("step type '{name}' has no page {}", p.display()))
+}
+
+fn example(name: &str, page: &str) -> String {
+    let start = page
+        .find("```yaml\n")
+        .unwrap_or_else(|| panic!("plugins/{name}.md has no ```yaml example"))
+        + 8;
+    let end = start + page[start..].find("```").expect("closed example");
+    page[start..end].to_string()
+}
+
+/// A plan in which earlier steps made and mounted "/" (ext4) and "efi" (vfat).
+fn plan_with_disk(spec_dir: &Path) -> Plan {
+    let mut plan = Plan {
+        spec_dir: spec_dir.to_path_buf(),
+        ..Plan::default()
+    };
+    for (tag, fs) in [("/", "ext4"), ("efi", "vfat")] {
+        plan.define_tag(
+            tag,
+            PlanTag {
+                step: 0,
+                disk: Some("disk.img".into()),
+                fs_type: Some(fs.into()),
+                mounted: true,
+            },
+        )
+        .unwrap();
+    }
+    plan
+}
+
+#[test]
+fn every_step_type_has_a_page_naming_its_keys() {
+    for p in vmdb::plugins::ALL {
+        let spec = p.spec();
+        let text = page(spec.name);
+        assert!(
+            text.starts_with(&format!("# {}\n", spec.name)),
+            "plugins/{}.md: title",
+            spec.name
+        );
+        for key in std::iter::once(spec.name).chain(spec.keys.iter().map(|k| k.name)) {
+            assert!(
+                text.contains(&format!("`{key}`")),
+                "plugins/{}.md does not describe key '{key}'",
+                spec.name
+            );
+        }
+        for key in spec.keys {
+            for alias in key.aliases {
+                assert!(
+                    text.contains(&format!("`{alias}`")),
+                    "plugins/{}.md: alias '{alias}'",
+                    spec.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_example_validates() {
+    // Files the examples copy, relative to the spec.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["files/sources.list", "files/motd", "playbook.yml"] {
+        let p = dir.path().join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, "").unwrap();
+    }
+    std::fs::create_dir_all(dir.path().join("overlay/skel")).unwrap();
+    let mut vars = std::collections::BTreeMap::new();
+    vars.insert("output".to_string(), "disk.img".to_string());
+    vars.insert("rootfs_tarball".to_string(), "rootfs.tar.zst".to_string());
+    let renderer = Renderer::new(vars);
+    for p in vmdb::plugins::ALL {
+        let name = p.spec().name;
+        let yaml = example(name, &page(name));
+        let text = format!(
+            "steps:\n{}",
+            yaml.lines().map(|l| format!("  {l}\n")).collect::<String>()
+        );
+        let raw =
+            vmdb::spec::load(&text).unwrap_or_else(|d| panic!("plugins/{name}.md example: {d:?}"));
+        let mut plan = if yaml.starts_with("- mkimg:") {
+            Plan {
+                spec_dir: dir.path().to_path_buf(),
+                ..Plan::default()
+            }
+        } else {
+            plan_with_disk(dir.path())
+        };
+        let steps =
+            validate(&raw.steps, &renderer, vmdb::plugins::ALL, &mut plan).unwrap_or_else(|d| {
+                panic!(
+                    "plugins/{name}.md example does not validate: {:#?}",
+                    d.iter().map(|d| d.render("example")).collect::<Vec<_>>()
+                )
+            });
+        assert!(
+            steps.iter().any(|s| s.kind == name),
+            "plugins/{name}.md example has no {name} step"
+        );
+    }
+}
+
+#[test]
+fn no_page_without_a_step_type() {
+    let names: Vec<&str> = vmdb::plugins::ALL.iter().map(|p| p.spec().name).collect();
+    for e in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins")).unwrap() {
+        let f = e.unwrap().file_name().to_string_lossy().into_owned();
+        let stem = f.strip_suffix(".md").unwrap_or(&f);
+        assert!(names.contains(&stem), "plugins/{f} documents no step type");
+    }
+}
