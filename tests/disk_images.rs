@@ -245,7 +245,9 @@ struct TestLoop {
 
 impl TestLoop {
     fn new(file: &Path) -> TestLoop {
-        let dev = tool("losetup", &["-f", "--show", &file.to_string_lossy()]).trim().to_string();
+        let dev = tool("losetup", &["-f", "--show", &file.to_string_lossy()])
+            .trim()
+            .to_string();
         TestLoop { dev, mounted: None }
     }
 }
@@ -255,7 +257,9 @@ impl Drop for TestLoop {
         if let Some(m) = &self.mounted {
             let _ = std::process::Command::new("umount").arg(m).status();
         }
-        let _ = std::process::Command::new("losetup").args(["-d", &self.dev]).status();
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
     }
 }
 
@@ -282,7 +286,10 @@ fn writes_to_a_block_device() {
     need_root!();
     let d = tempfile::tempdir().unwrap();
     let backing = d.path().join("disk");
-    std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let l = TestLoop::new(&backing);
     let spec = write(d.path(), "dev.vmdb", SMALL_SPEC);
     let r = run(&[&spec.to_string_lossy(), "--output", &l.dev]);
@@ -292,7 +299,13 @@ fn writes_to_a_block_device() {
     let (s, n) = part_range(&parts[0]);
     let root = d.path().join("root.part");
     extract(&backing, s, n, &root);
-    assert_eq!(tool("debugfs", &["-R", "cat /on-a-device", &root.to_string_lossy()]), "yes");
+    assert_eq!(
+        tool(
+            "debugfs",
+            &["-R", "cat /on-a-device", &root.to_string_lossy()]
+        ),
+        "yes"
+    );
 }
 
 #[test]
@@ -300,7 +313,10 @@ fn refuses_a_mounted_block_device() {
     need_root!();
     let d = tempfile::tempdir().unwrap();
     let backing = d.path().join("disk");
-    std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let mut l = TestLoop::new(&backing);
     tool("mkfs.ext4", &["-q", &l.dev]);
     let mnt = d.path().join("mnt");
@@ -319,5 +335,19 @@ fn refuses_a_mounted_block_device() {
         )
     );
     // Untouched: still the ext4 filesystem made above.
-    assert_eq!(tool("blkid", &["-p", "-s", "TYPE", "-o", "value", &backing.to_string_lossy()]).trim(), "ext4");
+    assert_eq!(
+        tool(
+            "blkid",
+            &[
+                "-p",
+                "-s",
+                "TYPE",
+                "-o",
+                "value",
+                &backing.to_string_lossy()
+            ]
+        )
+        .trim(),
+        "ext4"
+    );
 }

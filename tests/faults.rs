@@ -91,8 +91,22 @@ fn build(dir: &Path, spec: &str, extra_args: &[&str]) -> Run {
         "-v".into(),
     ];
     args.extend(extra_args.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run(&args)
+    // vmdb's own TMPDIR: its scratch directory (mount points) must be gone after the build.
+    let tmp = tempfile::tempdir().unwrap();
+    let r = to_run(
+        vmdb()
+            .env("TMPDIR", tmp.path())
+            .args(&args)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        listing(tmp.path()),
+        Vec::<String>::new(),
+        "scratch left in vmdb's TMPDIR; stderr:\n{}",
+        r.stderr
+    );
+    r
 }
 
 /// Run the spec with an error after `after` steps; returns what was wrong.
