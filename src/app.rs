@@ -19,7 +19,7 @@ pub fn main(cli: Cli) -> i32 {
         Some(Command::Validate(v)) => {
             let (var, out) = output_var(v.output.as_deref(), v.image.as_deref())
                 .unwrap_or(("output", PathBuf::from("OUTPUT.img")));
-            match prepare(&v.spec, var, &out, &v.spec_args) {
+            match prepare(&v.spec, var, &out, &out, &v.spec_args) {
                 Ok(p) => {
                     print_plan(&p);
                     println!("{}: OK, {} steps", p.name, p.steps.len());
@@ -58,10 +58,14 @@ fn output_var<'a>(
 }
 
 /// Load, render and validate; every problem is printed and the exit status returned.
+///
+/// `out` is the path the image is built at; messages show `shown_out` instead (the
+/// final name, not the temporary one beside it).
 pub fn prepare(
     spec_path: &Path,
     out_var: &str,
     out: &Path,
+    shown_out: &Path,
     args: &SpecArgs,
 ) -> Result<Prepared, i32> {
     let (name, text, spec_dir) = if spec_path == Path::new("-") {
@@ -102,9 +106,10 @@ pub fn prepare(
     for (k, v) in &args.variables {
         vars.insert(k.clone(), v.clone());
     }
+    let (built, shown) = (out.display().to_string(), shown_out.display().to_string());
     let report = |diags: Vec<spec::Diag>| {
         for d in &diags {
-            eprintln!("{}", d.render(&name));
+            eprintln!("{}", d.render(&name).replace(&built, &shown));
         }
         let n = diags.len();
         eprintln!(
@@ -172,7 +177,7 @@ fn build(args: BuildArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let prepared = match prepare(&spec_path, var, target.build_path(), &args.spec_args) {
+    let prepared = match prepare(&spec_path, var, target.build_path(), &out, &args.spec_args) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -180,7 +185,7 @@ fn build(args: BuildArgs) -> i32 {
 }
 
 fn dry_run(spec: &Path, var: &str, out: &Path, args: &BuildArgs) -> i32 {
-    match prepare(spec, var, out, &args.spec_args) {
+    match prepare(spec, var, out, out, &args.spec_args) {
         Ok(p) => {
             print_plan(&p);
             println!(

@@ -22,25 +22,37 @@ pub struct Build {
     pub state: State,
     pub opts: Options,
     /// Private scratch space: mount points and temporary files.
-    pub workdir: tempfile::TempDir,
+    workdir: PathBuf,
+    /// Set when the build owns its scratch space (in tests); the supervisor otherwise
+    /// makes it, so that it can remove it even when the build is killed.
+    _own_workdir: Option<tempfile::TempDir>,
     /// Whole-disk loop devices by backing path, and partition loop devices.
     disk_loops: Vec<(PathBuf, LoopDevice)>,
     part_loops: Vec<LoopDevice>,
 }
 
 impl Build {
+    /// A build with its own scratch directory, removed when it is dropped.
     pub fn new(opts: Options) -> Result<Build> {
-        let workdir = tempfile::Builder::new()
+        let tmp = tempfile::Builder::new()
             .prefix("vmdb-")
             .tempdir()
             .context("creating a scratch directory")?;
-        Ok(Build {
+        let mut b = Build::in_workdir(opts, tmp.path().to_path_buf());
+        b._own_workdir = Some(tmp);
+        Ok(b)
+    }
+
+    /// A build using `workdir` (an existing directory) as its scratch space.
+    pub fn in_workdir(opts: Options, workdir: PathBuf) -> Build {
+        Build {
             state: State::default(),
             opts,
             workdir,
+            _own_workdir: None,
             disk_loops: Vec::new(),
             part_loops: Vec::new(),
-        })
+        }
     }
 
     /// A path from the spec, relative to the spec's directory.
@@ -57,7 +69,7 @@ impl Build {
     pub fn scratch_dir(&self, prefix: &str) -> Result<PathBuf> {
         let d = tempfile::Builder::new()
             .prefix(prefix)
-            .tempdir_in(self.workdir.path())
+            .tempdir_in(&self.workdir)
             .context("creating a scratch directory")?;
         Ok(d.keep())
     }

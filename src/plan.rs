@@ -28,6 +28,9 @@ pub struct PlanDisk {
 pub struct Plan {
     pub tags: BTreeMap<String, PlanTag>,
     pub disks: BTreeMap<String, PlanDisk>,
+    /// Types of steps that could not be checked (a required key is missing or bad):
+    /// what they would have defined is unknown, so later checks stay quiet about it.
+    pub unchecked: Vec<&'static str>,
     /// Whether the host can use device-mapper (cryptsetup, LVM).
     pub host_has_device_mapper: bool,
     /// Directory of the spec file, for checking that source files named in steps exist.

@@ -148,13 +148,18 @@ pub fn load(text: &str) -> Result<RawSpec, Vec<Diag>> {
                     format!("'steps' must be a list of steps, found {}", v.kind_name()),
                 )),
             },
-            other => diags.push(Diag::new(
-                k.loc,
-                format!(
-                    "unknown top-level key '{}': a spec has only 'steps'",
-                    other.unwrap_or("?")
-                ),
-            )),
+            other => {
+                let other = other.unwrap_or("?");
+                let hint = if strsim::jaro_winkler(other, "steps") > 0.8 {
+                    "; did you mean 'steps'?"
+                } else {
+                    ": a spec has only 'steps'"
+                };
+                diags.push(Diag::new(
+                    k.loc,
+                    format!("unknown top-level key '{other}'{hint}"),
+                ))
+            }
         }
     }
     if steps.is_none() && diags.is_empty() {

@@ -246,10 +246,20 @@ pub fn validate(
             steps.push(step);
         }
     }
-    // Semantic checks only make sense on steps that typed cleanly, but all of them run,
-    // so a tag error late in the spec is reported together with a typo early on.
+    // Every step whose type and required keys are known is checked, even one with
+    // another bad key, so that what it defines (a tag, a partition table) does not
+    // cause false errors later on.
     for step in &steps {
         let plugin = find(plugins, step.kind).expect("typed steps have a plugin");
+        let complete = plugin
+            .spec()
+            .keys
+            .iter()
+            .all(|k| !k.required || step.params.contains_key(k.name));
+        if !complete {
+            plan.unchecked.push(step.kind);
+            continue;
+        }
         let mut c = Check {
             step,
             plan,
@@ -318,7 +328,6 @@ fn type_step(
         return None;
     };
     let spec = plugin.spec();
-    let mut ok = true;
     let mut err = |loc: Loc, key: Option<&str>, msg: String| {
         diags.push(Diag {
             loc,
@@ -331,11 +340,12 @@ fn type_step(
     let mut value = None;
     let mut params: BTreeMap<&'static str, Param> = BTreeMap::new();
     let mut seen_as: BTreeMap<&'static str, String> = BTreeMap::new();
+    // Keys named by a did-you-mean: their misspelling is the one error to report.
+    let mut suggested: Vec<&str> = Vec::new();
     let all_keys = || spec.keys.iter().chain(std::iter::once(&UNLESS));
     for (k, v) in entries {
         let Some(name) = k.as_str() else {
             err(k.loc, None, "a key must be a string".into());
-            ok = false;
             continue;
         };
         if name == spec.name {
@@ -343,7 +353,6 @@ fn type_step(
                 Ok(val) => value = Some(Param { val, loc: v.loc }),
                 Err(msg) => {
                     err(v.loc, Some(name), msg);
-                    ok = false;
                 }
             }
             continue;
@@ -352,7 +361,11 @@ fn type_step(
         else {
             let candidates = all_keys()
                 .flat_map(|key| std::iter::once(key.name).chain(key.aliases.iter().copied()));
-            let hint = did_you_mean(name, candidates)
+            let near = did_you_mean(name, candidates);
+            if let Some(n) = near {
+                suggested.push(n);
+            }
+            let hint = near
                 .map(|s| format!("; did you mean '{s}'?"))
                 .unwrap_or_else(|| {
                     let mut names: Vec<&str> = spec.keys.iter().map(|k| k.name).collect();
@@ -364,7 +377,6 @@ fn type_step(
                 Some(name),
                 format!("unknown key for step type '{}'{hint}", spec.name),
             );
-            ok = false;
             continue;
         };
         if let Some(first) = seen_as.get(key.name) {
@@ -373,7 +385,6 @@ fn type_step(
                 Some(name),
                 format!("given twice (also as '{first}'); these keys mean the same"),
             );
-            ok = false;
             continue;
         }
         // Seen, even if its value is bad: one error per key, not also "missing".
@@ -384,12 +395,16 @@ fn type_step(
             }
             Err(msg) => {
                 err(v.loc, Some(name), msg);
-                ok = false;
             }
         }
     }
     for key in spec.keys {
-        if params.contains_key(key.name) || seen_as.contains_key(key.name) {
+        if params.contains_key(key.name)
+            || seen_as.contains_key(key.name)
+            || suggested
+                .iter()
+                .any(|s| *s == key.name || key.aliases.contains(s))
+        {
             continue;
         }
         if key.required {
@@ -406,7 +421,6 @@ fn type_step(
                     key.kind.expected()
                 ),
             );
-            ok = false;
         } else if let Some(d) = key.default {
             let n = Node {
                 value: Value::Scalar {
@@ -420,9 +434,6 @@ fn type_step(
             }
         }
     }
-    if !ok {
-        return None;
-    }
     let unless = match params.remove("unless") {
         Some(Param {
             val: Val::List(l), ..
@@ -433,7 +444,7 @@ fn type_step(
         index,
         kind: spec.name,
         loc: node.loc,
-        value: value.expect("the type key is present"),
+        value: value?,
         params,
         unless,
     })

@@ -54,7 +54,7 @@ impl Target {
         if abs.is_dir() {
             bail!("cannot build {}: it is a directory", out.display());
         }
-        remove_stale_partials(&dir, &name);
+        remove_stale(&dir, &format!(".{name}.vmdb-partial-"), "");
         let build_path = dir.join(format!(".{name}.vmdb-partial-{}", std::process::id()));
         Ok(Target {
             final_path: abs,
@@ -103,25 +103,6 @@ impl Target {
                 "vmdb: could not remove {}: {e}",
                 self.build_path.display()
             ));
-        }
-    }
-}
-
-/// Partial images of builds whose vmdb was SIGKILLed (their PID is gone).
-fn remove_stale_partials(dir: &Path, name: &str) {
-    let prefix = format!(".{name}.vmdb-partial-");
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let fname = e.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = fname
-            .strip_prefix(&prefix)
-            .and_then(|p| p.parse::<u32>().ok())
-        {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_file(e.path());
-            }
         }
     }
 }
@@ -190,11 +171,62 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
     }
 }
 
+/// The build's scratch directory (mount points, temporary files), made and removed by
+/// the parent so that it goes even when the build is killed. Its name carries the
+/// parent's PID, so that one left by a killed vmdb is removed by the next.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Scratch> {
+        let tmp = std::env::temp_dir();
+        remove_stale(&tmp, "vmdb-build-", "");
+        let dir = tmp.join(format!("vmdb-build-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir)
+            .with_context(|| format!("creating scratch directory {}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Only called once the build's mount namespace is gone, so nothing can be
+        // mounted below it any more.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Remove `PREFIX<pid>SUFFIX` entries of `dir` whose vmdb (the PID) is no longer running.
+fn remove_stale(dir: &Path, prefix: &str, suffix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(suffix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
+}
+
 /// Fork the build into its namespaces and wait for it; true if it succeeded.
 fn supervise(p: Prepared) -> Result<bool> {
     if !nix::unistd::geteuid().is_root() {
         bail!("building needs root (loop devices, mounts): run vmdb with sudo");
     }
+    let scratch = Scratch::new()?;
     // A pipe whose write end only the parent holds: EOF tells the child the parent died
     // before PDEATHSIG was armed.
     let (alive_r, alive_w) = nix::unistd::pipe().context("creating a pipe")?;
@@ -208,7 +240,9 @@ fn supervise(p: Prepared) -> Result<bool> {
     match unsafe { fork() }.context("forking the build")? {
         ForkResult::Child => {
             drop(alive_w);
-            let code = child_main(p, alive_r);
+            let code = child_main(p, scratch.0.clone(), alive_r);
+            // Not through Drop: the parent removes the scratch directory.
+            std::mem::forget(scratch);
             std::process::exit(code);
         }
         ForkResult::Parent { child } => {
@@ -250,7 +284,7 @@ fn forward_signals_to_child() -> Result<()> {
     Ok(())
 }
 
-fn child_main(p: Prepared, alive: std::os::fd::OwnedFd) -> i32 {
+fn child_main(p: Prepared, workdir: PathBuf, alive: std::os::fd::OwnedFd) -> i32 {
     // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's attributes.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     if parent_gone(&alive) {
@@ -264,13 +298,7 @@ fn child_main(p: Prepared, alive: std::os::fd::OwnedFd) -> i32 {
         log::info(&format!("vmdb: {e:#}"));
         return EXIT_FAILED;
     }
-    let mut b = match Build::new(p.opts) {
-        Ok(b) => b,
-        Err(e) => {
-            log::info(&format!("vmdb: {e:#}"));
-            return EXIT_FAILED;
-        }
-    };
+    let mut b = Build::in_workdir(p.opts, workdir);
     let errors = runner::run(&p.steps, plugins::ALL, &mut b);
     for e in &errors {
         log::info(&format!("vmdb: error: {e:#}"));

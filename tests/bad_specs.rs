@@ -5,8 +5,8 @@
 //!
 //! vmdb is run in the corpus directory with the spec's bare file name, so messages name it
 //! as it is written in the `# expect:` lines. A message that names the image being built
-//! shows its temporary name (`.NAME.vmdb-partial-PID` in the output directory); the test
-//! writes that as `$PARTIAL`.
+//! shows its final name (not the temporary one it is built under); the test writes that
+//! as `$OUTPUT`.
 
 mod common;
 
@@ -49,18 +49,9 @@ fn is_located(line: &str, name: &str) -> bool {
     num(parts.next()) && num(parts.next()) && parts.next().is_some_and(|r| r.starts_with(' '))
 }
 
-/// Replace `DIR/.out.img.vmdb-partial-DIGITS` by `$PARTIAL`.
+/// Replace the output path `DIR/out.img` by `$OUTPUT`.
 fn normalise(line: &str, out_dir: &Path) -> String {
-    let prefix = format!("{}/.out.img.vmdb-partial-", out_dir.display());
-    let mut s = String::new();
-    let mut rest = line;
-    while let Some(i) = rest.find(&prefix) {
-        s.push_str(&rest[..i]);
-        s.push_str("$PARTIAL");
-        rest = rest[i + prefix.len()..].trim_start_matches(|c: char| c.is_ascii_digit());
-    }
-    s.push_str(rest);
-    s
+    line.replace(&format!("{}/out.img", out_dir.display()), "$OUTPUT")
 }
 
 /// Check one spec of the corpus; returns what was wrong.

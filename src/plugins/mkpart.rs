@@ -54,6 +54,7 @@ impl Plugin for Mkpart {
         let device = step.opt_str("device").unwrap_or_default().to_string();
         let disk = c.plan.disks.get(&device).cloned();
         match disk.as_ref().and_then(|d| d.label) {
+            None if c.plan.unchecked.contains(&"mklabel") => {}
             None => c.err(
                 "device",
                 format!("'{device}' has no partition table from an earlier mklabel step"),
