@@ -241,10 +241,7 @@ fn a_failing_command_is_torn_down_like_an_error_step() {
 
 #[test]
 fn a_step_that_is_not_skipped_runs_and_is_torn_down() {
-    // No step type in this tree sets a flag (unpack-rootfs, which sets rootfs_unpacked,
-    // is not here yet), so `unless:` can only be seen not to skip: the step runs and is
-    // torn down like any other. Steps that are skipped are checked in the runner's unit
-    // tests; once a step sets flags, the skipped case belongs here too.
+    // No rootfs tarball, so unpack-rootfs is not in the spec and the flag is not set.
     need_root!();
     let d = tempfile::tempdir().unwrap();
     let (spec, _) = spec_with(
@@ -356,4 +353,60 @@ fn keep_failed_with_no_image_yet_keeps_nothing() {
         "{}",
         r.stderr
     );
+}
+
+#[test]
+fn a_skipped_step_is_not_torn_down() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    // A tiny rootfs tarball: unpack-rootfs unpacks it and sets rootfs_unpacked.
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tree.path().join("etc")).unwrap();
+    std::fs::write(tree.path().join("etc/cached"), "from the tarball\n").unwrap();
+    let tarball = d.path().join("rootfs.tar");
+    tool(
+        "tar",
+        &[
+            "-C",
+            &tree.path().to_string_lossy(),
+            "-cf",
+            &tarball.to_string_lossy(),
+            ".",
+        ],
+    );
+    let (spec, _) = spec_with(
+        10,
+        "  - unpack-rootfs: root\n  - echo: skipped\n    teardown: must not appear\n    unless: rootfs_unpacked\n  - error: injected\n",
+    );
+    let r = build(
+        d.path(),
+        &spec,
+        &["--rootfs-tarball", &tarball.to_string_lossy()],
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let total = STEPS.len() + 3;
+    assert!(
+        r.stderr
+            .lines()
+            .any(|l| l == format!("[12/{total}] echo: skipped: skipped (unless: rootfs_unpacked)")),
+        "{}",
+        r.stderr
+    );
+    let td = teardown_lines(&r.stderr);
+    assert_eq!(
+        td[..2],
+        [
+            format!("teardown [13/{total}] error"),
+            format!("teardown [11/{total}] unpack-rootfs")
+        ],
+        "{}",
+        r.stderr
+    );
+    assert_eq!(td.len(), 12, "{td:?}");
+    assert_eq!(
+        r.stdout, "injected\n",
+        "the skipped echo neither ran nor was torn down"
+    );
+    wait_clean(d.path(), 5).unwrap();
+    assert_eq!(listing(d.path()), ["rootfs.tar", "spec.vmdb"]);
 }
