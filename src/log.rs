@@ -10,6 +10,7 @@ static VERBOSE: AtomicBool = AtomicBool::new(false);
 static LOG: Mutex<Option<File>> = Mutex::new(None);
 
 pub fn init(verbose: bool, log_file: Option<&Path>) -> std::io::Result<()> {
+    START.get_or_init(std::time::Instant::now);
     VERBOSE.store(verbose, Ordering::Relaxed);
     if let Some(p) = log_file {
         let f = File::options().create(true).append(true).open(p)?;
@@ -22,10 +23,16 @@ pub fn is_verbose() -> bool {
     VERBOSE.load(Ordering::Relaxed)
 }
 
-/// Only to the log file.
+static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Only to the log file, with the seconds since vmdb started.
 pub fn debug(msg: &str) {
+    let t = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64();
     if let Some(f) = LOG.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-        let _ = writeln!(f, "{msg}");
+        let _ = writeln!(f, "[{t:9.3}] {msg}");
     }
 }
 

@@ -361,6 +361,7 @@ mod root_tests {
       test -e /proc/self/status
       test -c /dev/null
       test -x /usr/sbin/policy-rc.d
+      grep -qx force-unsafe-io /etc/dpkg/dpkg.cfg.d/vmdb-unsafe-io
       hello > /hello.out
   - cache-rootfs: /
 ",
@@ -382,6 +383,7 @@ mod root_tests {
             "Hello, world!\n"
         );
         assert!(!root.join("usr/sbin/policy-rc.d").exists());
+        assert!(!root.join("etc/dpkg/dpkg.cfg.d/vmdb-unsafe-io").exists());
         assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
         // apt ran its update once and remembers it; nothing else is left in the state.
         let flags: Vec<&String> = b.state.flags.iter().collect();
