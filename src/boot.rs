@@ -1805,6 +1805,18 @@ esac
         }
     }
 
+    /// SIGKILL is delivered at once, but a loaded machine may take a moment to finish
+    /// the process off.
+    fn gone_soon(pid: i32) -> bool {
+        for _ in 0..100 {
+            if !alive(pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     #[test]
     fn fake_success() {
         let run = fake_boot("success", |a| a.run = "echo hello; true".into());
@@ -1813,7 +1825,7 @@ esac
         assert!(log.contains("fake login: "), "{log}");
         assert!(log.contains("hello\n"), "{log}");
         assert!(log.contains("reboot: Power down"), "{log}");
-        assert!(!alive(run.pid_file("disk.img.pid").unwrap()));
+        assert!(gone_soon(run.pid_file("disk.img.pid").unwrap()));
     }
 
     #[test]
@@ -1857,7 +1869,7 @@ esac
         assert!(err.contains("disk.img.console.log"), "{err}");
         assert!(err.contains("  | grub>"), "{err}");
         assert!(run.elapsed < Duration::from_secs(10));
-        assert!(!alive(run.pid_file("disk.img.pid").unwrap()));
+        assert!(gone_soon(run.pid_file("disk.img.pid").unwrap()));
     }
 
     #[test]
@@ -1877,10 +1889,10 @@ esac
             err.contains("timed out after 2s while waiting for the login prompt"),
             "{err}"
         );
-        assert!(run.elapsed < Duration::from_secs(5));
-        assert!(!alive(run.pid_file("disk.img.pid").unwrap()));
+        assert!(run.elapsed < Duration::from_secs(10));
+        assert!(gone_soon(run.pid_file("disk.img.pid").unwrap()));
         // The fake's own child shows that the group was killed, not just qemu.
-        assert!(!alive(run.pid_file("disk.img.child").unwrap()));
+        assert!(gone_soon(run.pid_file("disk.img.child").unwrap()));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Running programs inside the image: the virtual filesystems a chroot needs, a
 //! policy-rc.d that keeps services from starting, and the command itself.
 //!
-//! Everything mounted or written here is recorded in the build state's flags
+//! Everything mounted or written here is recorded in the build state's notes
 //! (`vmdb:mounted:OWNER:PATH`, `vmdb:policy-rc.d:PATH`), so that a teardown after a
 //! step that failed half-way undoes exactly that and nothing else.
 
@@ -62,7 +62,7 @@ pub const VIRTUAL_PATHS: &[&str] = &["proc", "sys", "dev", "run"];
 const MOUNTED: &str = "vmdb:mounted:";
 const POLICY: &str = "vmdb:policy-rc.d:";
 
-fn mounted_flag(owner: &str, p: &Path) -> String {
+fn mounted_note(owner: &str, p: &Path) -> String {
     format!("{MOUNTED}{owner}:{}", p.display())
 }
 
@@ -115,7 +115,7 @@ pub fn mount_vfs(b: &mut Build, root: &Path, set: &[Vfs], owner: &str) -> Result
             mount::mount(Path::new("/dev"), &target, None, MsFlags::MS_BIND, None)
                 .context("binding /dev into the image")?;
         }
-        b.state.flags.insert(mounted_flag(owner, &target));
+        b.state.notes.insert(mounted_note(owner, &target));
     }
     Ok(())
 }
@@ -126,7 +126,7 @@ pub fn unmount_vfs(b: &mut Build, owner: &str) -> Result<()> {
     let prefix = format!("{MOUNTED}{owner}:");
     let mut paths: Vec<(String, PathBuf)> = b
         .state
-        .flags
+        .notes
         .iter()
         .filter_map(|f| {
             f.strip_prefix(&prefix)
@@ -138,7 +138,7 @@ pub fn unmount_vfs(b: &mut Build, owner: &str) -> Result<()> {
     for (flag, p) in paths {
         match mount::unmount_below(&p) {
             Ok(()) => {
-                b.state.flags.remove(&flag);
+                b.state.notes.remove(&flag);
             }
             Err(e) => errors.push(format!("{e:#}")),
         }
@@ -164,7 +164,7 @@ pub fn forbid_services(b: &mut Build, root: &Path) -> Result<()> {
     }
     let f = sbin.join("policy-rc.d");
     if std::fs::symlink_metadata(&f).is_err() {
-        b.state.flags.insert(format!("{POLICY}{}", f.display()));
+        b.state.notes.insert(format!("{POLICY}{}", f.display()));
         std::fs::write(&f, POLICY_RC_D).with_context(|| format!("writing {}", f.display()))?;
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755))
             .with_context(|| format!("making {} executable", f.display()))?;
@@ -174,7 +174,7 @@ pub fn forbid_services(b: &mut Build, root: &Path) -> Result<()> {
     let dpkg_cfg = root.join("etc/dpkg/dpkg.cfg.d");
     let f = dpkg_cfg.join("vmdb-unsafe-io");
     if is_dir(&dpkg_cfg) && std::fs::symlink_metadata(&f).is_err() {
-        b.state.flags.insert(format!("{POLICY}{}", f.display()));
+        b.state.notes.insert(format!("{POLICY}{}", f.display()));
         std::fs::write(&f, UNSAFE_IO).with_context(|| format!("writing {}", f.display()))?;
     }
     Ok(())
@@ -186,7 +186,7 @@ const UNSAFE_IO: &str = "# Written by vmdb for the duration of the build.\nforce
 pub fn allow_services(b: &mut Build) -> Result<()> {
     let ours: Vec<String> = b
         .state
-        .flags
+        .notes
         .iter()
         .filter(|f| f.starts_with(POLICY))
         .cloned()
@@ -198,7 +198,7 @@ pub fn allow_services(b: &mut Build) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", f.display())),
         }
-        b.state.flags.remove(&flag);
+        b.state.notes.remove(&flag);
     }
     Ok(())
 }

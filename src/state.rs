@@ -32,7 +32,11 @@ pub struct Tag {
 #[derive(Debug, Default)]
 pub struct State {
     pub tags: Vec<Tag>,
+    /// Flags for `unless:` (e.g. rootfs_unpacked).
     pub flags: BTreeSet<String>,
+    /// What steps did that their teardown must undo, or later steps need not redo
+    /// (mounts of virtual filesystems, files written for the build's duration).
+    pub notes: BTreeSet<String>,
 }
 
 impl State {

@@ -108,9 +108,9 @@ impl Plugin for Apt {
         let root = chroot::tag_dir(b, step.str("tag")?)?;
         chroot::enter(b, &root, OWNER)?;
         let updated = format!("{UPDATED}{}:{}", root.display(), sources_fingerprint(&root));
-        if !b.state.flags.contains(&updated) || !has_lists(&root) {
+        if !b.state.notes.contains(&updated) || !has_lists(&root) {
             apt_get(&root, &["apt-get".into(), "update".into()])?;
-            b.state.flags.insert(updated);
+            b.state.notes.insert(updated);
         }
         apt_get(
             &root,

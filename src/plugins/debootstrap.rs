@@ -173,10 +173,10 @@ impl Plugin for Debootstrap {
         };
         mirror::check_suite(&args.mirror, &args.suite)?;
         let flag = format!("{RUNNING}{}", dir.display());
-        b.state.flags.insert(flag.clone());
+        b.state.notes.insert(flag.clone());
         let argv = argv(&args);
         Cmd::new(&argv[0]).args(&argv[1..]).run()?;
-        b.state.flags.remove(&flag);
+        b.state.notes.remove(&flag);
         Ok(())
     }
 
@@ -186,7 +186,7 @@ impl Plugin for Debootstrap {
             return Ok(());
         };
         let flag = format!("{RUNNING}{}", dir.display());
-        if !b.state.flags.remove(&flag) {
+        if !b.state.notes.remove(&flag) {
             return Ok(());
         }
         for p in chroot::VIRTUAL_PATHS {
@@ -386,7 +386,7 @@ mod root_tests {
         assert!(!root.join("etc/dpkg/dpkg.cfg.d/vmdb-unsafe-io").exists());
         assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
         // apt ran its update once and remembers it; nothing else is left in the state.
-        let flags: Vec<&String> = b.state.flags.iter().collect();
+        let flags: Vec<&String> = b.state.notes.iter().collect();
         assert_eq!(flags.len(), 1, "{flags:?}");
         assert!(flags[0].starts_with("vmdb:apt-updated:"));
         eprintln!(

@@ -67,11 +67,11 @@ mod tests {
         assert!(root.join("dev/null").exists());
         // A chroot step then mounts nothing more, and leaves these alone.
         crate::chroot::enter(&mut b, &root, "chroot").unwrap();
-        assert_eq!(b.state.flags.len(), 5);
+        assert_eq!(b.state.notes.len(), 5);
         crate::chroot::leave(&mut b, "chroot").unwrap();
         assert_eq!(crate::mount::mounts_below(&root).unwrap().len(), 5);
         VirtualFilesystems.teardown(&s, &mut b).unwrap();
         assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
-        assert!(b.state.flags.is_empty());
+        assert!(b.state.notes.is_empty());
     }
 }
