@@ -21,6 +21,8 @@ pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static RUNNING: AtomicI32 = AtomicI32::new(0);
 
 const TAIL_LINES: usize = 20;
+/// Grace time between SIGTERM and SIGKILL for a command vmdb stops.
+const KILL_AFTER_SECS: u64 = 5;
 
 /// Catch SIGINT, SIGTERM and SIGHUP: note them and stop the running command.
 pub fn forward_signals() -> Result<()> {
@@ -36,6 +38,17 @@ pub fn forward_signals() -> Result<()> {
             if pg > 0 {
                 // SAFETY: kill(2) has no memory-safety preconditions.
                 unsafe { libc::kill(-pg, libc::SIGTERM) };
+                // A program that ignores SIGTERM (a script trapping it) is killed.
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_secs(KILL_AFTER_SECS));
+                    if RUNNING.load(Ordering::SeqCst) == pg {
+                        log::info(&format!(
+                            "vmdb: the running command ignored SIGTERM for {KILL_AFTER_SECS}s: killing it"
+                        ));
+                        // SAFETY: as above.
+                        unsafe { libc::kill(-pg, libc::SIGKILL) };
+                    }
+                });
             }
         }
     });

@@ -36,16 +36,28 @@ pub fn debug(msg: &str) {
     }
 }
 
+/// To stderr, ignoring a closed stderr: losing a progress line must not stop a
+/// build half-way (eprintln! would panic), least of all while it tears down.
+fn to_stderr(msg: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{msg}");
+}
+
 /// Always shown.
 pub fn info(msg: &str) {
-    eprintln!("{msg}");
+    to_stderr(msg);
     debug(msg);
 }
 
 /// Shown with --verbose.
 pub fn verbose(msg: &str) {
     if is_verbose() {
-        eprintln!("{msg}");
+        to_stderr(msg);
     }
+    debug(msg);
+}
+
+/// A line of the build's own output (echo steps) on stdout, ignoring a closed stdout.
+pub fn out(msg: &str) {
+    let _ = writeln!(std::io::stdout().lock(), "{msg}");
     debug(msg);
 }

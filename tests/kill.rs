@@ -22,6 +22,11 @@ const STEPS: &[&str] = &[
 ];
 
 fn spec(secs: u32) -> String {
+    spec_with(secs, "")
+}
+
+/// The spec, with `prefix` put before the shell step's sleeps.
+fn spec_with(secs: u32, prefix: &str) -> String {
     format!(
         r#"steps:
   - mkimg: "{{{{ output }}}}"
@@ -37,7 +42,7 @@ fn spec(secs: u32) -> String {
   - mkfs: ext4
     partition: root
   - mount: root
-  - shell: "cd $ROOT; sleep {secs} & sleep {secs}"
+  - shell: "{prefix}cd $ROOT; sleep {secs} & sleep {secs}"
     root-fs: root
 "#
     )
@@ -71,9 +76,13 @@ impl Build {
 /// Start a build whose last step sleeps `secs` seconds twice, and wait until both
 /// sleeps run.
 fn start(secs: u32) -> Build {
+    start_spec(secs, &spec(secs))
+}
+
+fn start_spec(secs: u32, spec_text: &str) -> Build {
     let out_dir = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let spec = write(work.path(), "spec.vmdb", &spec(secs));
+    let spec = write(work.path(), "spec.vmdb", spec_text);
     let err = std::fs::File::create(work.path().join("stderr")).unwrap();
     let tmp = work.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
@@ -422,4 +431,87 @@ fn sigint_tears_down_and_removes_the_image() {
 fn ctrl_c_tears_down_and_removes_the_image() {
     need_root!();
     interrupt(Signal::SIGINT, 304, true);
+}
+
+#[test]
+fn a_command_that_ignores_sigterm_is_killed() {
+    need_root!();
+    // The shell and its sleeps ignore SIGTERM; vmdb kills them after its grace time.
+    let secs = 305;
+    let mut b = start_spec(secs, &spec_with(secs, "trap '' TERM; "));
+    let t0 = Instant::now();
+    signal(b.child.id(), Signal::SIGTERM);
+    let status = wait_exit(&mut b, 15);
+    let exited = t0.elapsed();
+    let took = wait_all_gone(&b, t0, 15);
+    eprintln!(
+        "SIGTERM ignored by the command: vmdb exited after {:.3}s, all gone after {:.3}s",
+        exited.as_secs_f64(),
+        took.as_secs_f64()
+    );
+    let err = b.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        exited >= Duration::from_secs(5),
+        "the grace time is 5 s: {exited:?}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l == "vmdb: the running command ignored SIGTERM for 5s: killing it"),
+        "{err}"
+    );
+    assert!(err.contains("command failed with signal 9"), "{err}");
+    assert!(
+        listing(b.out_dir.path()).is_empty(),
+        "{:?}",
+        listing(b.out_dir.path())
+    );
+    assert_no_scratch_left(&b);
+}
+
+#[test]
+fn sigterm_tears_down_even_when_stderr_is_gone() {
+    need_root!();
+    // vmdb's reader went away (a CI runner killed, a closed pipe): the progress lines it
+    // writes while tearing down must not stop the teardown.
+    let out_dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let started = work.path().join("started");
+    let text = spec(306).replace(
+        "cd $ROOT; ",
+        &format!("touch {}; cd $ROOT; ", started.display()),
+    );
+    let spec_file = write(work.path(), "spec.vmdb", &text);
+    let mut child = vmdb()
+        .args([
+            &*spec_file.to_string_lossy(),
+            "--output",
+            &out_dir.path().join("out.img").to_string_lossy(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close our ends of its stdout and stderr.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let end = Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(Instant::now() < end, "the shell step did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(child.id(), Signal::SIGTERM);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "vmdb did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1));
+    wait_clean(out_dir.path(), 5).unwrap();
+    assert!(listing(out_dir.path()).is_empty(), "{:?}", listing(out_dir.path()));
+    assert!(sleeps(306).is_empty());
 }

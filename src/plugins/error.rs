@@ -20,12 +20,12 @@ impl Plugin for Error {
         &SPEC
     }
     fn run(&self, step: &Step, _b: &mut Build) -> Result<()> {
-        println!("{}", step.arg());
+        crate::log::out(step.arg());
         bail!("error step: {}", step.arg())
     }
     fn teardown(&self, step: &Step, _b: &mut Build) -> Result<()> {
         if let Some(t) = step.opt_str("teardown") {
-            println!("{t}");
+            crate::log::out(t);
         }
         Ok(())
     }
