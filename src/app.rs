@@ -35,6 +35,7 @@ pub fn main(cli: Cli) -> i32 {
                 EXIT_FAILED
             }
         },
+        Some(Command::Cache(c)) => crate::cachecmd::main(&c),
         None => build(cli.build),
     }
 }
@@ -124,12 +125,14 @@ pub fn prepare(
     plan.spec_dir = spec_dir.clone();
     let steps = step::validate(&raw.steps, &renderer, plugins::ALL, &mut plan).map_err(report)?;
     Ok(Prepared {
-        name,
+        name: name.clone(),
         steps,
         opts: Options {
             spec_dir,
             rootfs_tarball: args.rootfs_tarball.as_deref().map(absolute),
             vars,
+            spec_name: name,
+            cache_dir: None,
         },
     })
 }
@@ -177,10 +180,13 @@ fn build(args: BuildArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let prepared = match prepare(&spec_path, var, target.build_path(), &out, &args.spec_args) {
+    let mut prepared = match prepare(&spec_path, var, target.build_path(), &out, &args.spec_args) {
         Ok(p) => p,
         Err(code) => return code,
     };
+    if !args.no_cache {
+        prepared.opts.cache_dir = Some(args.cache_dir.clone());
+    }
     supervisor::run_build(prepared, target, args.keep_failed)
 }
 

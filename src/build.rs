@@ -16,6 +16,10 @@ pub struct Options {
     pub rootfs_tarball: Option<PathBuf>,
     /// The rendered template variables.
     pub vars: BTreeMap<String, String>,
+    /// The spec's name as given (for cache entries).
+    pub spec_name: String,
+    /// Where the step and package caches live; None with --no-cache.
+    pub cache_dir: Option<PathBuf>,
 }
 
 pub struct Build {

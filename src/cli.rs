@@ -28,6 +28,62 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Boot an image in qemu, log in on the serial console, run a command, power off
     Boot(crate::boot::BootArgs),
+    /// List or prune the step cache
+    Cache(CacheArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub action: CacheAction,
+    /// The cache directory
+    #[arg(long, value_name = "DIR", env = "VMDB_CACHE_DIR", default_value = DEFAULT_CACHE_DIR, global = true)]
+    pub cache_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum CacheAction {
+    /// List the saved image trees, oldest first, and the package cache's size
+    List,
+    /// Remove saved image trees: older than --older-than, then the oldest until the rest
+    /// fit in --max-size; and leftovers of interrupted saves
+    Prune {
+        /// Keep at most this much (e.g. 20G)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_size: Option<u64>,
+        /// Remove entries older than this (e.g. 30d, 12h, 90m)
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        older_than: Option<u64>,
+        /// Also empty the package download cache
+        #[arg(long)]
+        packages: bool,
+    },
+}
+
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/vmdb";
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    crate::size::parse(s)
+}
+
+/// An age in seconds from "30d", "12h", "90m" or "45s".
+fn parse_age(s: &str) -> Result<u64, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().map_err(|_| {
+        format!("'{s}' is not an age: expected a number and d, h, m or s, like 30d")
+    })?;
+    let mult = match unit {
+        "d" => 86400,
+        "h" => 3600,
+        "m" => 60,
+        "s" | "" => 1,
+        _ => {
+            return Err(format!(
+                "'{s}' is not an age: expected a number and d, h, m or s, like 30d"
+            ));
+        }
+    };
+    Ok(n * mult)
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -65,6 +121,12 @@ pub struct BuildArgs {
     /// On failure keep the half-built image (as IMAGE.failed) for debugging
     #[arg(long)]
     pub keep_failed: bool,
+    /// Where the step cache and the package download cache live
+    #[arg(long, value_name = "DIR", env = "VMDB_CACHE_DIR", default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Use no cache: neither restore nor save image trees, nor share package downloads
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -141,6 +203,19 @@ mod tests {
     fn validate_subcommand() {
         let c = parse(&["validate", "x.vmdb"]).unwrap();
         assert!(matches!(c.command, Some(Command::Validate(_))));
+    }
+
+    #[test]
+    fn cache_commands() {
+        let c = parse(&["cache", "prune", "--max-size", "10G", "--older-than", "30d"]).unwrap();
+        let Some(Command::Cache(a)) = c.command else {
+            panic!()
+        };
+        assert!(matches!(
+            a.action,
+            CacheAction::Prune { max_size: Some(s), older_than: Some(a), packages: false } if s == 10 << 30 && a == 30 * 86400
+        ));
+        assert!(parse(&["cache", "prune", "--older-than", "soon"]).is_err());
     }
 
     #[test]

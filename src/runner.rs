@@ -8,6 +8,7 @@ use crate::build::Build;
 use crate::cmd;
 use crate::log;
 use crate::step::{Plugin, Step, find};
+use crate::stepcache::{self, Cache, Role};
 
 /// Run every step; on the first failure (or a signal) stop, then tear down every step
 /// that started, newest first, carrying on past teardown errors. Returns all errors.
@@ -15,12 +16,33 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
     let total = steps.len();
     let mut started: Vec<&Step> = Vec::new();
     let mut errors = Vec::new();
-    for step in steps {
+    let cache = open_cache(steps, b);
+    let restore_at = cache
+        .as_ref()
+        .and_then(|(_, p)| p.restore.as_ref().map(|(i, _)| *i));
+    for (i, step) in steps.iter().enumerate() {
         if cmd::interrupted() {
             errors.push(anyhow!("interrupted before step {}", step.index));
             break;
         }
         let head = format!("[{}/{total}] {}", step.index, step.describe());
+        // Up to the restored state, tree steps are stood in for by the cached tree,
+        // unpacked in place of the last of them.
+        if restore_at.is_some_and(|r| i <= r) && stepcache::role(step.kind) == Role::Tree {
+            log::info(&format!("{head}: from the step cache"));
+            if restore_at == Some(i) {
+                let (c, p) = cache.as_ref().expect("a restore point comes from a cache");
+                let meta = &p.restore.as_ref().expect("restore point").1;
+                if let Err(e) = restore(c, meta, b) {
+                    errors.push(e.context(format!(
+                        "restoring the state after step {} from the step cache",
+                        step.index
+                    )));
+                    break;
+                }
+            }
+            continue;
+        }
         if b.state.skips(&step.unless) {
             log::info(&format!(
                 "{head}: skipped (unless: {})",
@@ -40,10 +62,17 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
                 errors.push(anyhow!("interrupted during step {}", step.index));
                 break;
             }
-            Ok(()) => log::verbose(&format!(
-                "[{}/{total}] {} done in {secs:.2}s",
-                step.index, step.kind
-            )),
+            Ok(()) => {
+                log::verbose(&format!(
+                    "[{}/{total}] {} done in {secs:.2}s",
+                    step.index, step.kind
+                ));
+                if let Some((c, p)) = &cache {
+                    if stepcache::worth_saving(p, steps, i, secs) {
+                        save(c, &p.keys[i], step, b);
+                    }
+                }
+            }
             Err(e) => {
                 errors.push(e.context(format!(
                     "step {} ({}) at line {} failed after {secs:.1}s",
@@ -66,6 +95,77 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
     }
     b.release_all_loops();
     errors
+}
+
+/// The step cache and where this build starts from, unless caching is off; a cache
+/// that cannot be used is reported and the build goes on without it.
+fn open_cache(steps: &[Step], b: &Build) -> Option<(Cache, stepcache::Plan)> {
+    let dir = b.opts.cache_dir.as_ref()?;
+    let r = Cache::open(dir).and_then(|c| {
+        let p = stepcache::plan(steps, &b.opts, &c)?;
+        Ok((c, p))
+    });
+    match r {
+        Ok((c, p)) => {
+            match &p.restore {
+                Some((i, m)) => log::info(&format!(
+                    "step cache: starting from the state after step {} ({}), saved {}",
+                    i + 1,
+                    m.kind,
+                    age(m.created)
+                )),
+                None => log::verbose("step cache: no saved state matches; building from the start"),
+            }
+            Some((c, p))
+        }
+        Err(e) => {
+            log::info(&format!("vmdb: warning: not using the step cache: {e:#}"));
+            None
+        }
+    }
+}
+
+pub fn age(created: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let s = now.saturating_sub(created);
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        7200..=172_799 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+fn restore(c: &Cache, meta: &stepcache::Meta, b: &mut Build) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let root = b.state.root_dir()?.to_path_buf();
+    let flags = c.restore(meta, &root)?;
+    b.state.flags.extend(flags);
+    log::info(&format!(
+        "  restored {:.0} MB in {:.1}s",
+        meta.size as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// Store the tree after a step; a failure to do so only costs speed next time.
+fn save(c: &Cache, key: &str, step: &Step, b: &Build) {
+    let Ok(root) = b.state.root_dir() else { return };
+    let t = Instant::now();
+    match c.save(key, root, &b.state.flags, &b.opts.spec_name, step) {
+        Ok(m) => log::info(&format!(
+            "  saved the image tree in the step cache ({:.0} MB, {:.1}s)",
+            m.size as f64 / 1e6,
+            t.elapsed().as_secs_f64()
+        )),
+        Err(e) => log::info(&format!(
+            "vmdb: warning: could not save to the step cache: {e:#}"
+        )),
+    }
 }
 
 /// As the init of the build's PID namespace, end whatever the steps left running

@@ -26,7 +26,8 @@ fn build(spec_name: &str, img: &Path, tarball: &Path, offline: bool) -> f64 {
     ];
     let mut cmd = if offline {
         let mut c = std::process::Command::new("unshare");
-        c.args(["--net", env!("CARGO_BIN_EXE_vmdb")]);
+        c.args(["--net", env!("CARGO_BIN_EXE_vmdb")])
+            .env("VMDB_CACHE_DIR", test_cache_dir());
         c
     } else {
         vmdb()

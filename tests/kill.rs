@@ -512,6 +512,10 @@ fn sigterm_tears_down_even_when_stderr_is_gone() {
     };
     assert_eq!(status.code(), Some(1));
     wait_clean(out_dir.path(), 5).unwrap();
-    assert!(listing(out_dir.path()).is_empty(), "{:?}", listing(out_dir.path()));
+    assert!(
+        listing(out_dir.path()).is_empty(),
+        "{:?}",
+        listing(out_dir.path())
+    );
     assert!(sleeps(306).is_empty());
 }

@@ -5,8 +5,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The vmdb binary, with a step cache of this test process's own (never the
+/// machine's /var/cache/vmdb), so tests do not see each other's or earlier runs' states.
 pub fn vmdb() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vmdb"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vmdb"));
+    c.env("VMDB_CACHE_DIR", test_cache_dir());
+    c
+}
+
+pub fn test_cache_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cache-{}", std::process::id()))
 }
 
 pub struct Run {

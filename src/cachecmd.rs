@@ -1,0 +1,78 @@
+//! `vmdb cache list` and `vmdb cache prune`.
+
+use std::path::Path;
+
+use crate::cli::{CacheAction, CacheArgs};
+use crate::stepcache::Cache;
+
+pub fn main(a: &CacheArgs) -> i32 {
+    match run(a) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("vmdb cache: {e:#}");
+            crate::app::EXIT_FAILED
+        }
+    }
+}
+
+fn run(a: &CacheArgs) -> anyhow::Result<()> {
+    let cache = Cache::open(&a.cache_dir)?;
+    let debs = a.cache_dir.join("debs");
+    match &a.action {
+        CacheAction::List => {
+            let entries = cache.list();
+            let total: u64 = entries.iter().map(|m| m.size).sum();
+            for m in &entries {
+                println!(
+                    "{}  {:>8}  {}  step {} ({})  {}",
+                    &m.key[..16],
+                    mb(m.size),
+                    crate::runner::age(m.created),
+                    m.step,
+                    m.kind,
+                    m.spec
+                );
+            }
+            println!(
+                "{} saved image trees, {} in {}; package downloads {} in {}",
+                entries.len(),
+                mb(total),
+                a.cache_dir.join("steps").display(),
+                mb(dir_size(&debs)),
+                debs.display()
+            );
+        }
+        CacheAction::Prune {
+            max_size,
+            older_than,
+            packages,
+        } => {
+            let gone = cache.prune(*max_size, *older_than)?;
+            let freed: u64 = gone.iter().map(|m| m.size).sum();
+            println!("removed {} saved image trees ({})", gone.len(), mb(freed));
+            if *packages && debs.is_dir() {
+                let size = dir_size(&debs);
+                std::fs::remove_dir_all(&debs)?;
+                println!("removed the package downloads ({})", mb(size));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
