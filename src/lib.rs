@@ -8,6 +8,7 @@ pub mod cachecmd;
 pub mod chroot;
 pub mod cli;
 pub mod cmd;
+pub mod debcache;
 pub mod fat;
 pub mod log;
 pub mod mirror;

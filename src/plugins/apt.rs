@@ -112,10 +112,19 @@ impl Plugin for Apt {
             apt_get(&root, &["apt-get".into(), "update".into()])?;
             b.state.notes.insert(updated);
         }
+        let cache = crate::debcache::dir(&b.opts);
+        if let Some(c) = &cache {
+            let n = crate::debcache::seed(c, &root)?;
+            crate::log::verbose(&format!("  {n} packages from the package cache"));
+        }
         apt_get(
             &root,
             &install_argv(&step.list("packages"), step.bool("recommends")),
         )?;
+        if let Some(c) = &cache {
+            let n = crate::debcache::collect(c, &root)?;
+            crate::log::verbose(&format!("  {n} new packages into the package cache"));
+        }
         if step.bool("clean") {
             apt_get(&root, &["apt-get".into(), "clean".into()])?;
         }

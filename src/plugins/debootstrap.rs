@@ -174,7 +174,10 @@ impl Plugin for Debootstrap {
         mirror::check_suite(&args.mirror, &args.suite)?;
         let flag = format!("{RUNNING}{}", dir.display());
         b.state.notes.insert(flag.clone());
-        let argv = argv(&args);
+        let mut argv = argv(&args);
+        if let Some(c) = crate::debcache::dir(&b.opts) {
+            argv.insert(1, format!("--cache-dir={}", c.display()));
+        }
         Cmd::new(&argv[0]).args(&argv[1..]).run()?;
         b.state.notes.remove(&flag);
         Ok(())

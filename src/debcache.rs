@@ -1,0 +1,114 @@
+//! The package download cache shared by all builds on the machine: .deb files that
+//! debootstrap and apt downloaded, so that a later build of any spec downloads none of
+//! them again. Both tools check a cached package against the archive's checksums before
+//! using it, and fetch it anew when it does not match.
+//!
+//! debootstrap uses the directory itself (its --cache-dir). apt gets copies: the image's
+//! /var/cache/apt/archives is filled from the cache before an install and what it
+//! downloaded is copied back after, so that builds running at once never share apt's
+//! lock and `apt-get clean` in the image never empties the shared cache.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::build::Options;
+
+/// The cache directory, created if needed; None when caching is off.
+pub fn dir(opts: &Options) -> Option<PathBuf> {
+    let d = opts.cache_dir.as_ref()?.join("debs");
+    match std::fs::create_dir_all(&d) {
+        Ok(()) => Some(d),
+        Err(e) => {
+            crate::log::info(&format!(
+                "vmdb: warning: no package cache at {}: {e}",
+                d.display()
+            ));
+            None
+        }
+    }
+}
+
+fn debs(dir: &Path) -> Vec<(std::ffi::OsString, u64)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".deb"))
+        .filter_map(|e| Some((e.file_name(), e.metadata().ok()?.len())))
+        .collect()
+}
+
+/// Copy the cached packages the image's archive directory lacks into it.
+pub fn seed(cache: &Path, root: &Path) -> Result<usize> {
+    let archives = root.join("var/cache/apt/archives");
+    if !archives.is_dir() {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for (name, _) in debs(cache) {
+        let dest = archives.join(&name);
+        if !dest.exists() {
+            std::fs::copy(cache.join(&name), &dest).with_context(|| {
+                format!("copying {} from the package cache", name.to_string_lossy())
+            })?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Copy the packages in the image's archive directory that the cache lacks into it
+/// (under a temporary name, renamed into place, so a reader never sees half a file).
+pub fn collect(cache: &Path, root: &Path) -> Result<usize> {
+    let archives = root.join("var/cache/apt/archives");
+    let mut n = 0;
+    for (name, _) in debs(&archives) {
+        let dest = cache.join(&name);
+        if dest.exists() {
+            continue;
+        }
+        let tmp = cache.join(format!(
+            ".{}.{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::copy(archives.join(&name), &tmp)
+            .with_context(|| format!("copying {} to the package cache", name.to_string_lossy()))?;
+        std::fs::rename(&tmp, &dest)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_and_collect() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = d.path().join("debs");
+        let root = d.path().join("root");
+        let archives = root.join("var/cache/apt/archives");
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::create_dir_all(&archives).unwrap();
+        std::fs::write(cache.join("a_1_amd64.deb"), "a").unwrap();
+        std::fs::write(archives.join("b_1_amd64.deb"), "b").unwrap();
+        std::fs::write(archives.join("lock"), "").unwrap();
+        assert_eq!(seed(&cache, &root).unwrap(), 1);
+        assert_eq!(
+            std::fs::read_to_string(archives.join("a_1_amd64.deb")).unwrap(),
+            "a"
+        );
+        assert_eq!(collect(&cache, &root).unwrap(), 1);
+        assert_eq!(
+            std::fs::read_to_string(cache.join("b_1_amd64.deb")).unwrap(),
+            "b"
+        );
+        assert!(!cache.join("lock").exists());
+        // Nothing new either way the second time.
+        assert_eq!(seed(&cache, &root).unwrap(), 0);
+        assert_eq!(collect(&cache, &root).unwrap(), 0);
+    }
+}
