@@ -21,6 +21,7 @@ pub mod mkimg;
 pub mod mklabel;
 pub mod mkpart;
 pub mod mount;
+pub mod qemu_debootstrap;
 pub mod set_part_flag;
 pub mod shell;
 pub mod unpack_rootfs;
@@ -42,6 +43,7 @@ pub static ALL: &[&dyn Plugin] = &[
     &virtual_filesystems::VirtualFilesystems,
     &unpack_rootfs::UnpackRootfs,
     &debootstrap::Debootstrap,
+    &qemu_debootstrap::QemuDebootstrap,
     &apt::Apt,
     &cache_rootfs::CacheRootfs,
     // Before shell: a chroot step has a `shell` key too.
