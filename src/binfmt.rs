@@ -117,7 +117,9 @@ mod tests {
     #[test]
     fn registration_line_skips_comments() {
         assert_eq!(
-            registration("# qemu\n\n:qemu-arm:M::\\x7fELF:\\xff:/usr/libexec/qemu-binfmt/arm-binfmt-P:OCF\n"),
+            registration(
+                "# qemu\n\n:qemu-arm:M::\\x7fELF:\\xff:/usr/libexec/qemu-binfmt/arm-binfmt-P:OCF\n"
+            ),
             Some(":qemu-arm:M::\\x7fELF:\\xff:/usr/libexec/qemu-binfmt/arm-binfmt-P:OCF")
         );
         assert_eq!(registration("# nothing\n"), None);

@@ -9,6 +9,10 @@ use crate::cmd;
 use crate::log;
 use crate::step::{Plugin, Step, find};
 
+/// Set in the build state's flags once a step failed or the build was interrupted:
+/// teardowns then skip work that only a finished image needs (zerofree).
+pub const BUILD_FAILED: &str = "vmdb:build-failed";
+
 /// Run every step; on the first failure (or a signal) stop, then tear down every step
 /// that started, newest first, carrying on past teardown errors. Returns all errors.
 pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Vec<Error> {
@@ -52,6 +56,9 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
                 break;
             }
         }
+    }
+    if !errors.is_empty() {
+        b.state.flags.insert(BUILD_FAILED.to_string());
     }
     stop_leftover_processes();
     for step in started.iter().rev() {

@@ -94,14 +94,11 @@ mod tests {
 
     #[test]
     fn every_debootstrap_key_is_a_qemu_debootstrap_key() {
-        let d: Vec<&str> = super::debootstrap::keys(crate::step::Key::opt(
-            "arch",
-            crate::step::Kind::Str,
-            "",
-        ))
-        .iter()
-        .map(|k| k.name)
-        .collect();
+        let d: Vec<&str> =
+            super::debootstrap::keys(crate::step::Key::opt("arch", crate::step::Kind::Str, ""))
+                .iter()
+                .map(|k| k.name)
+                .collect();
         let q: Vec<&str> = super::KEYS.iter().map(|k| k.name).collect();
         assert_eq!(d, q);
         assert!(super::KEYS.iter().any(|k| k.name == "arch" && k.required));
