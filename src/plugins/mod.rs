@@ -22,6 +22,7 @@ pub mod mklabel;
 pub mod mkpart;
 pub mod mount;
 pub mod qemu_debootstrap;
+pub mod resize_rootfs;
 pub mod set_part_flag;
 pub mod shell;
 pub mod unpack_rootfs;
@@ -55,6 +56,7 @@ pub static ALL: &[&dyn Plugin] = &[
     &copy_dir::CopyDir,
     &shell::Shell,
     &grub::Grub,
+    &resize_rootfs::ResizeRootfs,
     &echo::Echo,
     &error::Error,
 ];
