@@ -3,6 +3,7 @@
 
 use crate::step::Plugin;
 
+pub mod ansible;
 pub mod apt;
 pub mod cache_rootfs;
 pub mod chroot;
@@ -49,6 +50,7 @@ pub static ALL: &[&dyn Plugin] = &[
     &cache_rootfs::CacheRootfs,
     // Before shell: a chroot step has a `shell` key too.
     &chroot::Chroot,
+    &ansible::Ansible,
     &fstab::Fstab,
     &create_file::CreateFile,
     &create_dir::CreateDir,
