@@ -8,6 +8,7 @@ pub mod build;
 pub mod chroot;
 pub mod cli;
 pub mod cmd;
+pub mod devmapper;
 pub mod fat;
 pub mod log;
 pub mod mirror;

@@ -30,7 +30,12 @@ static SPEC: StepSpec = StepSpec {
             "the playbook, relative to the spec file",
         ),
         Key::opt("group", Kind::Str, "inventory group of the image").default("image"),
-        Key::opt("tags", Kind::List, "run only the tasks with these Ansible tags").default("all"),
+        Key::opt(
+            "tags",
+            Kind::List,
+            "run only the tasks with these Ansible tags",
+        )
+        .default("all"),
         Key::opt(
             "config_file",
             Kind::Str,
@@ -104,7 +109,9 @@ impl Plugin for Ansible {
                     let p = p.to_string();
                     c.err(
                         key,
-                        format!("'{p}' is not a file (relative paths are relative to the spec file)"),
+                        format!(
+                            "'{p}' is not a file (relative paths are relative to the spec file)"
+                        ),
                     );
                 }
             }
@@ -125,8 +132,11 @@ impl Plugin for Ansible {
             .with_context(|| format!("writing {}", inv.display()))?;
         let vars = dir.join("vars.json");
         let tarball = b.opts.rootfs_tarball.clone();
-        std::fs::write(&vars, vars_file(&step.map("extra_vars"), tarball.as_deref()))
-            .with_context(|| format!("writing {}", vars.display()))?;
+        std::fs::write(
+            &vars,
+            vars_file(&step.map("extra_vars"), tarball.as_deref()),
+        )
+        .with_context(|| format!("writing {}", vars.display()))?;
         let playbook = b.spec_path(step.str("playbook")?);
         let argv = argv(&inv, &step.list("tags"), &vars, &playbook);
         let mut cmd = Cmd::new(&argv[0])
@@ -203,7 +213,10 @@ mod tests {
             vars_file(&extra, Some(Path::new("/c/rootfs.tar.zst"))),
             r#"{"hostname":"pc \"one\"","rootfs_tarball":"/c/rootfs.tar.zst"}"#
         );
-        assert_eq!(vars_file(&BTreeMap::new(), None), r#"{"rootfs_tarball":""}"#);
+        assert_eq!(
+            vars_file(&BTreeMap::new(), None),
+            r#"{"rootfs_tarball":""}"#
+        );
     }
 
     #[test]

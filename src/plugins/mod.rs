@@ -11,12 +11,15 @@ pub mod copy_dir;
 pub mod copy_file;
 pub mod create_dir;
 pub mod create_file;
+pub mod cryptsetup;
 pub mod debootstrap;
 pub mod echo;
 pub mod error;
 pub mod fstab;
 pub mod grub;
 pub mod kpartx;
+pub mod lvcreate;
+pub mod lvscan;
 pub mod mkfs;
 pub mod mkimg;
 pub mod mklabel;
@@ -27,6 +30,7 @@ pub mod resize_rootfs;
 pub mod set_part_flag;
 pub mod shell;
 pub mod unpack_rootfs;
+pub mod vgcreate;
 pub mod virtual_filesystems;
 
 #[cfg(test)]
@@ -40,6 +44,10 @@ pub static ALL: &[&dyn Plugin] = &[
     &mkpart::Mkpart,
     &set_part_flag::SetPartFlag,
     &kpartx::Kpartx,
+    &cryptsetup::Cryptsetup,
+    &vgcreate::Vgcreate,
+    &lvcreate::Lvcreate,
+    &lvscan::Lvscan,
     &mkfs::Mkfs,
     &mount::Mount,
     &virtual_filesystems::VirtualFilesystems,

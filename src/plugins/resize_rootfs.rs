@@ -131,8 +131,9 @@ pub fn install(root: &Path) -> Result<()> {
     let dir = link.parent().expect("an absolute path has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     match std::fs::symlink_metadata(&link) {
-        Ok(_) => std::fs::remove_file(&link)
-            .with_context(|| format!("replacing {}", link.display()))?,
+        Ok(_) => {
+            std::fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?
+        }
         Err(_) => {}
     }
     std::os::unix::fs::symlink(UNIT, &link)
@@ -196,7 +197,9 @@ mod tests {
     fn needs_a_mounted_growable_filesystem() {
         assert_eq!(
             check_errors("resize-rootfs: nope"),
-            ["key 'resize-rootfs': tag 'nope' is not defined by an earlier step (defined so far: '/')"]
+            [
+                "key 'resize-rootfs': tag 'nope' is not defined by an earlier step (defined so far: '/')"
+            ]
         );
         let e = crate::plugins::testing::steps(&[
             "mkimg: d.img\nsize: 1G",
@@ -209,7 +212,9 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e,
-            ["key 'resize-rootfs': tag 'esp' has a vfat filesystem, which cannot be grown while mounted: expected one of ext2, ext3, ext4, xfs, btrfs"]
+            [
+                "key 'resize-rootfs': tag 'esp' has a vfat filesystem, which cannot be grown while mounted: expected one of ext2, ext3, ext4, xfs, btrfs"
+            ]
         );
         assert!(check_errors("resize-rootfs: /").is_empty());
     }
@@ -276,8 +281,10 @@ mod tests {
         let unit = r.join("etc/systemd/system/resize-rootfs.service");
         assert_eq!(std::fs::read_to_string(&unit).unwrap(), UNIT_TEXT);
         assert_eq!(
-            std::fs::read_link(r.join("etc/systemd/system/local-fs.target.wants/resize-rootfs.service"))
-                .unwrap(),
+            std::fs::read_link(
+                r.join("etc/systemd/system/local-fs.target.wants/resize-rootfs.service")
+            )
+            .unwrap(),
             Path::new("/etc/systemd/system/resize-rootfs.service")
         );
         // The unit runs the script the step wrote.
