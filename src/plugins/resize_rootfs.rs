@@ -130,11 +130,8 @@ pub fn install(root: &Path) -> Result<()> {
     let link = crate::state::in_image(root, WANTS_LINK)?;
     let dir = link.parent().expect("an absolute path has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    match std::fs::symlink_metadata(&link) {
-        Ok(_) => {
-            std::fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?
-        }
-        Err(_) => {}
+    if std::fs::symlink_metadata(&link).is_ok() {
+        std::fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?;
     }
     std::os::unix::fs::symlink(UNIT, &link)
         .with_context(|| format!("enabling the unit: {}", link.display()))
