@@ -154,7 +154,7 @@ fn resize_rootfs_grows_root_and_ansible_runs_a_playbook() {
     // 3 GiB disk, minus the first MiB and the filesystem's own overhead.
     assert!((2900..3072).contains(&size), "/ is {size} MiB");
     assert!(console.contains("root@resized"), "{console}");
-    // The unit disabled itself: the partition table now ends at the disk's end.
+    // The partition table written at first boot: the partition ends at the disk's end.
     let j: serde_json::Value =
         serde_json::from_str(&tool("sfdisk", &["-J", &img.to_string_lossy()])).unwrap();
     let p = &j["partitiontable"]["partitions"][0];
