@@ -1,6 +1,7 @@
 //! vmdb: build disk images from a YAML spec of steps.
 
 pub mod app;
+pub mod binfmt;
 pub mod blockdev;
 pub mod boot;
 pub mod build;
@@ -9,6 +10,7 @@ pub mod chroot;
 pub mod cli;
 pub mod cmd;
 pub mod debcache;
+pub mod devmapper;
 pub mod fat;
 pub mod log;
 pub mod mirror;

@@ -165,6 +165,12 @@ pub fn host_default() -> Option<String> {
 /// mirror fails in seconds with a clear message rather than deep inside debootstrap.
 /// Uses curl, else wget; with neither, it leaves the check to debootstrap.
 pub fn check_suite(mirror: &str, suite: &str) -> Result<()> {
+    check_suite_with(mirror, suite, None)
+}
+
+/// `check_suite`, trusting the CA certificates in the PEM file `ca` (an https mirror
+/// with a private certificate authority).
+pub fn check_suite_with(mirror: &str, suite: &str, ca: Option<&Path>) -> Result<()> {
     let base = mirror.trim_end_matches('/');
     if let Some(path) = base.strip_prefix("file://") {
         let dists = Path::new(path).join("dists").join(suite);
@@ -182,7 +188,11 @@ pub fn check_suite(mirror: &str, suite: &str) -> Result<()> {
     ];
     if have("curl") {
         for url in &urls {
-            let code = Cmd::new("curl")
+            let mut curl = Cmd::new("curl");
+            if let Some(ca) = ca {
+                curl = curl.arg("--cacert").arg(ca);
+            }
+            let code = curl
                 .args(["-sS", "-L", "-o", "/dev/null", "-w", "%{http_code}"])
                 .args(["--connect-timeout", "10", "--max-time", "20", "-r", "0-0"])
                 .arg(url)
@@ -197,7 +207,11 @@ pub fn check_suite(mirror: &str, suite: &str) -> Result<()> {
     }
     if have("wget") {
         for url in &urls {
-            let r = Cmd::new("wget")
+            let mut wget = Cmd::new("wget");
+            if let Some(ca) = ca {
+                wget = wget.arg(format!("--ca-certificate={}", ca.display()));
+            }
+            let r = wget
                 .args(["-q", "--spider", "--timeout=10", "--tries=1"])
                 .arg(url)
                 .run();

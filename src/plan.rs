@@ -35,6 +35,8 @@ pub struct Plan {
     pub host_has_device_mapper: bool,
     /// Directory of the spec file, for checking that source files named in steps exist.
     pub spec_dir: std::path::PathBuf,
+    /// LVM volume groups made (vgcreate) or activated (lvscan) by earlier steps.
+    pub volume_groups: std::collections::BTreeSet<String>,
 }
 
 impl Plan {

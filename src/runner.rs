@@ -10,6 +10,10 @@ use crate::log;
 use crate::step::{Plugin, Step, find};
 use crate::stepcache::{self, Cache, Role};
 
+/// Set in the build state's flags once a step failed or the build was interrupted:
+/// teardowns then skip work that only a finished image needs (zerofree).
+pub const BUILD_FAILED: &str = "vmdb:build-failed";
+
 /// Run every step; on the first failure (or a signal) stop, then tear down every step
 /// that started, newest first, carrying on past teardown errors. Returns all errors.
 pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Vec<Error> {
@@ -81,6 +85,9 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
                 break;
             }
         }
+    }
+    if !errors.is_empty() {
+        b.state.notes.insert(BUILD_FAILED.to_string());
     }
     stop_leftover_processes();
     for step in started.iter().rev() {

@@ -12,43 +12,69 @@ use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Debootstrap;
 
+const TARGET: Key = Key::req(
+    "target",
+    Kind::Str,
+    "tag of the mounted filesystem to install into",
+);
+const MIRROR: Key = Key::opt(
+    "mirror",
+    Kind::Str,
+    "the Debian mirror (default: the host's apt configuration's)",
+);
+const VARIANT: Key = Key::opt(
+    "variant",
+    Kind::Str,
+    "debootstrap variant; '-' is its default",
+)
+.default("-");
+const COMPONENTS: Key = Key::opt("components", Kind::List, "archive components").default("main");
+const INCLUDE: Key = Key::opt("include", Kind::List, "more packages to install");
+const EXCLUDE: Key = Key::opt("exclude", Kind::List, "packages to leave out");
+const KEYRING: Key = Key::opt(
+    "keyring",
+    Kind::Str,
+    "keyring to check the archive's signature with",
+);
+const REQUIRE_EMPTY: Key = Key::opt(
+    "require_empty_target",
+    Kind::Bool,
+    "fail unless the target is empty (but for lost+found)",
+)
+.default("true");
+const TLS_CA_CERTS: Key = Key::opt(
+    "tls_ca_certs",
+    Kind::Str,
+    "PEM file of CA certificates to trust when downloading from an https mirror",
+);
+
+/// The keys of debootstrap and of qemu-debootstrap, which differ only in `arch`.
+pub const fn keys(arch: Key) -> [Key; 10] {
+    [
+        TARGET,
+        MIRROR,
+        arch,
+        VARIANT,
+        COMPONENTS,
+        INCLUDE,
+        EXCLUDE,
+        KEYRING,
+        REQUIRE_EMPTY,
+        TLS_CA_CERTS,
+    ]
+}
+
+static KEYS: [Key; 10] = keys(Key::opt(
+    "arch",
+    Kind::Str,
+    "architecture (default: the host's)",
+));
+
 static SPEC: StepSpec = StepSpec {
     name: "debootstrap",
     value: Kind::Str,
     value_doc: "the suite to install (bookworm, stable, ...)",
-    keys: &[
-        Key::req(
-            "target",
-            Kind::Str,
-            "tag of the mounted filesystem to install into",
-        ),
-        Key::opt(
-            "mirror",
-            Kind::Str,
-            "the Debian mirror (default: the host's apt configuration's)",
-        ),
-        Key::opt("arch", Kind::Str, "architecture (default: the host's)"),
-        Key::opt(
-            "variant",
-            Kind::Str,
-            "debootstrap variant; '-' is its default",
-        )
-        .default("-"),
-        Key::opt("components", Kind::List, "archive components").default("main"),
-        Key::opt("include", Kind::List, "more packages to install"),
-        Key::opt("exclude", Kind::List, "packages to leave out"),
-        Key::opt(
-            "keyring",
-            Kind::Str,
-            "keyring to check the archive's signature with",
-        ),
-        Key::opt(
-            "require_empty_target",
-            Kind::Bool,
-            "fail unless the target is empty (but for lost+found)",
-        )
-        .default("true"),
-    ],
+    keys: &KEYS,
     summary: "Install a basic Debian system with debootstrap.",
 };
 
@@ -103,100 +129,133 @@ fn non_empty(dir: &Path) -> Result<Vec<String>> {
     Ok(found)
 }
 
-fn host_arch() -> Result<String> {
-    Ok(Cmd::new("dpkg")
-        .arg("--print-architecture")
-        .run()?
-        .trim()
-        .to_string())
-}
-
 impl Plugin for Debootstrap {
     fn spec(&self) -> &'static StepSpec {
         &SPEC
     }
 
     fn check(&self, c: &mut Check) {
-        let step = c.step;
-        if let Ok(tag) = step.str("target") {
-            chroot::check_mounted_tag(c, "target", tag);
-        }
-        if step.arg().trim().is_empty() || step.arg().contains(['/', ' ']) {
-            c.err(
-                "debootstrap",
-                format!("'{}' is not a suite name", step.arg()),
-            );
-        }
-        if step.opt_str("mirror").is_none() && mirror::host_default().is_none() {
-            c.err(
-                "debootstrap",
-                "no Debian mirror found in this host's apt configuration: say which with 'mirror: URL'",
-            );
-        }
+        check_step(c);
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
-        let tag = step.str("target")?;
-        let dir = chroot::tag_dir(b, tag)?;
-        if step.bool("require_empty_target") {
-            let found = non_empty(&dir)?;
-            if !found.is_empty() {
-                bail!(
-                    "target '{tag}' ({}) is not empty: it has {}; use an empty filesystem or set require_empty_target: false",
-                    dir.display(),
-                    found.join(", ")
-                );
-            }
-        }
-        let mirror = match step.opt_str("mirror") {
-            Some(m) => m.to_string(),
-            None => mirror::host_default().context(
-                "no Debian mirror found in this host's apt configuration: say which with 'mirror: URL'",
-            )?,
-        };
-        let arch = match step.opt_str("arch") {
-            Some(a) => a.to_string(),
-            None => host_arch()?,
-        };
-        let args = Args {
-            suite: step.arg().to_string(),
-            target: dir.display().to_string(),
-            mirror,
-            arch,
-            variant: step.opt_str("variant").unwrap_or("-").to_string(),
-            components: step.list("components"),
-            include: step.list("include"),
-            exclude: step.list("exclude"),
-            keyring: step
-                .opt_str("keyring")
-                .map(|k| b.spec_path(k).display().to_string()),
-        };
-        mirror::check_suite(&args.mirror, &args.suite)?;
-        let flag = format!("{RUNNING}{}", dir.display());
-        b.state.notes.insert(flag.clone());
-        let mut argv = argv(&args);
-        if let Some(c) = crate::debcache::dir(&b.opts) {
-            argv.insert(1, format!("--cache-dir={}", c.display()));
-        }
-        Cmd::new(&argv[0]).args(&argv[1..]).run()?;
-        b.state.notes.remove(&flag);
-        Ok(())
+        run_step(step, b)
     }
 
     fn teardown(&self, step: &Step, b: &mut Build) -> Result<()> {
-        // Only after a debootstrap that did not finish: it may have left its own mounts.
-        let Ok(dir) = chroot::tag_dir(b, step.str("target")?) else {
-            return Ok(());
-        };
-        let flag = format!("{RUNNING}{}", dir.display());
-        if !b.state.notes.remove(&flag) {
-            return Ok(());
-        }
-        for p in chroot::VIRTUAL_PATHS {
-            crate::mount::unmount_below(&dir.join(p))?;
-        }
-        Ok(())
+        teardown_step(step, b)
     }
+}
+
+/// Validation shared by debootstrap and qemu-debootstrap (the suite is the step's value).
+pub fn check_step(c: &mut Check) {
+    let step = c.step;
+    let kind = step.kind;
+    if let Ok(tag) = step.str("target") {
+        chroot::check_mounted_tag(c, "target", tag);
+    }
+    if step.arg().trim().is_empty() || step.arg().contains(['/', ' ']) {
+        c.err(kind, format!("'{}' is not a suite name", step.arg()));
+    }
+    if step.opt_str("mirror").is_none() && mirror::host_default().is_none() {
+        c.err(
+            kind,
+            "no Debian mirror found in this host's apt configuration: say which with 'mirror: URL'",
+        );
+    }
+    if let Some(ca) = step.opt_str("tls_ca_certs") {
+        let p = c.plan.spec_dir.join(ca);
+        if !p.is_file() {
+            c.err(
+                "tls_ca_certs",
+                format!("'{ca}' is not a file (relative paths are relative to the spec file)"),
+            );
+        }
+    }
+}
+
+/// The wgetrc that makes debootstrap's downloads (wget) trust the CA certificates.
+pub fn wgetrc(ca: &Path) -> String {
+    format!("ca_certificate = {}\n", ca.display())
+}
+
+/// Run debootstrap for a debootstrap or qemu-debootstrap step.
+pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
+    let tag = step.str("target")?;
+    let dir = chroot::tag_dir(b, tag)?;
+    if step.bool("require_empty_target") {
+        let found = non_empty(&dir)?;
+        if !found.is_empty() {
+            bail!(
+                "target '{tag}' ({}) is not empty: it has {}; use an empty filesystem or set require_empty_target: false",
+                dir.display(),
+                found.join(", ")
+            );
+        }
+    }
+    let mirror = match step.opt_str("mirror") {
+        Some(m) => m.to_string(),
+        None => mirror::host_default().context(
+            "no Debian mirror found in this host's apt configuration: say which with 'mirror: URL'",
+        )?,
+    };
+    let arch = match step.opt_str("arch") {
+        Some(a) => a.to_string(),
+        None => host_arch()?,
+    };
+    let args = Args {
+        suite: step.arg().to_string(),
+        target: dir.display().to_string(),
+        mirror,
+        arch,
+        variant: step.opt_str("variant").unwrap_or("-").to_string(),
+        components: step.list("components"),
+        include: step.list("include"),
+        exclude: step.list("exclude"),
+        keyring: step
+            .opt_str("keyring")
+            .map(|k| b.spec_path(k).display().to_string()),
+    };
+    let ca = step.opt_str("tls_ca_certs").map(|p| b.spec_path(p));
+    mirror::check_suite_with(&args.mirror, &args.suite, ca.as_deref())?;
+    let flag = format!("{RUNNING}{}", dir.display());
+    b.state.notes.insert(flag.clone());
+    let mut argv = argv(&args);
+    if let Some(c) = crate::debcache::dir(&b.opts) {
+        argv.insert(1, format!("--cache-dir={}", c.display()));
+    }
+    let mut cmd = Cmd::new(&argv[0]).args(&argv[1..]);
+    if let Some(ca) = &ca {
+        let rc = b.scratch_dir("wgetrc-")?.join("wgetrc");
+        std::fs::write(&rc, wgetrc(ca)).with_context(|| format!("writing {}", rc.display()))?;
+        cmd = cmd.env("WGETRC", &rc).env("CURL_CA_BUNDLE", ca);
+    }
+    cmd.run()?;
+    b.state.notes.remove(&flag);
+    Ok(())
+}
+
+/// Only after a debootstrap that did not finish: it may have left its own mounts.
+pub fn teardown_step(step: &Step, b: &mut Build) -> Result<()> {
+    let Ok(dir) = chroot::tag_dir(b, step.str("target")?) else {
+        return Ok(());
+    };
+    let flag = format!("{RUNNING}{}", dir.display());
+    if !b.state.notes.remove(&flag) {
+        return Ok(());
+    }
+    for p in chroot::VIRTUAL_PATHS {
+        crate::mount::unmount_below(&dir.join(p))?;
+    }
+    Ok(())
+}
+
+pub fn host_arch() -> Result<String> {
+    Ok(Cmd::new("dpkg")
+        .arg("--print-architecture")
+        .run()?
+        .trim()
+        .to_string())
 }
 
 #[cfg(test)]
@@ -286,6 +345,20 @@ mod tests {
             [
                 "tag 'unmounted' is not mounted at this point: add a 'mount: unmounted' step before this one"
             ]
+        );
+    }
+
+    #[test]
+    fn tls_ca_certs_must_exist_and_go_to_wget() {
+        assert_eq!(
+            testing::errors(
+                "steps:\n  - debootstrap: bookworm\n    target: /\n    mirror: https://m.example.org/debian\n    tls_ca_certs: no-such-ca.pem\n"
+            ),
+            ["'no-such-ca.pem' is not a file (relative paths are relative to the spec file)"]
+        );
+        assert_eq!(
+            wgetrc(Path::new("/spec/dir/ca.pem")),
+            "ca_certificate = /spec/dir/ca.pem\n"
         );
     }
 

@@ -3,6 +3,7 @@
 
 use crate::step::Plugin;
 
+pub mod ansible;
 pub mod apt;
 pub mod cache_rootfs;
 pub mod chroot;
@@ -10,20 +11,26 @@ pub mod copy_dir;
 pub mod copy_file;
 pub mod create_dir;
 pub mod create_file;
+pub mod cryptsetup;
 pub mod debootstrap;
 pub mod echo;
 pub mod error;
 pub mod fstab;
 pub mod grub;
 pub mod kpartx;
+pub mod lvcreate;
+pub mod lvscan;
 pub mod mkfs;
 pub mod mkimg;
 pub mod mklabel;
 pub mod mkpart;
 pub mod mount;
+pub mod qemu_debootstrap;
+pub mod resize_rootfs;
 pub mod set_part_flag;
 pub mod shell;
 pub mod unpack_rootfs;
+pub mod vgcreate;
 pub mod virtual_filesystems;
 
 #[cfg(test)]
@@ -37,15 +44,21 @@ pub static ALL: &[&dyn Plugin] = &[
     &mkpart::Mkpart,
     &set_part_flag::SetPartFlag,
     &kpartx::Kpartx,
+    &cryptsetup::Cryptsetup,
+    &vgcreate::Vgcreate,
+    &lvcreate::Lvcreate,
+    &lvscan::Lvscan,
     &mkfs::Mkfs,
     &mount::Mount,
     &virtual_filesystems::VirtualFilesystems,
     &unpack_rootfs::UnpackRootfs,
     &debootstrap::Debootstrap,
+    &qemu_debootstrap::QemuDebootstrap,
     &apt::Apt,
     &cache_rootfs::CacheRootfs,
     // Before shell: a chroot step has a `shell` key too.
     &chroot::Chroot,
+    &ansible::Ansible,
     &fstab::Fstab,
     &create_file::CreateFile,
     &create_dir::CreateDir,
@@ -53,6 +66,7 @@ pub static ALL: &[&dyn Plugin] = &[
     &copy_dir::CopyDir,
     &shell::Shell,
     &grub::Grub,
+    &resize_rootfs::ResizeRootfs,
     &echo::Echo,
     &error::Error,
 ];

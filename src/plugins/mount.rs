@@ -5,12 +5,13 @@
 //! hosts vmdb is built for, so its mount point is a tmpfs filled from the filesystem;
 //! at teardown its contents are copied back into the filesystem with mtools.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use nix::mount::MsFlags;
 
 use crate::build::Build;
+use crate::cmd::Cmd;
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::{fat, mount};
 
@@ -31,6 +32,18 @@ static SPEC: StepSpec = StepSpec {
             Kind::Str,
             "where in the image to mount it (e.g. /boot/efi); required with mount-on",
         ),
+        Key::opt(
+            "zerofree",
+            Kind::Bool,
+            "after a successful build, fill the free blocks of an ext2/3/4 filesystem with zeros",
+        )
+        .default("false"),
+        Key::opt(
+            "keep_resolvconf",
+            Kind::Bool,
+            "keep the build host's /etc/resolv.conf in the image",
+        )
+        .default("false"),
     ],
     summary: "Mount a filesystem for the rest of the build.",
 };
@@ -158,16 +171,132 @@ impl Plugin for Mount {
                 }
             }
         }
+        let succeeded = !b.state.notes.contains(crate::runner::BUILD_FAILED);
+        let is_root = b.state.tag(tag)?.target.as_deref() == Some("/");
+        if succeeded && is_root && !step.bool("keep_resolvconf") {
+            if let Err(e) = drop_host_resolv_conf(&point, Path::new(HOST_RESOLV_CONF)) {
+                result = Err(e);
+            }
+        }
         mount::unmount(&point)?;
         let t = b.state.tag_mut(tag)?;
         t.mount_point = None;
+        let fs = t.fs_type.clone();
+        let dev = t.device.clone();
+        if succeeded && step.bool("zerofree") {
+            if let (Some(fs), Some(dev)) = (fs.as_deref(), dev) {
+                match zerofree_argv(fs, &dev) {
+                    Some(argv) => Cmd::new(&argv[0]).args(&argv[1..]).run().map(|_| ())?,
+                    None => crate::log::verbose(&format!(
+                        "  zerofree: skipped for '{tag}', a {fs} filesystem (only ext2/3/4)"
+                    )),
+                }
+            }
+        }
         result
     }
 }
 
+const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// zerofree's command line for a filesystem, if zerofree handles its type.
+pub fn zerofree_argv(fs_type: &str, dev: &Path) -> Option<Vec<String>> {
+    matches!(fs_type, "ext2" | "ext3" | "ext4")
+        .then(|| vec!["zerofree".into(), "-v".into(), dev.display().to_string()])
+}
+
+/// Remove the image's /etc/resolv.conf when it is a plain file with the build host's
+/// contents (debootstrap copies the host's in): the host's name servers should not
+/// ship in the image. A symbolic link or a file of the image's own is left alone.
+/// Returns whether it removed the file.
+pub fn drop_host_resolv_conf(root: &Path, host: &Path) -> Result<bool> {
+    let f = root.join("etc/resolv.conf");
+    let Ok(meta) = std::fs::symlink_metadata(&f) else {
+        return Ok(false);
+    };
+    if !meta.is_file() {
+        return Ok(false);
+    }
+    let Ok(host_text) = std::fs::read(host) else {
+        return Ok(false);
+    };
+    if std::fs::read(&f).with_context(|| format!("reading {}", f.display()))? != host_text {
+        return Ok(false);
+    }
+    std::fs::remove_file(&f).with_context(|| format!("removing {}", f.display()))?;
+    crate::log::verbose("  removed the build host's /etc/resolv.conf from the image");
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use super::{drop_host_resolv_conf, zerofree_argv};
     use crate::plugins::testing::steps;
+
+    #[test]
+    fn zerofree_only_for_ext_filesystems() {
+        let dev = Path::new("/dev/loop7");
+        assert_eq!(
+            zerofree_argv("ext4", dev).unwrap(),
+            ["zerofree", "-v", "/dev/loop7"]
+        );
+        assert!(zerofree_argv("ext2", dev).is_some());
+        assert_eq!(zerofree_argv("xfs", dev), None);
+        assert_eq!(zerofree_argv("vfat", dev), None);
+    }
+
+    #[test]
+    fn defaults_keep_nothing_and_zero_nothing() {
+        let disk = [
+            "mkimg: d.img\nsize: 1G",
+            "mklabel: gpt\ndevice: d.img",
+            "mkpart: primary\ndevice: d.img\nstart: 0%\nend: 100%\ntag: root",
+            "mkfs: ext4\npartition: root",
+        ];
+        let s = steps(&[&disk[..], &["mount: root"]].concat()).unwrap();
+        assert!(!s[4].bool("zerofree"));
+        assert!(!s[4].bool("keep_resolvconf"));
+        let s = steps(
+            &[
+                &disk[..],
+                &["mount: root\nzerofree: true\nkeep_resolvconf: yes"],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert!(s[4].bool("zerofree"));
+        assert!(s[4].bool("keep_resolvconf"));
+        let e = steps(&[&disk[..], &["mount: root\nzerofree: maybe"]].concat()).unwrap_err();
+        assert_eq!(e, ["key 'zerofree': expected true or false, found 'maybe'"]);
+    }
+
+    #[test]
+    fn host_resolv_conf_is_dropped_but_not_the_images_own() {
+        let d = tempfile::tempdir().unwrap();
+        let host = d.path().join("host-resolv.conf");
+        std::fs::write(&host, "nameserver 192.0.2.53\n").unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        let f = root.join("etc/resolv.conf");
+        // No file: nothing to do.
+        assert!(!drop_host_resolv_conf(&root, &host).unwrap());
+        // The image's own contents stay.
+        std::fs::write(&f, "nameserver 198.51.100.1\n").unwrap();
+        assert!(!drop_host_resolv_conf(&root, &host).unwrap());
+        assert!(f.exists());
+        // A symbolic link (systemd-resolved's) stays.
+        std::fs::remove_file(&f).unwrap();
+        std::os::unix::fs::symlink(&host, &f).unwrap();
+        assert!(!drop_host_resolv_conf(&root, &host).unwrap());
+        assert!(std::fs::symlink_metadata(&f).is_ok());
+        // A copy of the host's goes.
+        std::fs::remove_file(&f).unwrap();
+        std::fs::copy(&host, &f).unwrap();
+        assert!(drop_host_resolv_conf(&root, &host).unwrap());
+        assert!(!f.exists());
+    }
 
     #[test]
     fn mount_checks() {

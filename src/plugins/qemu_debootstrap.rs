@@ -1,0 +1,106 @@
+//! `qemu-debootstrap: SUITE`: debootstrap for a foreign architecture (vmdb2's alias).
+//! The same keys and the same code as debootstrap, but `arch` is required, and the
+//! host's binfmt_misc handler for the architecture (qemu-user-static) is registered
+//! first when the host cannot run its programs itself.
+
+use anyhow::Result;
+
+use crate::build::Build;
+use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+
+use super::debootstrap;
+
+pub struct QemuDebootstrap;
+
+static KEYS: [Key; 10] = debootstrap::keys(Key::req(
+    "arch",
+    Kind::Str,
+    "the Debian architecture to install (arm64, armhf, i386, ...)",
+));
+
+static SPEC: StepSpec = StepSpec {
+    name: "qemu-debootstrap",
+    value: Kind::Str,
+    value_doc: "the suite to install (bookworm, stable, ...)",
+    keys: &KEYS,
+    summary: "Install a basic Debian system for another architecture with debootstrap and qemu-user-static.",
+};
+
+impl Plugin for QemuDebootstrap {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+
+    fn check(&self, c: &mut Check) {
+        debootstrap::check_step(c);
+        if let Some(arch) = c.step.opt_str("arch") {
+            if crate::binfmt::qemu_arch(arch).is_none() {
+                let arch = arch.to_string();
+                c.err(
+                    "arch",
+                    format!("unknown architecture '{arch}': expected a Debian architecture such as arm64, armhf, i386, ppc64el, riscv64 or s390x"),
+                );
+            }
+        }
+    }
+
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let arch = step.str("arch")?;
+        crate::binfmt::ensure(&debootstrap::host_arch()?, arch)?;
+        debootstrap::run_step(step, b)
+    }
+
+    fn teardown(&self, step: &Step, b: &mut Build) -> Result<()> {
+        debootstrap::teardown_step(step, b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::chroot::testing;
+
+    const M: &str = "    mirror: http://m.example.org/debian\n";
+
+    #[test]
+    fn arch_is_required() {
+        assert_eq!(
+            testing::errors(&format!(
+                "steps:\n  - qemu-debootstrap: bookworm\n    target: /\n{M}"
+            )),
+            ["missing required key: expected a string"]
+        );
+    }
+
+    #[test]
+    fn same_keys_and_checks_as_debootstrap() {
+        let s = testing::step(&format!(
+            "steps:\n  - qemu-debootstrap: bookworm\n    target: /\n    arch: arm64\n{M}"
+        ));
+        assert_eq!(s.kind, "qemu-debootstrap");
+        assert_eq!(s.opt_str("variant"), Some("-"));
+        assert_eq!(s.list("components"), ["main"]);
+        assert!(s.bool("require_empty_target"));
+        assert_eq!(
+            testing::errors(&format!(
+                "steps:\n  - qemu-debootstrap: book worm\n    target: unmounted\n    arch: vax\n{M}"
+            )),
+            [
+                "'book worm' is not a suite name",
+                "tag 'unmounted' is not mounted at this point: add a 'mount: unmounted' step before this one",
+                "unknown architecture 'vax': expected a Debian architecture such as arm64, armhf, i386, ppc64el, riscv64 or s390x",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_debootstrap_key_is_a_qemu_debootstrap_key() {
+        let d: Vec<&str> =
+            super::debootstrap::keys(crate::step::Key::opt("arch", crate::step::Kind::Str, ""))
+                .iter()
+                .map(|k| k.name)
+                .collect();
+        let q: Vec<&str> = super::KEYS.iter().map(|k| k.name).collect();
+        assert_eq!(d, q);
+        assert!(super::KEYS.iter().any(|k| k.name == "arch" && k.required));
+    }
+}

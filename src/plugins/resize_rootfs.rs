@@ -1,0 +1,298 @@
+//! `resize-rootfs: TAG`: make the image grow its root partition and filesystem to
+//! fill its disk on first boot, so that an image written to a bigger disk (or
+//! enlarged with `qemu-img resize`) uses all of it.
+//!
+//! The step writes a script and a systemd unit into the image and enables the unit.
+//! At first boot, after the root filesystem is remounted read-write, the script grows
+//! the root partition with sfdisk, tells the kernel its new size with partx, grows the
+//! filesystem while it is mounted (resize2fs, xfs_growfs or btrfs), and the unit
+//! disables itself. Everything it needs is in a default Debian system (fdisk,
+//! util-linux, e2fsprogs): no network at first boot.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::build::Build;
+use crate::chroot;
+use crate::step::{Check, Kind, Plugin, Step, StepSpec};
+
+pub struct ResizeRootfs;
+
+static SPEC: StepSpec = StepSpec {
+    name: "resize-rootfs",
+    value: Kind::Str,
+    value_doc: "tag of the image's mounted root filesystem",
+    keys: &[],
+    summary: "Grow the root partition and filesystem to fill the disk at first boot.",
+};
+
+/// Where the step writes its files, in the image.
+pub const SCRIPT: &str = "/usr/local/sbin/resize-rootfs";
+pub const UNIT: &str = "/etc/systemd/system/resize-rootfs.service";
+pub const WANTS_LINK: &str = "/etc/systemd/system/local-fs.target.wants/resize-rootfs.service";
+
+/// Filesystems the script can grow while mounted.
+const GROWABLE: &[&str] = &["ext2", "ext3", "ext4", "xfs", "btrfs"];
+
+pub const SCRIPT_TEXT: &str = r#"#!/bin/sh
+# Written by vmdb's resize-rootfs step. Run once at first boot by resize-rootfs.service:
+# grow the root partition to the end of its disk, then the root filesystem to fill it.
+set -eu
+part=$(findmnt -n -o SOURCE /)
+fstype=$(findmnt -n -o FSTYPE /)
+name=$(basename "$(readlink -f "$part")")
+if [ ! -e "/sys/class/block/$name/partition" ]; then
+    echo "resize-rootfs: $part is not a partition; nothing to do"
+    exit 0
+fi
+num=$(cat "/sys/class/block/$name/partition")
+disk="/dev/$(lsblk -n -o PKNAME "$part" | head -n 1)"
+echo "resize-rootfs: growing partition $num of $disk ($part, $fstype)"
+if sfdisk --dump "$disk" | grep -q '^label: gpt'; then
+    # The disk grew: move GPT's backup header to its new end first.
+    sfdisk --no-reread --no-tell-kernel --relocate gpt-bak-std "$disk"
+fi
+echo ', +' | sfdisk --no-reread --no-tell-kernel -N "$num" "$disk"
+partx -u -n "$num" "$disk"
+case "$fstype" in
+    ext2|ext3|ext4) resize2fs "$part" ;;
+    xfs) xfs_growfs / ;;
+    btrfs) btrfs filesystem resize max / ;;
+    *) echo "resize-rootfs: cannot grow a $fstype filesystem" ;;
+esac
+echo "resize-rootfs: done"
+"#;
+
+pub const UNIT_TEXT: &str = "# Written by vmdb's resize-rootfs step.
+[Unit]
+Description=Grow the root partition and filesystem to fill the disk
+DefaultDependencies=no
+After=systemd-remount-fs.service
+Before=local-fs.target shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/resize-rootfs
+ExecStartPost=/bin/systemctl --no-reload disable resize-rootfs.service
+
+[Install]
+WantedBy=local-fs.target
+";
+
+/// Programs the script runs, by the package that has them (for the error message).
+const NEEDS: &[(&[&str], &str)] = &[
+    (&["usr/sbin/sfdisk", "sbin/sfdisk"], "fdisk"),
+    (&["usr/bin/partx", "bin/partx"], "util-linux"),
+    (&["usr/bin/lsblk", "bin/lsblk"], "util-linux"),
+    (&["usr/bin/findmnt", "bin/findmnt"], "util-linux"),
+    (&["usr/bin/systemctl", "bin/systemctl"], "systemd"),
+];
+
+/// What a root filesystem of type `fs` needs to grow, in the image.
+fn grower(fs: &str) -> Option<(&'static [&'static str], &'static str)> {
+    Some(match fs {
+        "ext2" | "ext3" | "ext4" => (&["usr/sbin/resize2fs", "sbin/resize2fs"], "e2fsprogs"),
+        "xfs" => (&["usr/sbin/xfs_growfs", "sbin/xfs_growfs"], "xfsprogs"),
+        "btrfs" => (&["usr/bin/btrfs", "bin/btrfs"], "btrfs-progs"),
+        _ => return None,
+    })
+}
+
+/// The packages the image lacks for the first-boot resize (empty: nothing missing).
+pub fn missing_packages(root: &Path, fs: &str) -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    let present = |paths: &[&str]| paths.iter().any(|p| root.join(p).exists());
+    for (paths, pkg) in NEEDS.iter().copied().chain(grower(fs)) {
+        if !present(paths) && !missing.contains(&pkg) {
+            missing.push(pkg);
+        }
+    }
+    missing
+}
+
+fn write(root: &Path, path: &str, text: &str, mode: u32) -> Result<()> {
+    let f = crate::state::in_image(root, path)?;
+    let dir = f.parent().expect("an absolute path has a parent");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(&f, text).with_context(|| format!("writing {}", f.display()))?;
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", f.display()))
+}
+
+/// Install the script and the unit below `root`, and enable the unit.
+pub fn install(root: &Path) -> Result<()> {
+    write(root, SCRIPT, SCRIPT_TEXT, 0o755)?;
+    write(root, UNIT, UNIT_TEXT, 0o644)?;
+    let link = crate::state::in_image(root, WANTS_LINK)?;
+    let dir = link.parent().expect("an absolute path has a parent");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if std::fs::symlink_metadata(&link).is_ok() {
+        std::fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?;
+    }
+    std::os::unix::fs::symlink(UNIT, &link)
+        .with_context(|| format!("enabling the unit: {}", link.display()))
+}
+
+impl Plugin for ResizeRootfs {
+    fn spec(&self) -> &'static StepSpec {
+        &SPEC
+    }
+
+    fn check(&self, c: &mut Check) {
+        let tag = c.step.arg().to_string();
+        chroot::check_mounted_tag(c, "resize-rootfs", &tag);
+        let fs = c.plan.tags.get(&tag).and_then(|t| t.fs_type.clone());
+        if let Some(fs) = fs {
+            if !GROWABLE.contains(&fs.as_str()) {
+                c.err(
+                    "resize-rootfs",
+                    format!(
+                        "tag '{tag}' has a {fs} filesystem, which cannot be grown while mounted: expected one of {}",
+                        GROWABLE.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
+        let tag = step.arg();
+        let root = chroot::tag_dir(b, tag)?;
+        let fs = b
+            .state
+            .tag(tag)?
+            .fs_type
+            .clone()
+            .unwrap_or_else(|| "ext4".into());
+        let missing = missing_packages(&root, &fs);
+        if !missing.is_empty() {
+            bail!(
+                "the image lacks what resize-rootfs needs at first boot: install {} (an apt step before this one)",
+                missing.join(", ")
+            );
+        }
+        install(&root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::testing::{check_errors, test_build_with_root, test_step};
+
+    fn touch(root: &Path, p: &str) {
+        let f = root.join(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, "").unwrap();
+    }
+
+    #[test]
+    fn needs_a_mounted_growable_filesystem() {
+        assert_eq!(
+            check_errors("resize-rootfs: nope"),
+            [
+                "key 'resize-rootfs': tag 'nope' is not defined by an earlier step (defined so far: '/')"
+            ]
+        );
+        let e = crate::plugins::testing::steps(&[
+            "mkimg: d.img\nsize: 1G",
+            "mklabel: gpt\ndevice: d.img",
+            "mkpart: primary\ndevice: d.img\nstart: 0%\nend: 100%\ntag: esp",
+            "mkfs: vfat\npartition: esp",
+            "mount: esp\nmount-on: /\ndirname: /boot/efi",
+            "resize-rootfs: esp",
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e,
+            [
+                "key 'resize-rootfs': tag 'esp' has a vfat filesystem, which cannot be grown while mounted: expected one of ext2, ext3, ext4, xfs, btrfs"
+            ]
+        );
+        assert!(check_errors("resize-rootfs: /").is_empty());
+    }
+
+    #[test]
+    fn lists_what_the_image_lacks() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(
+            missing_packages(d.path(), "ext4"),
+            ["fdisk", "util-linux", "systemd", "e2fsprogs"]
+        );
+        for p in [
+            "usr/sbin/sfdisk",
+            "usr/bin/partx",
+            "usr/bin/lsblk",
+            "usr/bin/findmnt",
+            "usr/bin/systemctl",
+            "usr/sbin/resize2fs",
+        ] {
+            touch(d.path(), p);
+        }
+        assert!(missing_packages(d.path(), "ext4").is_empty());
+        assert_eq!(missing_packages(d.path(), "xfs"), ["xfsprogs"]);
+    }
+
+    #[test]
+    fn refuses_an_image_without_sfdisk() {
+        let (mut b, root) = test_build_with_root();
+        let e = ResizeRootfs
+            .run(&test_step("resize-rootfs: /"), &mut b)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "the image lacks what resize-rootfs needs at first boot: install fdisk, util-linux, systemd, e2fsprogs (an apt step before this one)"
+        );
+        assert!(!root.path().join("usr/local/sbin/resize-rootfs").exists());
+    }
+
+    #[test]
+    fn installs_and_enables_the_unit() {
+        let (mut b, root) = test_build_with_root();
+        let r = root.path();
+        for p in [
+            "usr/sbin/sfdisk",
+            "usr/bin/partx",
+            "usr/bin/lsblk",
+            "usr/bin/findmnt",
+            "usr/bin/systemctl",
+            "usr/sbin/resize2fs",
+        ] {
+            touch(r, p);
+        }
+        let step = test_step("resize-rootfs: /");
+        ResizeRootfs.run(&step, &mut b).unwrap();
+        // Twice is the same as once.
+        ResizeRootfs.run(&step, &mut b).unwrap();
+        let script = r.join("usr/local/sbin/resize-rootfs");
+        assert_eq!(std::fs::read_to_string(&script).unwrap(), SCRIPT_TEXT);
+        assert_eq!(
+            std::fs::metadata(&script).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+        let unit = r.join("etc/systemd/system/resize-rootfs.service");
+        assert_eq!(std::fs::read_to_string(&unit).unwrap(), UNIT_TEXT);
+        assert_eq!(
+            std::fs::read_link(
+                r.join("etc/systemd/system/local-fs.target.wants/resize-rootfs.service")
+            )
+            .unwrap(),
+            Path::new("/etc/systemd/system/resize-rootfs.service")
+        );
+        // The unit runs the script the step wrote.
+        assert!(UNIT_TEXT.contains(&format!("ExecStart={SCRIPT}\n")));
+    }
+
+    #[test]
+    fn the_script_is_valid_shell() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("s");
+        std::fs::write(&f, SCRIPT_TEXT).unwrap();
+        crate::cmd::Cmd::new("sh").arg("-n").arg(&f).run().unwrap();
+    }
+}
