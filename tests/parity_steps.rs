@@ -233,3 +233,78 @@ fn zerofree_zeroes_the_blocks_of_deleted_files() {
     }
     wait_clean(d.path(), 5).unwrap();
 }
+
+#[test]
+fn kpartx_tags_mount_filesystems_made_elsewhere() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let sfdisk = std::process::Command::new("sfdisk")
+        .args(["-q", &disk.to_string_lossy()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(b"label: dos\nstart=2048, type=83\n")?;
+            c.wait()
+        })
+        .unwrap();
+    assert!(sfdisk.success());
+    // An ext4 filesystem with a file in it, made without vmdb.
+    let part = d.path().join("part.img");
+    let src = d.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("old"), "made elsewhere\n").unwrap();
+    std::fs::File::create(&part)
+        .unwrap()
+        .set_len((64 << 20) - (1 << 20))
+        .unwrap();
+    tool(
+        "mkfs.ext4",
+        &["-q", "-d", &src.to_string_lossy(), &part.to_string_lossy()],
+    );
+    tool(
+        "dd",
+        &[
+            &format!("if={}", part.display()),
+            &format!("of={}", disk.display()),
+            "bs=1M",
+            "seek=1",
+            "conv=notrunc,sparse",
+            "status=none",
+        ],
+    );
+    let uuid = tool(
+        "blkid",
+        &["-p", "-s", "UUID", "-o", "value", &part.to_string_lossy()],
+    );
+    let spec = write(
+        d.path(),
+        "existing.vmdb",
+        "steps:\n  - kpartx: \"{{ disk }}\"\n    tags: [root]\n  - mount: root\n  - create-file: /new\n    contents: \"added\\n\"\n  - fstab: root\n",
+    );
+    let r = run(&[
+        &spec.to_string_lossy(),
+        "--output",
+        &d.path().join("unused.img").to_string_lossy(),
+        "--variable",
+        &format!("disk={}", disk.display()),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    wait_clean(d.path(), 5).unwrap();
+    extract(&disk, 2048, (63 << 20) / 512, &part);
+    let p = part.to_string_lossy();
+    assert_eq!(tool("debugfs", &["-R", "cat /old", &p]), "made elsewhere\n");
+    assert_eq!(tool("debugfs", &["-R", "cat /new", &p]), "added\n");
+    assert_eq!(
+        tool("debugfs", &["-R", "cat /etc/fstab", &p]),
+        format!("UUID={} / ext4 errors=remount-ro 0 1\n", uuid.trim())
+    );
+}

@@ -73,7 +73,7 @@ impl Plugin for Grub {
             Some(efi) => {
                 if c.use_tag("efi", &efi) {
                     let fs = c.plan.tags[&efi].fs_type.clone();
-                    if !matches!(fs.as_deref(), Some("vfat") | Some("fat")) {
+                    if !matches!(fs.as_deref(), Some("vfat" | "fat" | "(existing)")) {
                         c.err(
                             "efi",
                             format!(

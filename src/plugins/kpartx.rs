@@ -33,9 +33,11 @@ impl Plugin for Kpartx {
     fn check(&self, c: &mut Check) {
         let disk = c.step.arg().to_string();
         for tag in c.step.list("tags") {
+            // What filesystem the partition holds is only known when it is read.
             let t = PlanTag {
                 step: c.step.index,
                 disk: Some(disk.clone()),
+                fs_type: Some("(existing)".into()),
                 ..PlanTag::default()
             };
             if let Err(e) = c.plan.define_tag(&tag, t) {
@@ -71,6 +73,22 @@ impl Plugin for Kpartx {
         for name in partition_tags(b, &disk) {
             let dev = b.partition_device(&name)?;
             crate::log::verbose(&format!("  partition '{name}' is {}", dev.display()));
+            if tags.contains(&name) {
+                // A filesystem made outside this spec: mount and fstab need its type.
+                let probe = |what: &str| {
+                    crate::cmd::Cmd::new("blkid")
+                        .args(["-p", "-s", what, "-o", "value"])
+                        .arg(&dev)
+                        .run()
+                        .map(|s| s.trim().to_string())
+                        .ok()
+                        .filter(|s| !s.is_empty())
+                };
+                let (fs, uuid) = (probe("TYPE"), probe("UUID"));
+                let t = b.state.tag_mut(&name)?;
+                t.fs_type = fs;
+                t.fs_uuid = uuid;
+            }
         }
         Ok(())
     }
