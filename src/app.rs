@@ -166,6 +166,13 @@ fn build(args: BuildArgs) -> i32 {
         eprintln!("vmdb: say where to build the image with --output IMAGE (or --image IMAGE)");
         return EXIT_USAGE;
     };
+    if !args.matrix.is_empty() {
+        if args.dry_run {
+            eprintln!("vmdb: --dry-run checks one image: give its variables with --variable");
+            return EXIT_USAGE;
+        }
+        return crate::matrix::run(&args, &spec_path, &out, var == "image");
+    }
     if args.dry_run {
         return dry_run(&spec_path, var, &out, &args);
     }

@@ -127,6 +127,19 @@ pub struct BuildArgs {
     /// Use no cache: neither restore nor save image trees, nor share package downloads
     #[arg(long)]
     pub no_cache: bool,
+    /// Build one image per combination of values (repeatable: suite=bookworm,trixie
+    /// and arch=amd64,i386 make four); use the names in --output, e.g. '{{ suite }}-{{ arch }}.img'
+    #[arg(long, value_name = "NAME=V1,V2", value_parser = crate::matrix::parse_axis)]
+    pub matrix: Vec<(String, Vec<String>)>,
+    /// How many images of a matrix to build at once
+    #[arg(short, long, value_name = "N", default_value_t = default_jobs())]
+    pub jobs: usize,
+}
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 #[derive(Args, Debug, Clone)]

@@ -13,6 +13,7 @@ pub mod debcache;
 pub mod devmapper;
 pub mod fat;
 pub mod log;
+pub mod matrix;
 pub mod mirror;
 pub mod mount;
 pub mod plan;
