@@ -160,10 +160,9 @@ fn log_path(cell: &Cell) -> PathBuf {
 fn why(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
-        .filter(|l| {
+        .rfind(|l| {
             l.starts_with("vmdb: error:") || l.starts_with("vmdb: ") && !l.contains("torn down")
         })
-        .next_back()
         .map(|l| {
             l.trim_start_matches("vmdb: error: ")
                 .trim_start_matches("vmdb: ")
