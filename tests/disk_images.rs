@@ -7,22 +7,6 @@ use std::path::Path;
 
 use common::*;
 
-/// Copy one partition out of an image (by sfdisk's start and size in sectors).
-fn extract(img: &Path, start: u64, size: u64, out: &Path) {
-    tool(
-        "dd",
-        &[
-            &format!("if={}", img.display()),
-            &format!("of={}", out.display()),
-            "bs=512",
-            &format!("skip={start}"),
-            &format!("count={size}"),
-            "conv=sparse",
-            "status=none",
-        ],
-    );
-}
-
 fn partitions(img: &Path) -> (String, Vec<serde_json::Value>) {
     let j: serde_json::Value =
         serde_json::from_str(&tool("sfdisk", &["-J", &img.to_string_lossy()])).unwrap();

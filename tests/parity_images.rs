@@ -38,18 +38,7 @@ fn root_partition(img: &Path, out: &Path) -> (u64, u64) {
         serde_json::from_str(&tool("sfdisk", &["-J", &img.to_string_lossy()])).unwrap();
     let p = &j["partitiontable"]["partitions"][0];
     let (start, size) = (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap());
-    tool(
-        "dd",
-        &[
-            &format!("if={}", img.display()),
-            &format!("of={}", out.display()),
-            "bs=512",
-            &format!("skip={start}"),
-            &format!("count={size}"),
-            "conv=sparse",
-            "status=none",
-        ],
-    );
+    extract(img, start, size, out);
     (start, size)
 }
 

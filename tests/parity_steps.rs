@@ -8,22 +8,6 @@ use std::path::Path;
 
 use common::*;
 
-/// Copy one partition out of an image (start and size in sectors).
-fn extract(img: &Path, start: u64, size: u64, out: &Path) {
-    tool(
-        "dd",
-        &[
-            &format!("if={}", img.display()),
-            &format!("of={}", out.display()),
-            "bs=512",
-            &format!("skip={start}"),
-            &format!("count={size}"),
-            "conv=sparse",
-            "status=none",
-        ],
-    );
-}
-
 #[test]
 fn kpartx_tags_name_the_partitions_of_a_partitioned_disk() {
     need_root!();

@@ -134,3 +134,19 @@ pub fn listing(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Copy one partition out of an image (start and size in 512-byte sectors).
+pub fn extract(img: &Path, start: u64, size: u64, out: &Path) {
+    tool(
+        "dd",
+        &[
+            &format!("if={}", img.display()),
+            &format!("of={}", out.display()),
+            "bs=512",
+            &format!("skip={start}"),
+            &format!("count={size}"),
+            "conv=sparse",
+            "status=none",
+        ],
+    );
+}
