@@ -98,31 +98,12 @@ fn man_pages_mention_every_option_with_its_help() {
 }
 
 #[test]
-fn build_options_are_the_documented_ones() {
-    // The build command's options, as the README's table lists them; a new option must
-    // appear in the man page (checked above) and here, so that the README is updated too.
+fn readme_lists_every_build_option() {
+    // The man page is generated, the README's table is not: a new option must be added
+    // there by hand.
     let cli = built_cli();
-    let mut names = option_names(&cli);
-    names.sort();
-    assert_eq!(
-        names,
-        [
-            "--dry-run",
-            "--help",
-            "--image",
-            "--keep-failed",
-            "--log",
-            "--output",
-            "--rootfs-tarball",
-            "--variable",
-            "--verbose",
-            "--version",
-            "-V",
-            "-h",
-            "-v",
-            "<SPEC>",
-        ]
-    );
+    let names = option_names(&cli);
+    assert!(names.contains(&"--rootfs-tarball".to_string()), "{names:?}");
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     for n in names
