@@ -1,7 +1,8 @@
 //! End to end: build the example Debian images and boot each in qemu with `vmdb boot`.
 //! One image is built cold (debootstrap from the network); the others reuse its rootfs
-//! tarball, as users do. Slow (minutes) and needs the Debian archive: run with
-//! `cargo test -- --include-ignored` (scripts/test does).
+//! tarball, as users do. With VMDB_ROOTFS_TARBALL set (scripts/test sets it), the tarball
+//! is kept there for later tests (scripts/test-package). Slow (minutes) and needs the
+//! Debian archive: run with `cargo test -- --include-ignored` (scripts/test does).
 
 mod common;
 
@@ -90,7 +91,16 @@ fn example_images_build_and_boot() {
         .prefix("vmdb-e2e-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let tarball = d.path().join("bookworm.tar.zst");
+    let tarball = match std::env::var_os("VMDB_ROOTFS_TARBALL") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => d.path().join("bookworm.tar.zst"),
+    };
+    if tarball.exists() {
+        eprintln!(
+            "note: {} exists: the first build is not cold",
+            tarball.display()
+        );
+    }
 
     let bios = d.path().join("bios.img");
     build("bookworm-bios.vmdb", &bios, &tarball, false);
