@@ -2,7 +2,7 @@
 //!
 //!     cargo run --example vmdb-docs -- OUTDIR
 //!
-//! writes OUTDIR/man/vmdb.1 (with vmdb-validate.1 and vmdb-boot.1), and
+//! writes OUTDIR/man/vmdb.1 (with a page per subcommand), and
 //! OUTDIR/completions/{vmdb.bash,_vmdb,vmdb.fish}. debian/rules runs it at package build
 //! time; tests/man_page.rs checks what it writes. It is an example target so that
 //! clap_mangen and clap_complete stay dev-dependencies, out of the vmdb binary.
@@ -52,7 +52,7 @@ The reference page of every step type: its keys, defaults, teardown and an examp
 \fI/usr/share/doc/vmdb/examples/\fR
 Example specs that build bootable Debian images (BIOS, UEFI, and both).
 .SH "SEE ALSO"
-\fBvmdb\-validate\fR(1), \fBvmdb\-boot\fR(1), \fBdebootstrap\fR(8), \fBqemu\-img\fR(1)
+\fBvmdb\-validate\fR(1), \fBvmdb\-boot\fR(1), \fBvmdb\-cache\fR(1), \fBdebootstrap\fR(8), \fBqemu\-img\fR(1)
 "#;
 
 /// The date for the pages' title line: SOURCE_DATE_EPOCH (set by dpkg-buildpackage from

@@ -22,7 +22,7 @@ pub fn main(cli: Cli) -> i32 {
             match prepare(&v.spec, var, &out, &out, &v.spec_args) {
                 Ok(p) => {
                     print_plan(&p);
-                    println!("{}: OK, {} steps", p.name, p.steps.len());
+                    println!("{}: OK, {}", p.name, steps(p.steps.len()));
                     0
                 }
                 Err(code) => code,
@@ -202,12 +202,20 @@ fn dry_run(spec: &Path, var: &str, out: &Path, args: &BuildArgs) -> i32 {
         Ok(p) => {
             print_plan(&p);
             println!(
-                "{}: OK, {} steps (dry run: nothing built)",
+                "{}: OK, {} (dry run: nothing built)",
                 p.name,
-                p.steps.len()
+                steps(p.steps.len())
             );
             0
         }
         Err(code) => code,
+    }
+}
+
+fn steps(n: usize) -> String {
+    if n == 1 {
+        "1 step".into()
+    } else {
+        format!("{n} steps")
     }
 }

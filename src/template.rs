@@ -37,10 +37,23 @@ impl Renderer {
             Err(e) if e.kind() == minijinja::ErrorKind::UndefinedError => {
                 // Name the variables a spec author forgot (filters like `default` make
                 // some undeclared names fine, so this is only worked out on failure).
-                let mut missing: Vec<String> = tmpl
+                let candidates: Vec<String> = tmpl
                     .undeclared_variables(false)
                     .into_iter()
                     .filter(|v| !self.vars.contains_key(v))
+                    .collect();
+                // Only those whose absence breaks the template: a name used with a
+                // `default` filter is fine missing.
+                let mut missing: Vec<String> = candidates
+                    .iter()
+                    .filter(|m| {
+                        let mut vars = self.vars.clone();
+                        for other in candidates.iter().filter(|o| o != m) {
+                            vars.insert(other.clone(), String::new());
+                        }
+                        tmpl.render(&vars).is_err()
+                    })
+                    .cloned()
                     .collect();
                 if missing.is_empty() {
                     return Err(format!("template error: {}", detail(&e)));
@@ -105,6 +118,15 @@ mod tests {
     #[test]
     fn does_not_html_escape_and_keeps_newline() {
         assert_eq!(r().render("a<{{ suite }}>&\n").unwrap(), "a<bookworm>&\n");
+    }
+
+    #[test]
+    fn names_only_the_variables_without_a_default() {
+        let e = r().render("{{ a }} {{ b | default('x') }}").unwrap_err();
+        assert_eq!(
+            e,
+            "undefined template variable 'a' (set it with --variable a=VALUE)"
+        );
     }
 
     #[test]

@@ -52,7 +52,10 @@ fn man_pages_mention_every_option_with_its_help() {
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["vmdb.1", "vmdb-validate.1", "vmdb-boot.1"]);
+    assert_eq!(
+        names,
+        ["vmdb.1", "vmdb-validate.1", "vmdb-boot.1", "vmdb-cache.1"]
+    );
 
     let cli = built_cli();
     let mut pages = vec![("vmdb.1".to_string(), cli.clone())];
@@ -197,7 +200,7 @@ fn pages_are_dated_when_asked() {
     assert_eq!(docs::utc_date(951782400), "2000-02-29");
     let d = tempfile::tempdir().unwrap();
     docs::man_pages(d.path(), Some("2024-02-29")).unwrap();
-    for page in ["vmdb.1", "vmdb-validate.1", "vmdb-boot.1"] {
+    for page in ["vmdb.1", "vmdb-validate.1", "vmdb-boot.1", "vmdb-cache.1"] {
         let text = std::fs::read_to_string(d.path().join(page)).unwrap();
         let title = text.lines().find(|l| l.starts_with(".TH")).unwrap();
         let name = page.trim_end_matches(".1");

@@ -21,6 +21,11 @@ fn example_specs_validate() {
                 "/tmp/never-built.img",
                 "--variable",
                 "mirror=http://mirror.invalid/debian",
+                // bench/matrix.vmdb takes these from --matrix.
+                "--variable",
+                "suite=bookworm",
+                "--variable",
+                "arch=amd64",
             ]);
             assert_eq!(r.code, 0, "{}:\n{}", p.display(), r.stderr);
             assert!(r.stdout.contains(": OK, "), "{}", r.stdout);
