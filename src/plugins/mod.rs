@@ -6,6 +6,7 @@ use crate::step::Plugin;
 pub mod apt;
 pub mod cache_rootfs;
 pub mod chroot;
+pub mod cloud_init_seed;
 pub mod copy_dir;
 pub mod copy_file;
 pub mod create_dir;
@@ -24,6 +25,7 @@ pub mod mount;
 pub mod set_part_flag;
 pub mod shell;
 pub mod unpack_rootfs;
+pub mod vagrant;
 pub mod virtual_filesystems;
 
 #[cfg(test)]
@@ -53,6 +55,8 @@ pub static ALL: &[&dyn Plugin] = &[
     &copy_dir::CopyDir,
     &shell::Shell,
     &grub::Grub,
+    &vagrant::Vagrant,
+    &cloud_init_seed::CloudInitSeed,
     &echo::Echo,
     &error::Error,
 ];
