@@ -79,7 +79,7 @@ fn events_of_a_failing_build() {
             }
             "command" => {
                 assert_eq!(e["step"], current, "{e}");
-                assert!(e["argv"].as_array().unwrap().len() >= 1);
+                assert!(!e["argv"].as_array().unwrap().is_empty());
                 assert!(!e["command"].as_str().unwrap().is_empty());
             }
             "step-end" => {
@@ -111,7 +111,10 @@ fn events_of_a_failing_build() {
             .starts_with("step 8 (error) at line 18 failed after"),
         "{failed}"
     );
-    let start8 = ev.iter().find(|e| e["event"] == "step-start" && e["step"] == 8).unwrap();
+    let start8 = ev
+        .iter()
+        .find(|e| e["event"] == "step-start" && e["step"] == 8)
+        .unwrap();
     assert_eq!(start8["line"], 18);
     assert_eq!(start8["description"], "error: planned failure");
     // Then teardown of every step in reverse, the error, and the end.
@@ -128,7 +131,10 @@ fn events_of_a_failing_build() {
     assert_eq!(td, [8, 7, 6, 5, 4, 3, 2, 1]);
     assert_eq!(rest[8]["event"], "error");
     assert!(
-        rest[8]["message"].as_str().unwrap().contains("planned failure"),
+        rest[8]["message"]
+            .as_str()
+            .unwrap()
+            .contains("planned failure"),
         "{}",
         rest[8]
     );
@@ -138,8 +144,15 @@ fn events_of_a_failing_build() {
     assert_eq!(rest[9]["exit_code"], 1);
     assert_eq!(rest[9]["outputs"], serde_json::json!([]));
     // The human-readable progress is unchanged on stderr.
-    assert!(r.stderr.contains("[8/8] error: planned failure\n"), "{}", r.stderr);
-    assert!(r.stderr.contains("vmdb: build failed; everything was torn down\n"));
+    assert!(
+        r.stderr.contains("[8/8] error: planned failure\n"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("vmdb: build failed; everything was torn down\n")
+    );
     assert_eq!(listing(d.path()), ["events.json", "s.vmdb"]);
     wait_clean(d.path(), 5).unwrap();
 }
@@ -173,7 +186,12 @@ fn events_on_stdout_and_skipped_steps() {
     let tarball = d.path().join("empty.tar");
     tool(
         "tar",
-        &["-cf", &tarball.to_string_lossy(), "--files-from", "/dev/null"],
+        &[
+            "-cf",
+            &tarball.to_string_lossy(),
+            "--files-from",
+            "/dev/null",
+        ],
     );
     let r = run(&[
         &s.to_string_lossy(),
@@ -212,7 +230,12 @@ fn events_on_stdout_and_skipped_steps() {
     assert_eq!(skipped["unless"], serde_json::json!(["rootfs_unpacked"]));
     assert_eq!(skipped["description"], "echo: skipped");
     // Commands of the steps are named with their step.
-    assert!(ev.iter().any(|e| e["event"] == "command" && e["step"] == 5 && e["argv"][0] == "mkfs.ext4"), "{}", r.stdout);
+    assert!(
+        ev.iter()
+            .any(|e| e["event"] == "command" && e["step"] == 5 && e["argv"][0] == "mkfs.ext4"),
+        "{}",
+        r.stdout
+    );
     // Skipped steps are not torn down: 8 teardowns, newest first.
     let td: Vec<i64> = ev
         .iter()
@@ -223,6 +246,9 @@ fn events_on_stdout_and_skipped_steps() {
     let end = ev.last().unwrap();
     assert_eq!(end["status"], "ok");
     assert_eq!(end["exit_code"], 0);
-    assert_eq!(end["outputs"], serde_json::json!([out.display().to_string()]));
+    assert_eq!(
+        end["outputs"],
+        serde_json::json!([out.display().to_string()])
+    );
     wait_clean(d.path(), 5).unwrap();
 }

@@ -81,7 +81,10 @@ fn converts_to_each_format() {
         assert_eq!(info["format"], file_format, "{info}");
         assert_eq!(info["virtual-size"], 64 << 20, "{info}");
         if let Some(sub) = sub {
-            assert_eq!(info["format-specific"]["data"]["create-type"], sub, "{info}");
+            assert_eq!(
+                info["format-specific"]["data"]["create-type"], sub,
+                "{info}"
+            );
         }
         if fmt == "qcow2" {
             assert_eq!(
@@ -127,8 +130,16 @@ fn compressed_qcow2_is_smaller() {
     let d = tempfile::tempdir().unwrap();
     // Compressible data: a file of one repeated line.
     let extra = "  - shell: yes vmdb | head -c 20000000 > $ROOT/big\n    root-fs: /\n";
-    assert_eq!(build(d.path(), extra, "a.qcow2", &["--format", "qcow2"]).code, 0);
-    let r = build(d.path(), extra, "b.qcow2", &["--format", "qcow2", "--compress"]);
+    assert_eq!(
+        build(d.path(), extra, "a.qcow2", &["--format", "qcow2"]).code,
+        0
+    );
+    let r = build(
+        d.path(),
+        extra,
+        "b.qcow2",
+        &["--format", "qcow2", "--compress"],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
     let a = std::fs::metadata(d.path().join("a.qcow2")).unwrap().len();
     let b = std::fs::metadata(d.path().join("b.qcow2")).unwrap().len();
@@ -148,7 +159,12 @@ fn bad_output_options_are_usage_errors() {
     );
     let r = run(&[&s, "--output", &out, "--format", "iso"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("invalid value 'iso' for '--format <FORMAT>'"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("invalid value 'iso' for '--format <FORMAT>'"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(listing(d.path()), ["s.vmdb"]);
 }
 
@@ -166,11 +182,19 @@ fn vagrant_libvirt_box() {
         serde_json::json!({"provider": "libvirt", "format": "qcow2", "virtual_size": 1})
     );
     let vf = tar_file(&bx, "Vagrantfile");
-    assert!(vf.contains("Vagrant.configure(\"2\")") && vf.contains(":libvirt"), "{vf}");
+    assert!(
+        vf.contains("Vagrant.configure(\"2\")") && vf.contains(":libvirt"),
+        "{vf}"
+    );
     let x = tempfile::tempdir().unwrap();
     tool(
         "tar",
-        &["-xf", &bx.to_string_lossy(), "-C", &x.path().to_string_lossy()],
+        &[
+            "-xf",
+            &bx.to_string_lossy(),
+            "-C",
+            &x.path().to_string_lossy(),
+        ],
     );
     let info = qemu_img_info(&x.path().join("box.img"));
     assert_eq!(info["format"], "qcow2");
@@ -178,7 +202,12 @@ fn vagrant_libvirt_box() {
     assert_eq!(listing(d.path()), ["s.vmdb", "x.box"]);
 
     // Gzipped with --compress.
-    let r = build(d.path(), "", "z.box", &["--format", "vagrant-libvirt", "--compress"]);
+    let r = build(
+        d.path(),
+        "",
+        "z.box",
+        &["--format", "vagrant-libvirt", "--compress"],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
     let magic = std::fs::read(d.path().join("z.box")).unwrap();
     assert_eq!(&magic[..2], &[0x1f, 0x8b]);
@@ -197,7 +226,12 @@ fn vagrant_virtualbox_box() {
     let bx = d.path().join("vb.box");
     assert_eq!(
         tar_list(&bx),
-        ["metadata.json", "Vagrantfile", "box.ovf", "box-disk001.vmdk"]
+        [
+            "metadata.json",
+            "Vagrantfile",
+            "box.ovf",
+            "box-disk001.vmdk"
+        ]
     );
     let meta: Value = serde_json::from_str(&tar_file(&bx, "metadata.json")).unwrap();
     assert_eq!(meta, serde_json::json!({"provider": "virtualbox"}));
@@ -212,7 +246,12 @@ fn vagrant_virtualbox_box() {
     let x = tempfile::tempdir().unwrap();
     tool(
         "tar",
-        &["-xf", &bx.to_string_lossy(), "-C", &x.path().to_string_lossy()],
+        &[
+            "-xf",
+            &bx.to_string_lossy(),
+            "-C",
+            &x.path().to_string_lossy(),
+        ],
     );
     let ovf = x.path().join("box.ovf");
     // Well-formed XML, and it references the disk, with its size and capacity.
@@ -226,24 +265,35 @@ fn vagrant_virtualbox_box() {
     };
     let ns = "*[local-name()='Envelope']";
     assert_eq!(
-        xp(&format!("string(/{ns}/*[local-name()='References']/*[local-name()='File']/@*[local-name()='href'])")),
+        xp(&format!(
+            "string(/{ns}/*[local-name()='References']/*[local-name()='File']/@*[local-name()='href'])"
+        )),
         "box-disk001.vmdk"
     );
     assert_eq!(
-        xp(&format!("string(/{ns}/*[local-name()='References']/*[local-name()='File']/@*[local-name()='size'])")),
+        xp(&format!(
+            "string(/{ns}/*[local-name()='References']/*[local-name()='File']/@*[local-name()='size'])"
+        )),
         size.to_string()
     );
     assert_eq!(
-        xp(&format!("string(/{ns}/*[local-name()='DiskSection']/*[local-name()='Disk']/@*[local-name()='capacity'])")),
+        xp(&format!(
+            "string(/{ns}/*[local-name()='DiskSection']/*[local-name()='Disk']/@*[local-name()='capacity'])"
+        )),
         (64u64 << 20).to_string()
     );
     assert_eq!(
-        xp(&format!("string(/{ns}/*[local-name()='DiskSection']/*[local-name()='Disk']/@*[local-name()='fileRef'])")),
+        xp(&format!(
+            "string(/{ns}/*[local-name()='DiskSection']/*[local-name()='Disk']/@*[local-name()='fileRef'])"
+        )),
         "file1"
     );
     let info = qemu_img_info(&disk);
     assert_eq!(info["format"], "vmdk");
-    assert_eq!(info["format-specific"]["data"]["create-type"], "streamOptimized");
+    assert_eq!(
+        info["format-specific"]["data"]["create-type"],
+        "streamOptimized"
+    );
     assert_eq!(info["virtual-size"], 64 << 20);
 }
 
@@ -269,15 +319,17 @@ fn cloud_init_seeds() {
         let r = build(d.path(), &extra, &format!("{format}.img"), &[]);
         assert_eq!(r.code, 0, "{}", r.stderr);
         assert!(
-            r.stderr.contains(&format!("vmdb: wrote {}\n", seed.display())),
+            r.stderr
+                .contains(&format!("vmdb: wrote {}\n", seed.display())),
             "{}",
             r.stderr
         );
-        let blkid = tool(
-            "blkid",
-            &["-p", "-o", "export", &seed.to_string_lossy()],
-        );
-        let want_type = if format == "iso" { "TYPE=iso9660" } else { "TYPE=vfat" };
+        let blkid = tool("blkid", &["-p", "-o", "export", &seed.to_string_lossy()]);
+        let want_type = if format == "iso" {
+            "TYPE=iso9660"
+        } else {
+            "TYPE=vfat"
+        };
         assert!(blkid.lines().any(|l| l == "LABEL=cidata"), "{blkid}");
         assert!(blkid.lines().any(|l| l == want_type), "{blkid}");
         let (user, meta) = if format == "iso" {
@@ -298,12 +350,7 @@ fn cloud_init_seeds() {
             };
             (get("user-data"), get("meta-data"))
         } else {
-            let get = |n: &str| {
-                tool(
-                    "mtype",
-                    &["-i", &seed.to_string_lossy(), &format!("::{n}")],
-                )
-            };
+            let get = |n: &str| tool("mtype", &["-i", &seed.to_string_lossy(), &format!("::{n}")]);
             (get("user-data"), get("meta-data"))
         };
         assert_eq!(user, "#cloud-config\nruncmd: [touch /seeded]\n");
@@ -354,7 +401,14 @@ fn checksums_and_manifest() {
     let tarball = d.path().join("empty.tar");
     tool(
         "tar",
-        &["-cf", &tarball.to_string_lossy(), "-C", &d.path().to_string_lossy(), "--files-from", "/dev/null"],
+        &[
+            "-cf",
+            &tarball.to_string_lossy(),
+            "-C",
+            &d.path().to_string_lossy(),
+            "--files-from",
+            "/dev/null",
+        ],
     );
     let r = build(
         d.path(),
@@ -395,14 +449,18 @@ fn checksums_and_manifest() {
         String::from_utf8_lossy(&o.stdout),
         "m.qcow2: OK\nseed.iso: OK\n"
     );
-    let m: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path().join("m.qcow2.manifest.json")).unwrap())
-            .unwrap();
+    let m: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("m.qcow2.manifest.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(m["manifest_version"], 1);
     assert_eq!(m["vmdb_version"], env!("CARGO_PKG_VERSION"));
     let spec_text = std::fs::read(d.path().join("s.vmdb")).unwrap();
     let spec_sum = tool("sha256sum", &[&d.path().join("s.vmdb").to_string_lossy()]);
-    assert_eq!(m["spec"]["sha256"], spec_sum.split_whitespace().next().unwrap());
+    assert_eq!(
+        m["spec"]["sha256"],
+        spec_sum.split_whitespace().next().unwrap()
+    );
     assert!(!spec_text.is_empty());
     assert_eq!(m["variables"]["colour"], "blue");
     assert_eq!(
@@ -444,7 +502,10 @@ fn checksums_and_manifest() {
         assert_eq!(o["path"], d.path().join(name).display().to_string());
         assert_eq!(o["kind"], kind);
         assert_eq!(o["format"], format);
-        assert_eq!(o["size"], std::fs::metadata(d.path().join(name)).unwrap().len());
+        assert_eq!(
+            o["size"],
+            std::fs::metadata(d.path().join(name)).unwrap().len()
+        );
         assert_eq!(o["sha256"], sum(name));
     }
 }

@@ -17,7 +17,11 @@ static SPEC: StepSpec = StepSpec {
     value: Kind::Str,
     value_doc: "path of the seed file to write (relative to the current directory)",
     keys: &[
-        Key::req("user-data", Kind::Str, "the user-data file (e.g. #cloud-config ...)"),
+        Key::req(
+            "user-data",
+            Kind::Str,
+            "the user-data file (e.g. #cloud-config ...)",
+        ),
         Key::opt(
             "meta-data",
             Kind::Str,
@@ -142,7 +146,11 @@ mod tests {
         let files = seed_files(&s).unwrap();
         assert_eq!(files[0], ("user-data", "#cloud-config\n".to_string()));
         assert_eq!(files[1].0, "meta-data");
-        assert!(files[1].1.starts_with("instance-id: vmdb-"), "{}", files[1].1);
+        assert!(
+            files[1].1.starts_with("instance-id: vmdb-"),
+            "{}",
+            files[1].1
+        );
         assert_eq!(files.len(), 2);
         assert_eq!(
             testing::errors("steps:\n  - cloud-init-seed: s\n    user-data: x\n    format: udf\n"),

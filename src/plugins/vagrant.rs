@@ -126,7 +126,10 @@ impl Plugin for Vagrant {
                 format!("'{user}' is not a user name (lower-case letters, digits, _ and -)"),
             );
         }
-        if c.step.opt_str("password").is_some_and(|p| p.contains(['\n', ':'])) {
+        if c.step
+            .opt_str("password")
+            .is_some_and(|p| p.contains(['\n', ':']))
+        {
             c.err("password", "the password must not contain a newline or ':'");
         }
     }
@@ -172,10 +175,21 @@ impl Plugin for Vagrant {
         std::fs::create_dir_all(&ssh).with_context(|| format!("creating {}", ssh.display()))?;
         write_mode(&ssh.join("authorized_keys"), INSECURE_KEYS, 0o600)?;
         run(&["chmod", "0700", &format!("{home}/.ssh")])?;
-        run(&["chown", "-R", &format!("{user}:{user}"), &format!("{home}/.ssh")])?;
+        run(&[
+            "chown",
+            "-R",
+            &format!("{user}:{user}"),
+            &format!("{home}/.ssh"),
+        ])?;
         let sudo = crate::state::in_image(&root, &format!("/etc/sudoers.d/{user}"))?;
         write_mode(&sudo, &sudoers(&user), 0o440)?;
-        run(&["visudo", "-c", "-q", "-f", &format!("/etc/sudoers.d/{user}")])?;
+        run(&[
+            "visudo",
+            "-c",
+            "-q",
+            "-f",
+            &format!("/etc/sudoers.d/{user}"),
+        ])?;
         // Vagrant connects by address: no reverse lookup that stalls without DNS.
         write_mode(
             &root.join("etc/ssh/sshd_config.d/vagrant.conf"),
