@@ -177,12 +177,14 @@ fn cloud_init_image_and_vagrant_box_boot() {
     );
     std::fs::remove_file(&bx).unwrap();
     // The vagrant user logs in with its password, sudo asks for none, sshd runs (with
-    // host keys made at boot), Vagrant's keys are authorized. A user other than root
+    // host keys made at boot: under TCG that takes a while, so wait for the boot to
+    // finish), Vagrant's keys are authorized. A user other than root
     // cannot run poweroff: a timer does it after the command.
     let console = boot(
         &d.path().join("box.img"),
         &["--user", "vagrant", "--password", "vagrant"],
-        "id -un; sudo -n true && echo SUDO=ok; echo SSHD=$(sudo systemctl is-active ssh); \
+        "id -un; sudo -n true && echo SUDO=ok; sudo systemctl is-system-running --wait; \
+         echo SSHD=$(sudo systemctl is-active ssh); \
          echo KEYS=$(grep -c 'vagrant insecure public key' ~/.ssh/authorized_keys); \
          sudo systemd-run --quiet --on-active=5 systemctl poweroff",
     );
