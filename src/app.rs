@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::build::Options;
 use crate::cli::{BuildArgs, Cli, Command, SpecArgs};
+use crate::outputs::{Format, OutputOptions};
 use crate::plan::Plan;
 use crate::step::{self, Step};
 use crate::template::Renderer;
@@ -43,6 +44,8 @@ pub fn main(cli: Cli) -> i32 {
 /// A loaded, rendered and validated spec.
 pub struct Prepared {
     pub name: String,
+    /// The spec's text (its checksum goes into the manifest).
+    pub text: String,
     pub steps: Vec<Step>,
     pub opts: Options,
 }
@@ -126,6 +129,7 @@ pub fn prepare(
     let steps = step::validate(&raw.steps, &renderer, plugins::ALL, &mut plan).map_err(report)?;
     Ok(Prepared {
         name: name.clone(),
+        text,
         steps,
         opts: Options {
             spec_dir,
@@ -133,6 +137,7 @@ pub fn prepare(
             vars,
             spec_name: name,
             cache_dir: None,
+            out: Default::default(),
         },
     })
 }
@@ -180,6 +185,20 @@ fn build(args: BuildArgs) -> i32 {
         eprintln!("vmdb: cannot open log file: {e}");
         return EXIT_USAGE;
     }
+    if args.compress && !args.format.compressible() {
+        eprintln!(
+            "vmdb: --compress works with --format qcow2, vmdk, vagrant-libvirt and vagrant-virtualbox, not {}",
+            args.format.name()
+        );
+        return EXIT_USAGE;
+    }
+    if args.format != Format::Raw && !in_path("qemu-img") {
+        eprintln!(
+            "vmdb: --format {} needs qemu-img (Debian package qemu-utils)",
+            args.format.name()
+        );
+        return EXIT_USAGE;
+    }
     let target = match supervisor::Target::new(&out) {
         Ok(t) => t,
         Err(e) => {
@@ -187,6 +206,14 @@ fn build(args: BuildArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
+    if target.is_device() && args.format != Format::Raw {
+        eprintln!(
+            "vmdb: {} is a block device: it can only be written raw (not --format {})",
+            out.display(),
+            args.format.name()
+        );
+        return EXIT_USAGE;
+    }
     let mut prepared = match prepare(&spec_path, var, target.build_path(), &out, &args.spec_args) {
         Ok(p) => p,
         Err(code) => return code,
@@ -194,7 +221,36 @@ fn build(args: BuildArgs) -> i32 {
     if !args.no_cache {
         prepared.opts.cache_dir = Some(args.cache_dir.clone());
     }
+    if let Some(dest) = &args.json {
+        if let Err(e) = crate::log::init_json(dest) {
+            eprintln!("vmdb: cannot write JSON events to {}: {e}", dest.display());
+            return EXIT_USAGE;
+        }
+    }
+    prepared.opts.out = OutputOptions {
+        format: args.format,
+        compress: args.compress,
+        checksums: args.checksums,
+        manifest: args.manifest,
+        final_path: Some(target.final_path().to_path_buf()),
+        build_path: target.build_path().to_path_buf(),
+        device: target.is_device(),
+        owner_pid: std::process::id(),
+        spec_name: prepared.name.clone(),
+        spec_text: prepared.text.clone(),
+    };
     supervisor::run_build(prepared, target, args.keep_failed)
+}
+
+/// Whether `prog` is an executable in $PATH.
+pub fn in_path(prog: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|d| {
+            std::fs::metadata(d.join(prog))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
 }
 
 fn dry_run(spec: &Path, var: &str, out: &Path, args: &BuildArgs) -> i32 {

@@ -20,11 +20,15 @@ pub struct Options {
     pub spec_name: String,
     /// Where the step and package caches live; None with --no-cache.
     pub cache_dir: Option<PathBuf>,
+    /// The image's format, checksums, manifest (src/outputs.rs).
+    pub out: crate::outputs::OutputOptions,
 }
 
 pub struct Build {
     pub state: State,
     pub opts: Options,
+    /// What the build tells vmdb (the parent) in report.json: outputs, steps, packages.
+    pub report: crate::outputs::Report,
     /// Private scratch space: mount points and temporary files.
     workdir: PathBuf,
     /// Set when the build owns its scratch space (in tests); the supervisor otherwise
@@ -52,6 +56,7 @@ impl Build {
         Build {
             state: State::default(),
             opts,
+            report: crate::outputs::Report::default(),
             workdir,
             _own_workdir: None,
             disk_loops: Vec::new(),
@@ -67,6 +72,11 @@ impl Build {
         } else {
             self.opts.spec_dir.join(p)
         }
+    }
+
+    /// The build's scratch directory (owned by the parent; report.json goes there).
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
     }
 
     /// A fresh directory in the scratch space.

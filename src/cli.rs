@@ -134,6 +134,21 @@ pub struct BuildArgs {
     /// How many images of a matrix to build at once
     #[arg(short, long, value_name = "N", default_value_t = default_jobs())]
     pub jobs: usize,
+    /// Format of the finished image: the steps build a raw image, converted at the end
+    #[arg(long, value_enum, default_value_t = crate::outputs::Format::Raw, value_name = "FORMAT")]
+    pub format: crate::outputs::Format,
+    /// Compress: qcow2 clusters, a stream-optimized vmdk, or a gzipped Vagrant box
+    #[arg(long)]
+    pub compress: bool,
+    /// Write FILE.sha256 (sha256sum format) beside every output
+    #[arg(long)]
+    pub checksums: bool,
+    /// Write IMAGE.manifest.json: spec, variables, steps, packages, outputs
+    #[arg(long)]
+    pub manifest: bool,
+    /// Write one JSON event per line to FILE ('-': standard output)
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 fn default_jobs() -> usize {
@@ -229,6 +244,29 @@ mod tests {
             CacheAction::Prune { max_size: Some(s), older_than: Some(a), packages: false } if s == 10 << 30 && a == 30 * 86400
         ));
         assert!(parse(&["cache", "prune", "--older-than", "soon"]).is_err());
+    }
+
+    #[test]
+    fn output_options() {
+        let c = parse(&[
+            "x.vmdb",
+            "--output",
+            "x.box",
+            "--format",
+            "vagrant-libvirt",
+            "--compress",
+            "--checksums",
+            "--manifest",
+            "--json",
+            "-",
+        ])
+        .unwrap();
+        assert_eq!(c.build.format, crate::outputs::Format::VagrantLibvirt);
+        assert!(c.build.compress && c.build.checksums && c.build.manifest);
+        assert_eq!(c.build.json, Some(PathBuf::from("-")));
+        let c = parse(&["x.vmdb", "--output", "x.img"]).unwrap();
+        assert_eq!(c.build.format, crate::outputs::Format::Raw);
+        assert!(parse(&["x.vmdb", "--format", "iso"]).is_err());
     }
 
     #[test]

@@ -124,6 +124,17 @@ impl Cmd {
     pub fn run(&self) -> Result<String> {
         let shown = self.display();
         log::verbose(&format!("  $ {shown}"));
+        log::event(
+            "command",
+            serde_json::json!({
+                "step": log::current_step(),
+                "command": shown,
+                "argv": std::iter::once(&self.prog)
+                    .chain(&self.args)
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>(),
+            }),
+        );
         let mut c = Command::new(&self.prog);
         c.args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))

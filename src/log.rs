@@ -1,13 +1,19 @@
-//! Progress on stderr, and a debug log file when asked for.
+//! Progress on stderr, a debug log file when asked for, and JSON events (`--json`).
 
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static VERBOSE: AtomicBool = AtomicBool::new(false);
 static LOG: Mutex<Option<File>> = Mutex::new(None);
+/// Where JSON events go (`--json`), one object per line.
+static JSON: Mutex<Option<File>> = Mutex::new(None);
+/// The step running now (1-based; 0: none), named in command events.
+static STEP: AtomicUsize = AtomicUsize::new(0);
+/// A progress line is on the terminal now (see progress.rs): clear it before printing.
+pub(crate) static PROGRESS_SHOWN: AtomicBool = AtomicBool::new(false);
 
 pub fn init(verbose: bool, log_file: Option<&Path>) -> std::io::Result<()> {
     START.get_or_init(std::time::Instant::now);
@@ -17,6 +23,64 @@ pub fn init(verbose: bool, log_file: Option<&Path>) -> std::io::Result<()> {
         *LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
     Ok(())
+}
+
+/// Send JSON events to `dest` (appended to), or to standard output for `-`. For `-`,
+/// anything else vmdb or a step would print on standard output goes to standard error
+/// instead, so that standard output carries nothing but events.
+pub fn init_json(dest: &Path) -> std::io::Result<()> {
+    let f = if dest == Path::new("-") {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let stdout = std::io::stdout();
+        let _ = stdout.lock().flush();
+        let events = nix::unistd::dup(stdout.as_raw_fd())?;
+        // SAFETY: dup returned a new descriptor that nothing else owns.
+        let events = unsafe { OwnedFd::from_raw_fd(events) };
+        nix::unistd::dup2(std::io::stderr().as_raw_fd(), stdout.as_raw_fd())?;
+        File::from(events)
+    } else {
+        File::options().create(true).append(true).open(dest)?
+    };
+    *JSON.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    Ok(())
+}
+
+pub fn json_enabled() -> bool {
+    JSON.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+}
+
+/// Write one JSON event: `{"event": NAME, "time": SECONDS_SINCE_EPOCH, ...fields}`.
+/// `fields` must be a JSON object. Each event is one line, written with one write.
+pub fn event(name: &str, fields: serde_json::Value) {
+    let mut guard = JSON.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(f) = guard.as_mut() else {
+        return;
+    };
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let mut obj = serde_json::Map::new();
+    obj.insert("event".into(), name.into());
+    obj.insert("time".into(), ((time * 1000.0).round() / 1000.0).into());
+    if let serde_json::Value::Object(m) = fields {
+        obj.extend(m);
+    }
+    let mut line = serde_json::Value::Object(obj).to_string();
+    line.push('\n');
+    let _ = f.write_all(line.as_bytes());
+}
+
+/// The step running now (0: none), for command events.
+pub fn set_step(index: usize) {
+    STEP.store(index, Ordering::Relaxed);
+}
+
+pub fn current_step() -> Option<usize> {
+    match STEP.load(Ordering::Relaxed) {
+        0 => None,
+        n => Some(n),
+    }
 }
 
 pub fn is_verbose() -> bool {
@@ -36,22 +100,25 @@ pub fn debug(msg: &str) {
     }
 }
 
-/// To stderr, ignoring a closed stderr: losing a progress line must not stop a
-/// build half-way (eprintln! would panic), least of all while it tears down.
-fn to_stderr(msg: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{msg}");
+/// A line on stderr, below any progress line (which is cleared first).
+fn show(msg: &str) {
+    let mut err = std::io::stderr().lock();
+    if PROGRESS_SHOWN.swap(false, Ordering::SeqCst) {
+        let _ = err.write_all(b"\r\x1b[K");
+    }
+    let _ = writeln!(err, "{msg}");
 }
 
 /// Always shown.
 pub fn info(msg: &str) {
-    to_stderr(msg);
+    show(msg);
     debug(msg);
 }
 
 /// Shown with --verbose.
 pub fn verbose(msg: &str) {
     if is_verbose() {
-        to_stderr(msg);
+        show(msg);
     }
     debug(msg);
 }
@@ -60,4 +127,16 @@ pub fn verbose(msg: &str) {
 pub fn out(msg: &str) {
     let _ = writeln!(std::io::stdout().lock(), "{msg}");
     debug(msg);
+}
+
+/// Always shown as `vmdb: warning: MSG`, and a `warning` event.
+pub fn warn(msg: &str) {
+    info(&format!("vmdb: warning: {msg}"));
+    event("warning", serde_json::json!({ "message": msg }));
+}
+
+/// Always shown as `vmdb: error: MSG`, and an `error` event.
+pub fn error(msg: &str) {
+    info(&format!("vmdb: error: {msg}"));
+    event("error", serde_json::json!({ "message": msg }));
 }

@@ -1,12 +1,16 @@
 //! Running the steps in order and tearing down in reverse.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Error, anyhow};
+use serde_json::json;
 
 use crate::build::Build;
 use crate::cmd;
 use crate::log;
+use crate::outputs::{self, StepRecord, round3};
+use crate::progress::Progress;
 use crate::step::{Plugin, Step, find};
 use crate::stepcache::{self, Cache, Role};
 
@@ -34,6 +38,17 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
         // unpacked in place of the last of them.
         if restore_at.is_some_and(|r| i <= r) && stepcache::role(step.kind) == Role::Tree {
             log::info(&format!("{head}: from the step cache"));
+            log::event(
+                "step-cached",
+                json!({
+                    "step": step.index,
+                    "steps": total,
+                    "type": step.kind,
+                    "line": step.loc.line,
+                    "description": step.describe(),
+                }),
+            );
+            record(b, step, "cached", None);
             if restore_at == Some(i) {
                 let (c, p) = cache.as_ref().expect("a restore point comes from a cache");
                 let meta = &p.restore.as_ref().expect("restore point").1;
@@ -52,19 +67,46 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
                 "{head}: skipped (unless: {})",
                 step.unless.join(", ")
             ));
+            log::event(
+                "step-skipped",
+                json!({
+                    "step": step.index,
+                    "steps": total,
+                    "type": step.kind,
+                    "line": step.loc.line,
+                    "description": step.describe(),
+                    "unless": step.unless,
+                }),
+            );
+            record(b, step, "skipped", None);
             continue;
         }
         log::info(&head);
+        log::event(
+            "step-start",
+            json!({
+                "step": step.index,
+                "steps": total,
+                "type": step.kind,
+                "line": step.loc.line,
+                "description": step.describe(),
+            }),
+        );
+        log::set_step(step.index);
         let plugin = find(plugins, step.kind).expect("validated steps have a plugin");
         // Recorded before it runs, so a step that fails half-way still gets its teardown.
         started.push(step);
         let t = Instant::now();
-        let result = plugin.run(step, b);
+        let result = {
+            let _progress = Progress::start(head.clone());
+            plugin.run(step, b)
+        };
         let secs = t.elapsed().as_secs_f64();
-        match result {
+        log::set_step(0);
+        let (status, error) = match result {
             Ok(()) if cmd::interrupted() => {
                 errors.push(anyhow!("interrupted during step {}", step.index));
-                break;
+                ("interrupted", None)
             }
             Ok(()) => {
                 log::verbose(&format!(
@@ -76,15 +118,49 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
                         save(c, &p.keys[i], step, b);
                     }
                 }
+                ("ok", None)
             }
             Err(e) => {
-                errors.push(e.context(format!(
+                let e = e.context(format!(
                     "step {} ({}) at line {} failed after {secs:.1}s",
                     step.index, step.kind, step.loc.line
-                )));
-                break;
+                ));
+                let msg = format!("{e:#}");
+                errors.push(e);
+                ("failed", Some(msg))
             }
+        };
+        let mut ev = json!({
+            "step": step.index,
+            "steps": total,
+            "type": step.kind,
+            "status": status,
+            "duration": round3(secs),
+        });
+        if let Some(m) = error {
+            ev["error"] = m.into();
         }
+        log::event("step-end", ev);
+        record(b, step, status, Some(secs));
+        if status != "ok" {
+            break;
+        }
+    }
+    if errors.is_empty() && b.opts.out.manifest {
+        // Before teardown, while the image's root is mounted.
+        match b.state.root_dir().map(Path::to_path_buf) {
+            Ok(root) => match outputs::installed_packages(&root) {
+                Ok(Some(p)) => b.report.packages = Some(p),
+                Ok(None) => {
+                    log::warn("the image has no dpkg database: the manifest lists no packages")
+                }
+                Err(e) => errors.push(e.context("listing the packages installed in the image")),
+            },
+            Err(_) => log::warn(
+                "no filesystem is mounted at / of the image at the end: the manifest lists no packages",
+            ),
+        }
+        let _ = b.save_report();
     }
     if !errors.is_empty() {
         b.state.notes.insert(BUILD_FAILED.to_string());
@@ -93,12 +169,23 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
     for step in started.iter().rev() {
         log::verbose(&format!("teardown [{}/{total}] {}", step.index, step.kind));
         let plugin = find(plugins, step.kind).expect("validated steps have a plugin");
-        if let Err(e) = plugin.teardown(step, b) {
-            errors.push(e.context(format!(
+        let t = Instant::now();
+        let r = plugin.teardown(step, b);
+        let mut ev = json!({
+            "step": step.index,
+            "type": step.kind,
+            "status": if r.is_ok() { "ok" } else { "failed" },
+            "duration": round3(t.elapsed().as_secs_f64()),
+        });
+        if let Err(e) = r {
+            let e = e.context(format!(
                 "teardown of step {} ({}) at line {}",
                 step.index, step.kind, step.loc.line
-            )));
+            ));
+            ev["error"] = format!("{e:#}").into();
+            errors.push(e);
         }
+        log::event("teardown", ev);
     }
     b.release_all_loops();
     errors
@@ -173,6 +260,21 @@ fn save(c: &Cache, key: &str, step: &Step, b: &Build) {
             "vmdb: warning: could not save to the step cache: {e:#}"
         )),
     }
+}
+
+/// Note in the report how a step went (for the manifest).
+fn record(b: &mut Build, step: &Step, status: &str, secs: Option<f64>) {
+    b.report.steps.push(StepRecord {
+        index: step.index,
+        kind: step.kind.to_string(),
+        line: step.loc.line,
+        description: step.describe(),
+        status: status.to_string(),
+        duration: secs.map(round3),
+        unless: step.unless.clone(),
+    });
+    // The report is for the parent; a build without one (a unit test) carries on.
+    let _ = b.save_report();
 }
 
 /// As the init of the build's PID namespace, end whatever the steps left running

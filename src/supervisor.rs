@@ -7,7 +7,7 @@
 //! signals, and puts the image under its final name, or removes it.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use nix::sys::wait::{WaitStatus, waitpid};
@@ -15,6 +15,7 @@ use nix::unistd::{ForkResult, Pid, fork};
 
 use crate::app::{EXIT_FAILED, Prepared};
 use crate::build::{Build, is_block_device};
+use crate::outputs::{self, Report};
 use crate::{cmd, log, mount, plugins, runner};
 
 /// Where the image goes: built under a temporary name beside the final one, or written
@@ -39,11 +40,8 @@ impl Target {
         }
         let abs = std::path::absolute(out).with_context(|| format!("output {}", out.display()))?;
         let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
-        let name = abs
-            .file_name()
-            .with_context(|| format!("output {} has no file name", out.display()))?
-            .to_string_lossy()
-            .into_owned();
+        abs.file_name()
+            .with_context(|| format!("output {} has no file name", out.display()))?;
         if !dir.is_dir() {
             bail!(
                 "cannot build {}: directory {} does not exist",
@@ -54,8 +52,8 @@ impl Target {
         if abs.is_dir() {
             bail!("cannot build {}: it is a directory", out.display());
         }
-        remove_stale(&dir, &format!(".{name}.vmdb-partial-"), "");
-        let build_path = dir.join(format!(".{name}.vmdb-partial-{}", std::process::id()));
+        outputs::remove_stale_of(&abs);
+        let build_path = outputs::temp_name(&abs, "partial", std::process::id());
         Ok(Target {
             final_path: abs,
             build_path,
@@ -67,24 +65,18 @@ impl Target {
         &self.build_path
     }
 
-    fn commit(&self) -> Result<bool> {
-        if self.device {
-            return Ok(true);
-        }
-        if !self.build_path.exists() {
-            return Ok(false);
-        }
-        std::fs::rename(&self.build_path, &self.final_path).with_context(|| {
-            format!(
-                "renaming {} to {}",
-                self.build_path.display(),
-                self.final_path.display()
-            )
-        })?;
-        Ok(true)
+    pub fn final_path(&self) -> &Path {
+        &self.final_path
     }
 
-    fn discard(&self, keep: bool) {
+    pub fn is_device(&self) -> bool {
+        self.device
+    }
+
+    /// After a failure: remove every temporary file, or keep the half-built image as
+    /// IMAGE.failed when asked to.
+    fn discard(&self, report: &Report, keep: bool) {
+        outputs::discard(report, Some(&self.build_path));
         if self.device || !self.build_path.exists() {
             return;
         }
@@ -134,39 +126,80 @@ fn mounted_part_of(dev: &Path) -> Result<Option<String>> {
 
 pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
     let started = Instant::now();
-    match supervise(p) {
-        Ok(true) => match target.commit() {
-            Ok(true) => {
-                log::info(&format!(
-                    "vmdb: built {} in {:.1}s",
-                    target.final_path.display(),
-                    started.elapsed().as_secs_f64()
-                ));
-                0
-            }
-            Ok(false) => {
-                log::info(&format!(
-                    "vmdb: done in {:.1}s (the spec made no image at {})",
-                    started.elapsed().as_secs_f64(),
-                    target.build_path.display()
-                ));
-                0
+    log::event(
+        "build-start",
+        serde_json::json!({
+            "vmdb_version": env!("CARGO_PKG_VERSION"),
+            "spec": p.name,
+            "output": target.final_path.display().to_string(),
+            "format": p.opts.out.format.name(),
+            "steps": p.steps.len(),
+        }),
+    );
+    let (result, report) = supervise(p);
+    let secs = || outputs::round3(started.elapsed().as_secs_f64());
+    let end = |code: i32, outputs: &[PathBuf]| {
+        log::event(
+            "build-end",
+            serde_json::json!({
+                "status": if code == 0 { "ok" } else { "failed" },
+                "exit_code": code,
+                "duration": secs(),
+                "outputs": outputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            }),
+        );
+        code
+    };
+    match result {
+        Ok(true) => match outputs::commit(&report) {
+            Ok(done) => {
+                let image = report
+                    .files
+                    .iter()
+                    .find(|f| f.path.as_deref() == Some(target.final_path.as_path()));
+                if image.is_some() {
+                    log::info(&format!(
+                        "vmdb: built {} in {:.1}s",
+                        target.final_path.display(),
+                        secs()
+                    ));
+                } else {
+                    log::info(&format!(
+                        "vmdb: done in {:.1}s (the spec made no image at {})",
+                        secs(),
+                        target.build_path.display()
+                    ));
+                }
+                for f in &report.files {
+                    if let Some(p) = &f.path {
+                        if p != &target.final_path {
+                            log::info(&format!("vmdb: wrote {}", p.display()));
+                        }
+                    }
+                }
+                // A spec that made no image may still have left a file at its path.
+                if image.is_none() {
+                    outputs::remove_path(&target.build_path);
+                }
+                end(0, &done)
             }
             Err(e) => {
                 log::info(&format!("vmdb: {e:#}"));
-                target.discard(false);
-                EXIT_FAILED
+                log::event("error", serde_json::json!({ "message": format!("{e:#}") }));
+                target.discard(&report, false);
+                end(EXIT_FAILED, &[])
             }
         },
         Ok(false) => {
-            target.discard(keep_failed);
+            target.discard(&report, keep_failed);
             log::info("vmdb: build failed; everything was torn down");
-            EXIT_FAILED
+            end(EXIT_FAILED, &[])
         }
         Err(e) => {
             log::info(&format!("vmdb: {e:#}"));
-            target.discard(keep_failed);
-            EXIT_FAILED
+            log::event("error", serde_json::json!({ "message": format!("{e:#}") }));
+            target.discard(&report, keep_failed);
+            end(EXIT_FAILED, &[])
         }
     }
 }
@@ -179,7 +212,7 @@ struct Scratch(PathBuf);
 impl Scratch {
     fn new() -> Result<Scratch> {
         let tmp = std::env::temp_dir();
-        remove_stale(&tmp, "vmdb-build-", "");
+        outputs::remove_stale(&tmp, "vmdb-build-", "");
         let dir = tmp.join(format!("vmdb-build-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir)
@@ -196,37 +229,21 @@ impl Drop for Scratch {
     }
 }
 
-/// Remove `PREFIX<pid>SUFFIX` entries of `dir` whose vmdb (the PID) is no longer running.
-fn remove_stale(dir: &Path, prefix: &str, suffix: &str) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+/// Fork the build into its namespaces and wait for it; true if it succeeded. Also the
+/// report the build left in its scratch directory (its files, even after a failure).
+fn supervise(p: Prepared) -> (Result<bool>, Report) {
+    let scratch = match Scratch::new() {
+        Ok(s) => s,
+        Err(e) => return (Err(e), Report::default()),
     };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(prefix)
-            .and_then(|r| r.strip_suffix(suffix))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let p = e.path();
-            let _ = if p.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-        }
-    }
+    let r = supervise_in(p, &scratch);
+    (r, Report::load(&scratch.0))
 }
 
-/// Fork the build into its namespaces and wait for it; true if it succeeded.
-fn supervise(p: Prepared) -> Result<bool> {
+fn supervise_in(p: Prepared, scratch: &Scratch) -> Result<bool> {
     if !nix::unistd::geteuid().is_root() {
         bail!("building needs root (loop devices, mounts): run vmdb with sudo");
     }
-    let scratch = Scratch::new()?;
     // A pipe whose write end only the parent holds: EOF tells the child the parent died
     // before PDEATHSIG was armed.
     let (alive_r, alive_w) = nix::unistd::pipe().context("creating a pipe")?;
@@ -241,8 +258,6 @@ fn supervise(p: Prepared) -> Result<bool> {
         ForkResult::Child => {
             drop(alive_w);
             let code = child_main(p, scratch.0.clone(), alive_r);
-            // Not through Drop: the parent removes the scratch directory.
-            std::mem::forget(scratch);
             std::process::exit(code);
         }
         ForkResult::Parent { child } => {
@@ -298,10 +313,22 @@ fn child_main(p: Prepared, workdir: PathBuf, alive: std::os::fd::OwnedFd) -> i32
         log::info(&format!("vmdb: {e:#}"));
         return EXIT_FAILED;
     }
+    let started = SystemTime::now();
+    let t = Instant::now();
     let mut b = Build::in_workdir(p.opts, workdir);
-    let errors = runner::run(&p.steps, plugins::ALL, &mut b);
+    let mut errors = runner::run(&p.steps, plugins::ALL, &mut b);
+    if errors.is_empty() && !cmd::interrupted() {
+        let secs = t.elapsed().as_secs_f64();
+        if let Err(e) = outputs::finish(&mut b, started, secs) {
+            errors.push(e.context("handing over the outputs"));
+        } else if cmd::interrupted() {
+            errors.push(anyhow::anyhow!(
+                "interrupted while handing over the outputs"
+            ));
+        }
+    }
     for e in &errors {
-        log::info(&format!("vmdb: error: {e:#}"));
+        log::error(&format!("{e:#}"));
     }
     if errors.is_empty() { 0 } else { EXIT_FAILED }
 }

@@ -7,6 +7,7 @@ pub mod ansible;
 pub mod apt;
 pub mod cache_rootfs;
 pub mod chroot;
+pub mod cloud_init_seed;
 pub mod copy_dir;
 pub mod copy_file;
 pub mod create_dir;
@@ -30,6 +31,7 @@ pub mod resize_rootfs;
 pub mod set_part_flag;
 pub mod shell;
 pub mod unpack_rootfs;
+pub mod vagrant;
 pub mod vgcreate;
 pub mod virtual_filesystems;
 
@@ -67,6 +69,8 @@ pub static ALL: &[&dyn Plugin] = &[
     &shell::Shell,
     &grub::Grub,
     &resize_rootfs::ResizeRootfs,
+    &vagrant::Vagrant,
+    &cloud_init_seed::CloudInitSeed,
     &echo::Echo,
     &error::Error,
 ];

@@ -1,0 +1,743 @@
+//! What a build hands over: the image in the format asked for (raw, qcow2, vmdk, vdi,
+//! a Vagrant box), files that steps make beside it (a cloud-init seed), a `.sha256`
+//! file for each, and a manifest.
+//!
+//! Everything is written under a temporary name beside its final one
+//! (`.NAME.vmdb-partial-PID`, PID being vmdb's, the parent's). The build process (the
+//! child, in its namespaces) makes the files; it lists each in the report
+//! (`report.json` in the scratch directory, see `Report`) BEFORE it creates it, so that
+//! the parent knows every temporary file even when the build is killed. The parent
+//! renames them all into place when the build succeeded, or removes them all.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::build::Build;
+use crate::cmd::Cmd;
+use crate::log;
+
+/// The format of the finished image (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// The raw disk image the steps wrote
+    #[default]
+    Raw,
+    /// QEMU copy-on-write (compressed clusters with --compress)
+    Qcow2,
+    /// VMware disk (stream-optimized, compressed, with --compress)
+    Vmdk,
+    /// VirtualBox disk
+    Vdi,
+    /// A Vagrant box for the libvirt provider (box.img in qcow2)
+    VagrantLibvirt,
+    /// A Vagrant box for the VirtualBox provider (vmdk and box.ovf)
+    VagrantVirtualbox,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Vmdk => "vmdk",
+            Format::Vdi => "vdi",
+            Format::VagrantLibvirt => "vagrant-libvirt",
+            Format::VagrantVirtualbox => "vagrant-virtualbox",
+        }
+    }
+
+    /// Whether `--compress` means something for this format.
+    pub fn compressible(self) -> bool {
+        !matches!(self, Format::Raw | Format::Vdi)
+    }
+}
+
+/// What the build needs to know to hand over its outputs.
+#[derive(Debug, Clone, Default)]
+pub struct OutputOptions {
+    pub format: Format,
+    pub compress: bool,
+    /// Write FILE.sha256 beside every output.
+    pub checksums: bool,
+    /// Write IMAGE.manifest.json.
+    pub manifest: bool,
+    /// The image's final name (None in unit tests: nothing is handed over).
+    pub final_path: Option<PathBuf>,
+    /// Where the steps write the raw image (the template variable `output`).
+    pub build_path: PathBuf,
+    /// The output is a block device, written in place.
+    pub device: bool,
+    /// vmdb's PID (the parent's: the build itself is PID 1 in its namespace), in the
+    /// temporary names.
+    pub owner_pid: u32,
+    /// The spec's name and text, for the manifest.
+    pub spec_name: String,
+    pub spec_text: String,
+}
+
+impl OutputOptions {
+    pub fn pid(&self) -> u32 {
+        if self.owner_pid == 0 {
+            std::process::id()
+        } else {
+            self.owner_pid
+        }
+    }
+}
+
+/// One file the build writes under a temporary name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutFile {
+    /// The temporary name it is written under.
+    pub partial: PathBuf,
+    /// Its final name; None for a temporary file (or directory) that is always removed.
+    pub path: Option<PathBuf>,
+    /// image, cloud-init-seed, checksum, manifest, or temporary.
+    pub kind: String,
+    pub format: Option<String>,
+    /// Filled in when the file is complete.
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub index: usize,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub line: usize,
+    pub description: String,
+    /// ok, failed, interrupted or skipped.
+    pub status: String,
+    /// Seconds; absent for a skipped step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub unless: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+}
+
+/// What the build process tells vmdb (the parent), through `report.json` in the
+/// scratch directory: the files to rename or remove, and what the manifest needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// In the order they are to be renamed into place.
+    pub files: Vec<OutFile>,
+    pub steps: Vec<StepRecord>,
+    /// Installed in the image (None when the image has no dpkg database or it was
+    /// not asked for).
+    pub packages: Option<Vec<Package>>,
+}
+
+pub const REPORT: &str = "report.json";
+
+impl Report {
+    /// Read the report the build wrote into `workdir`; an empty one if there is none.
+    pub fn load(workdir: &Path) -> Report {
+        std::fs::read(workdir.join(REPORT))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Write it into `workdir`, atomically (a killed build leaves the previous one).
+    pub fn save(&self, workdir: &Path) -> Result<()> {
+        let tmp = workdir.join(format!("{REPORT}.new"));
+        let data = serde_json::to_vec(self).context("encoding the build report")?;
+        std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, workdir.join(REPORT))
+            .with_context(|| format!("writing {}", workdir.join(REPORT).display()))
+    }
+
+    /// Outputs that get a final name, other than checksums and the manifest.
+    pub fn outputs(&self) -> impl Iterator<Item = &OutFile> {
+        self.files
+            .iter()
+            .filter(|f| f.path.is_some() && f.kind != "checksum" && f.kind != "manifest")
+    }
+}
+
+/// `DIR/.NAME.vmdb-WHAT-PID` for `DIR/NAME`.
+pub fn temp_name(path: &Path, what: &str, pid: u32) -> PathBuf {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    dir.join(format!(".{name}.vmdb-{what}-{pid}"))
+}
+
+/// The kinds of temporary names vmdb writes beside an output.
+pub const TEMP_KINDS: &[&str] = &["partial", "converting", "box"];
+
+/// Remove the temporary files of `path` (every kind) left by a vmdb that is no longer
+/// running (killed with SIGKILL before it could clean up).
+pub fn remove_stale_of(path: &Path) {
+    let Some(dir) = path.parent() else {
+        return;
+    };
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    for what in TEMP_KINDS {
+        remove_stale(dir, &format!(".{name}.vmdb-{what}-"), "");
+    }
+}
+
+/// Remove `PREFIX<pid>SUFFIX` entries of `dir` whose vmdb (the PID) is no longer running.
+pub fn remove_stale(dir: &Path, prefix: &str, suffix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(suffix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            remove_path(&e.path());
+        }
+    }
+}
+
+/// Remove a file or a directory tree; quietly if it is not there.
+pub fn remove_path(p: &Path) {
+    let r = match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(_) => return,
+    };
+    if let Err(e) = r {
+        log::info(&format!("vmdb: could not remove {}: {e}", p.display()));
+    }
+}
+
+impl Build {
+    fn report_dir(&self) -> &Path {
+        self.workdir()
+    }
+
+    /// Write the report for the parent (after every change to it).
+    pub fn save_report(&self) -> Result<()> {
+        self.report.save(self.report_dir())
+    }
+
+    /// Register an output file that a step is about to write: returns the temporary
+    /// name to write it under. It gets `path` when the build succeeds, and is removed
+    /// otherwise. Relative paths are relative to the current directory (as --output).
+    pub fn add_output(&mut self, path: &Path, kind: &str, format: Option<&str>) -> Result<PathBuf> {
+        let path =
+            std::path::absolute(path).with_context(|| format!("output {}", path.display()))?;
+        if path.file_name().is_none() {
+            bail!("output {} has no file name", path.display());
+        }
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        if !dir.is_dir() {
+            bail!(
+                "cannot write {}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
+        }
+        if path.is_dir() {
+            bail!("cannot write {}: it is a directory", path.display());
+        }
+        if let Some(f) = self
+            .report
+            .files
+            .iter()
+            .find(|f| f.path.as_ref() == Some(&path))
+        {
+            bail!(
+                "{} is written twice by this build (already as {})",
+                path.display(),
+                f.kind
+            );
+        }
+        remove_stale_of(&path);
+        let partial = temp_name(&path, "partial", self.opts.out.pid());
+        self.report.files.push(OutFile {
+            partial: partial.clone(),
+            path: Some(path),
+            kind: kind.to_string(),
+            format: format.map(str::to_string),
+            size: None,
+            sha256: None,
+        });
+        self.save_report()?;
+        Ok(partial)
+    }
+
+    /// Register a temporary file or directory, removed whatever happens.
+    pub fn add_temporary(&mut self, p: &Path) -> Result<()> {
+        self.report.files.push(OutFile {
+            partial: p.to_path_buf(),
+            path: None,
+            kind: "temporary".into(),
+            format: None,
+            size: None,
+            sha256: None,
+        });
+        self.save_report()
+    }
+}
+
+/// The packages installed in the image whose root is at `root` (from its dpkg
+/// database; dpkg-query of the host reads it, nothing runs in the image).
+pub fn installed_packages(root: &Path) -> Result<Option<Vec<Package>>> {
+    let admindir = root.join("var/lib/dpkg");
+    if !admindir.join("status").is_file() {
+        return Ok(None);
+    }
+    let out = Cmd::new("dpkg-query")
+        .arg(format!("--admindir={}", admindir.display()))
+        .args([
+            "-W",
+            "-f",
+            "${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n",
+        ])
+        .run()?;
+    Ok(Some(parse_packages(&out)))
+}
+
+/// Lines of `STATUS\tNAME\tVERSION\tARCH`; only installed packages ("ii").
+pub fn parse_packages(out: &str) -> Vec<Package> {
+    let mut v: Vec<Package> = out
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            match f.as_slice() {
+                [status, name, version, arch] if status.trim() == "ii" => Some(Package {
+                    name: name.to_string(),
+                    version: version.to_string(),
+                    architecture: arch.to_string(),
+                }),
+                _ => None,
+            }
+        })
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+/// After the steps and their teardown succeeded, in the build process: convert the
+/// image, make the box, the checksums and the manifest, all under temporary names.
+pub fn finish(b: &mut Build, started: std::time::SystemTime, duration: f64) -> Result<()> {
+    let o = b.opts.out.clone();
+    let Some(final_path) = o.final_path.clone() else {
+        return Ok(());
+    };
+    let pid = o.pid();
+    if o.device {
+        let size = Cmd::new("blockdev")
+            .arg("--getsize64")
+            .arg(&final_path)
+            .run()
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        b.report.files.insert(
+            0,
+            OutFile {
+                partial: final_path.clone(),
+                path: Some(final_path.clone()),
+                kind: "image".into(),
+                format: Some("raw".into()),
+                size,
+                sha256: None,
+            },
+        );
+        b.save_report()?;
+    } else if o.build_path.exists() {
+        convert(b, &o, &final_path, pid)?;
+    } else {
+        log::warn(&format!(
+            "the spec made no image at {} (nothing to convert or checksum)",
+            final_path.display()
+        ));
+    }
+
+    let want_sums = o.checksums || o.manifest;
+    let n = b.report.files.len();
+    for i in 0..n {
+        let f = &b.report.files[i];
+        if f.path.is_none() || o.device && f.partial == final_path {
+            continue;
+        }
+        let size = std::fs::metadata(&f.partial)
+            .with_context(|| format!("output {}", f.partial.display()))?
+            .len();
+        let sha = if want_sums {
+            Some(sha256_file(&f.partial)?)
+        } else {
+            None
+        };
+        let f = &mut b.report.files[i];
+        f.size = Some(size);
+        f.sha256 = sha;
+    }
+    b.save_report()?;
+
+    if o.checksums {
+        let outs: Vec<OutFile> = b.report.outputs().cloned().collect();
+        for f in outs {
+            let (Some(path), Some(sum)) = (f.path.as_ref(), f.sha256.as_ref()) else {
+                continue;
+            };
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let sum_path = PathBuf::from(format!("{}.sha256", path.display()));
+            let partial = b.add_output(&sum_path, "checksum", None)?;
+            write_file(&partial, format!("{sum}  {name}\n").as_bytes())?;
+        }
+    }
+    if o.manifest {
+        let m = manifest(b, &o, started, duration);
+        let path = PathBuf::from(format!("{}.manifest.json", final_path.display()));
+        let partial = b.add_output(&path, "manifest", None)?;
+        let mut text = serde_json::to_string_pretty(&m).context("encoding the manifest")?;
+        text.push('\n');
+        write_file(&partial, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn write_file(p: &Path, data: &[u8]) -> Result<()> {
+    std::fs::write(p, data).with_context(|| format!("writing {}", p.display()))
+}
+
+pub fn sha256_file(p: &Path) -> Result<String> {
+    let out = Cmd::new("sha256sum").arg("--binary").arg(p).run()?;
+    first_word(&out)
+}
+
+pub fn sha256_bytes(data: &[u8]) -> Result<String> {
+    let out = Cmd::new("sha256sum").stdin(data.to_vec()).run()?;
+    first_word(&out)
+}
+
+fn first_word(out: &str) -> Result<String> {
+    let w = out.split_whitespace().next().unwrap_or("").to_string();
+    if w.len() != 64 {
+        bail!("unexpected output of sha256sum: {out}");
+    }
+    Ok(w)
+}
+
+/// The image in its final format, under a temporary name registered for its final one.
+fn convert(b: &mut Build, o: &OutputOptions, final_path: &Path, pid: u32) -> Result<()> {
+    let raw = o.build_path.clone();
+    if o.format == Format::Raw {
+        b.report.files.insert(
+            0,
+            OutFile {
+                partial: raw,
+                path: Some(final_path.to_path_buf()),
+                kind: "image".into(),
+                format: Some("raw".into()),
+                size: None,
+                sha256: None,
+            },
+        );
+        return b.save_report();
+    }
+    let out = temp_name(final_path, "converting", pid);
+    b.report.files.insert(
+        0,
+        OutFile {
+            partial: out.clone(),
+            path: Some(final_path.to_path_buf()),
+            kind: if matches!(o.format, Format::VagrantLibvirt | Format::VagrantVirtualbox) {
+                "vagrant-box".into()
+            } else {
+                "image".into()
+            },
+            format: Some(o.format.name().into()),
+            size: None,
+            sha256: None,
+        },
+    );
+    b.add_temporary(&raw)?;
+    let virtual_size = std::fs::metadata(&raw)
+        .with_context(|| format!("image {}", raw.display()))?
+        .len();
+    match o.format {
+        Format::Raw => {}
+        Format::Qcow2 | Format::Vmdk | Format::Vdi => {
+            log::info(&format!(
+                "vmdb: converting the image to {}{}",
+                o.format.name(),
+                if o.compress { " (compressed)" } else { "" }
+            ));
+            qemu_img_convert(&raw, &out, o.format.name(), o.compress)?;
+        }
+        Format::VagrantLibvirt | Format::VagrantVirtualbox => {
+            log::info(&format!("vmdb: making a {} box", o.format.name()));
+            let dir = temp_name(final_path, "box", pid);
+            b.add_temporary(&dir)?;
+            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let name = final_path
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let files = if o.format == Format::VagrantLibvirt {
+                crate::vagrant_box::libvirt(&raw, &dir, virtual_size)?
+            } else {
+                crate::vagrant_box::virtualbox(&raw, &dir, virtual_size, &name)?
+            };
+            let mut tar = Cmd::new("tar")
+                .arg("--create")
+                .arg("--file")
+                .arg(&out)
+                .arg("--directory")
+                .arg(&dir)
+                .args(["--owner=0", "--group=0", "--numeric-owner"]);
+            if o.compress {
+                tar = tar.arg("--gzip");
+            }
+            tar.args(&files).run()?;
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    // The raw image is no longer needed: free its space now.
+    std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
+    Ok(())
+}
+
+/// `qemu-img convert` from raw to `format`; compressed: qcow2 clusters, or a
+/// stream-optimized vmdk.
+pub fn qemu_img_convert(raw: &Path, out: &Path, format: &str, compress: bool) -> Result<()> {
+    let mut c = Cmd::new("qemu-img").args(["convert", "-f", "raw", "-O", format]);
+    match format {
+        "qcow2" if compress => c = c.arg("-c"),
+        "vmdk" if compress => c = c.args(["-o", "subformat=streamOptimized"]),
+        _ => {}
+    }
+    c.arg(raw).arg(out).run()?;
+    Ok(())
+}
+
+/// The manifest (docs/manifest.md).
+fn manifest(
+    b: &Build,
+    o: &OutputOptions,
+    started: std::time::SystemTime,
+    duration: f64,
+) -> serde_json::Value {
+    let built = o.build_path.display().to_string();
+    let shown = o
+        .final_path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let vars: BTreeMap<&String, String> = b
+        .opts
+        .vars
+        .iter()
+        .map(|(k, v)| (k, v.replace(&built, &shown)))
+        .collect();
+    let outputs: Vec<serde_json::Value> = b
+        .report
+        .outputs()
+        .map(|f| {
+            let path = f.path.as_ref().expect("outputs have a path");
+            serde_json::json!({
+                "path": path.display().to_string(),
+                "name": path.file_name().unwrap_or_default().to_string_lossy(),
+                "kind": f.kind,
+                "format": f.format,
+                "size": f.size,
+                "sha256": f.sha256,
+            })
+        })
+        .collect();
+    let steps: Vec<StepRecord> = b
+        .report
+        .steps
+        .iter()
+        .map(|s| StepRecord {
+            description: s.description.replace(&built, &shown),
+            ..s.clone()
+        })
+        .collect();
+    let started = started
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    serde_json::json!({
+        "manifest_version": 1,
+        "vmdb_version": env!("CARGO_PKG_VERSION"),
+        "spec": {
+            "name": o.spec_name,
+            "sha256": sha256_bytes(o.spec_text.as_bytes()).ok(),
+        },
+        "variables": vars,
+        "format": o.format.name(),
+        "compressed": o.compress && o.format.compressible(),
+        "started": started,
+        "duration": round3(duration),
+        "steps": steps,
+        "packages": b.report.packages,
+        "outputs": outputs,
+    })
+}
+
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// In vmdb (the parent) after a successful build: rename every output into place, in
+/// order, then remove the temporary files. All or nothing: if a rename fails, what was
+/// renamed already is removed again. Returns the final paths.
+pub fn commit(report: &Report) -> Result<Vec<PathBuf>> {
+    let mut done: Vec<PathBuf> = Vec::new();
+    for f in &report.files {
+        let Some(path) = &f.path else {
+            continue;
+        };
+        if &f.partial != path {
+            if let Err(e) = std::fs::rename(&f.partial, path) {
+                for p in &done {
+                    remove_path(p);
+                }
+                discard(report, None);
+                return Err(e).with_context(|| {
+                    format!("renaming {} to {}", f.partial.display(), path.display())
+                });
+            }
+        }
+        done.push(path.clone());
+    }
+    for f in &report.files {
+        if f.path.is_none() {
+            remove_path(&f.partial);
+        }
+    }
+    Ok(done)
+}
+
+/// Remove every temporary file of a failed build, but keep `keep` (the half-built
+/// image, for --keep-failed).
+pub fn discard(report: &Report, keep: Option<&Path>) {
+    for f in &report.files {
+        if Some(f.partial.as_path()) == keep || f.path.as_ref() == Some(&f.partial) {
+            continue;
+        }
+        remove_path(&f.partial);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_carry_the_pid() {
+        assert_eq!(
+            temp_name(Path::new("/srv/x.qcow2"), "converting", 42),
+            PathBuf::from("/srv/.x.qcow2.vmdb-converting-42")
+        );
+    }
+
+    #[test]
+    fn only_installed_packages_sorted() {
+        let out =
+            "ii \tzlib1g\t1:1.2.13\tamd64\nrc \told\t1\tamd64\nii \tbase-files\t12.4\tamd64\n";
+        assert_eq!(
+            parse_packages(out),
+            vec![
+                Package {
+                    name: "base-files".into(),
+                    version: "12.4".into(),
+                    architecture: "amd64".into()
+                },
+                Package {
+                    name: "zlib1g".into(),
+                    version: "1:1.2.13".into(),
+                    architecture: "amd64".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn sha256_of_bytes() {
+        assert_eq!(
+            sha256_bytes(b"abc").unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn report_round_trip_and_commit_order() {
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        std::fs::write(p(".a.vmdb-partial-1"), "a").unwrap();
+        std::fs::write(p(".a.sha256.vmdb-partial-1"), "s").unwrap();
+        std::fs::write(p(".a.vmdb-partial-1.raw"), "r").unwrap();
+        let file = |partial: &str, path: Option<&str>, kind: &str| OutFile {
+            partial: p(partial),
+            path: path.map(p),
+            kind: kind.into(),
+            format: None,
+            size: None,
+            sha256: None,
+        };
+        let r = Report {
+            files: vec![
+                file(".a.vmdb-partial-1", Some("a"), "image"),
+                file(".a.vmdb-partial-1.raw", None, "temporary"),
+                file(".a.sha256.vmdb-partial-1", Some("a.sha256"), "checksum"),
+            ],
+            ..Report::default()
+        };
+        r.save(d.path()).unwrap();
+        let r = Report::load(d.path());
+        assert_eq!(r.outputs().count(), 1);
+        assert_eq!(commit(&r).unwrap(), vec![p("a"), p("a.sha256")]);
+        let mut names: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "a.sha256", "report.json"]);
+    }
+
+    #[test]
+    fn failed_commit_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        std::fs::write(p(".a.vmdb-partial-1"), "a").unwrap();
+        let r = Report {
+            files: vec![
+                OutFile {
+                    partial: p(".a.vmdb-partial-1"),
+                    path: Some(p("a")),
+                    kind: "image".into(),
+                    format: None,
+                    size: None,
+                    sha256: None,
+                },
+                OutFile {
+                    partial: p(".b.vmdb-partial-1"),
+                    path: Some(p("b")),
+                    kind: "checksum".into(),
+                    format: None,
+                    size: None,
+                    sha256: None,
+                },
+            ],
+            ..Report::default()
+        };
+        assert!(commit(&r).is_err());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+}
