@@ -291,10 +291,28 @@ pub fn keys(steps: &[Step], opts: &Options) -> Result<Vec<String>> {
     for s in steps {
         let mut h = Sha256::new();
         h.update(prev.as_bytes());
-        let mut text = format!(
-            "{}\n{:?}\n{:?}\n{:?}\n",
-            s.kind, s.value.val, s.params, s.unless
-        );
+        let mut text = match role(s.kind) {
+            // A setup step matters to the tree only by where it mounts a filesystem:
+            // the image's size or partitioning does not change what debootstrap makes.
+            Role::Setup if s.kind == "mount" => format!(
+                "mount {:?} on {:?}\n",
+                s.opt_str("dirname").unwrap_or("/"),
+                s.opt_str("mount-on")
+            ),
+            Role::Setup => String::new(),
+            // Values only, not where they stand: a comment added above a step
+            // changes nothing.
+            _ => format!(
+                "{}\n{:?}\n{:?}\n{:?}\n",
+                s.kind,
+                s.value.val,
+                s.params
+                    .iter()
+                    .map(|(k, p)| (k, &p.val))
+                    .collect::<Vec<_>>(),
+                s.unless
+            ),
+        };
         for b in &built {
             text = text.replace(b.as_str(), "@OUTPUT@");
         }
@@ -506,6 +524,28 @@ mod tests {
             ],
         );
         assert_eq!(keys(&s2, &o).unwrap(), k1);
+        // A comment above a step moves it down a line: nothing changes.
+        let s5 = steps_in(
+            d.path(),
+            &[
+                SPEC[0],
+                &format!("# a comment\n{}", SPEC[1]),
+                SPEC[2],
+                SPEC[3],
+            ],
+        );
+        assert_eq!(keys(&s5, &opts(d.path())).unwrap(), k1);
+        // Another image size: the tree does not depend on it.
+        let s4 = steps_in(
+            d.path(),
+            &[
+                "mkimg: \"/x/.a.img.vmdb-partial-1\"\nsize: 2G",
+                SPEC[1],
+                SPEC[2],
+                SPEC[3],
+            ],
+        );
+        assert_eq!(keys(&s4, &opts(d.path())).unwrap()[1..], k1[1..]);
         // A copied file changes: that step and later ones change, earlier ones do not.
         std::fs::write(d.path().join("b.txt"), "two").unwrap();
         let k2 = keys(&s, &opts(d.path())).unwrap();
