@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The vmdb binary, with a step cache of this test process's own (never the
-/// machine's /var/cache/vmdb), so tests do not see each other's or earlier runs' states.
+/// The vmdb binary, with the test run's own caches (never the machine's
+/// /var/cache/vmdb): the end-to-end tests share their package downloads and image trees.
 pub fn vmdb() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vmdb"));
     c.env("VMDB_CACHE_DIR", test_cache_dir());
@@ -14,7 +14,7 @@ pub fn vmdb() -> Command {
 }
 
 pub fn test_cache_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cache-{}", std::process::id()))
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cache")
 }
 
 pub struct Run {
