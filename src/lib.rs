@@ -1,6 +1,7 @@
 //! vmdb: build disk images from a YAML spec of steps.
 
 pub mod app;
+pub mod binfmt;
 pub mod blockdev;
 pub mod boot;
 pub mod build;

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
+use crate::binfmt;
 use crate::build::Build;
 use crate::chroot;
 use crate::cmd::Cmd;
@@ -27,7 +28,11 @@ static SPEC: StepSpec = StepSpec {
             Kind::Str,
             "the Debian mirror (default: the host's apt configuration's)",
         ),
-        Key::opt("arch", Kind::Str, "architecture (default: the host's)"),
+        Key::opt(
+            "arch",
+            Kind::Str,
+            "Debian architecture (default: the host's); a foreign one runs through qemu-user-static",
+        ),
         Key::opt(
             "variant",
             Kind::Str,
@@ -91,24 +96,23 @@ pub fn argv(a: &Args) -> Vec<String> {
     v
 }
 
-/// Anything in `dir` but lost+found.
+/// Anything in `dir` but lost+found and trees of empty directories: those are the
+/// mount points of filesystems mounted below the target (an ESP at /boot/efi).
 fn non_empty(dir: &Path) -> Result<Vec<String>> {
     let mut found: Vec<String> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "lost+found" && !only_dirs(&e.path()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "lost+found")
         .collect();
     found.sort();
     Ok(found)
 }
 
-fn host_arch() -> Result<String> {
-    Ok(Cmd::new("dpkg")
-        .arg("--print-architecture")
-        .run()?
-        .trim()
-        .to_string())
+/// `p` is a directory (not a symbolic link) holding nothing but such directories.
+fn only_dirs(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+        && std::fs::read_dir(p).is_ok_and(|rd| rd.flatten().all(|e| only_dirs(&e.path())))
 }
 
 impl Plugin for Debootstrap {
@@ -126,6 +130,16 @@ impl Plugin for Debootstrap {
                 "debootstrap",
                 format!("'{}' is not a suite name", step.arg()),
             );
+        }
+        if let Some(arch) = step.opt_str("arch") {
+            match binfmt::host_arch() {
+                Ok(host) => {
+                    if let Some(p) = binfmt::problem(&host, arch) {
+                        c.err("arch", p);
+                    }
+                }
+                Err(e) => c.err("arch", format!("{e:#}")),
+            }
         }
         if step.opt_str("mirror").is_none() && mirror::host_default().is_none() {
             c.err(
@@ -156,8 +170,10 @@ impl Plugin for Debootstrap {
         };
         let arch = match step.opt_str("arch") {
             Some(a) => a.to_string(),
-            None => host_arch()?,
+            None => binfmt::host_arch()?,
         };
+        // debootstrap's second stage runs the image's programs in a chroot.
+        binfmt::ensure(&arch)?;
         let args = Args {
             suite: step.arg().to_string(),
             target: dir.display().to_string(),
@@ -291,8 +307,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("lost+found")).unwrap();
         assert!(non_empty(d.path()).unwrap().is_empty());
+        // The mount point of an ESP mounted at /boot/efi before debootstrap runs.
+        std::fs::create_dir_all(d.path().join("boot/efi")).unwrap();
+        assert!(non_empty(d.path()).unwrap().is_empty());
         std::fs::write(d.path().join("etc"), "").unwrap();
         assert_eq!(non_empty(d.path()).unwrap(), ["etc"]);
+        std::fs::write(d.path().join("boot/efi/x"), "").unwrap();
+        assert_eq!(non_empty(d.path()).unwrap(), ["boot", "etc"]);
     }
 
     #[test]
