@@ -22,6 +22,9 @@ use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Grub;
 
+/// Owner of what a chroot needs while the grub step installs GRUB's modules in the image.
+const APT_OWNER: &str = "grub";
+
 static SPEC: StepSpec = StepSpec {
     name: "grub",
     value: Kind::Str,
@@ -151,6 +154,11 @@ impl Plugin for Grub {
             }
         }
     }
+
+    fn teardown(&self, _step: &Step, b: &mut Build) -> Result<()> {
+        // Only what an installation of GRUB's modules in the image left half-way.
+        crate::chroot::leave(b, APT_OWNER)
+    }
 }
 
 fn install_bios(b: &mut Build, disk: &Path, root_dir: &Path, boot_fs: &str) -> Result<()> {
@@ -185,7 +193,18 @@ fn install_uefi(
         "arm64" => ("arm64-efi", "BOOTAA64.EFI"),
         other => bail!("no UEFI GRUB platform known for architecture '{other}'"),
     };
-    let lib = efi_modules(root_dir, platform, &arch)?;
+    let lib = match efi_modules(root_dir, platform, &arch) {
+        Ok(lib) => lib,
+        Err(_) => {
+            // As vmdb2 does: install GRUB for the image's platform in the image.
+            let pkg = format!("grub-efi-{arch}-bin");
+            crate::log::info(&format!(
+                "  the host has no GRUB modules for {platform}: installing {pkg} in the image"
+            ));
+            crate::plugins::apt::install(b, root_dir, &[pkg], false, true, APT_OWNER)?;
+            efi_modules(root_dir, platform, &arch)?
+        }
+    };
     // Modules beside grub.cfg, so that insmod works after the early config hands over.
     let mod_dir = in_image(root_dir, &format!("/boot/grub/{platform}"))?;
     std::fs::create_dir_all(&mod_dir)?;
@@ -282,11 +301,12 @@ fn efi_modules(root_dir: &Path, platform: &str, arch: &str) -> Result<PathBuf> {
     )
 }
 
-/// The serial console's kernel device: the PC's 16550 UART, or the PL011 of ARM
-/// machines.
+/// The serial console's kernel device: the PC's 16550 UART, the PL011 of ARM
+/// machines, the hypervisor console of POWER.
 fn serial_device(arch: &str) -> &'static str {
     match arch {
         "arm64" | "armhf" | "armel" => "ttyAMA0",
+        "ppc64el" | "ppc64" => "hvc0",
         _ => "ttyS0",
     }
 }
