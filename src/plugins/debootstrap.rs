@@ -141,6 +141,12 @@ impl Plugin for Debootstrap {
                 Err(e) => c.err("arch", format!("{e:#}")),
             }
         }
+        if step.opt_str("mirror").is_some_and(|m| m.trim().is_empty()) {
+            c.err(
+                "mirror",
+                "the mirror is empty: give a URL, or leave the key out for the host's mirror",
+            );
+        }
         if step.opt_str("mirror").is_none() && mirror::host_default().is_none() {
             c.err(
                 "debootstrap",
@@ -298,6 +304,23 @@ mod tests {
             ),
             [
                 "tag 'unmounted' is not mounted at this point: add a 'mount: unmounted' step before this one"
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_mirror_and_unknown_arch() {
+        assert_eq!(
+            testing::errors(
+                "steps:\n  - debootstrap: bookworm\n    target: /\n    mirror: \"\"\n    arch: vax\n"
+            ),
+            [
+                "the mirror is empty: give a URL, or leave the key out for the host's mirror"
+                    .to_string(),
+                format!(
+                    "vmdb does not know how to run 'vax' programs on this {} host",
+                    binfmt::host_arch().unwrap()
+                )
             ]
         );
     }
