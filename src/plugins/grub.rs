@@ -187,22 +187,22 @@ fn install_uefi(
     boot_fs: &str,
 ) -> Result<()> {
     let arch = image_arch(root_dir)?;
-    let (platform, loader) = match arch.as_str() {
-        "amd64" => ("x86_64-efi", "BOOTX64.EFI"),
-        "i386" => ("i386-efi", "BOOTIA32.EFI"),
-        "arm64" => ("arm64-efi", "BOOTAA64.EFI"),
+    // GRUB's platform, the removable path's loader, and the Debian package of the modules.
+    let (platform, loader, pkg) = match arch.as_str() {
+        "amd64" => ("x86_64-efi", "BOOTX64.EFI", "grub-efi-amd64-bin"),
+        "i386" => ("i386-efi", "BOOTIA32.EFI", "grub-efi-ia32-bin"),
+        "arm64" => ("arm64-efi", "BOOTAA64.EFI", "grub-efi-arm64-bin"),
         other => bail!("no UEFI GRUB platform known for architecture '{other}'"),
     };
-    let lib = match efi_modules(root_dir, platform, &arch) {
+    let lib = match efi_modules(root_dir, platform, pkg) {
         Ok(lib) => lib,
         Err(_) => {
             // As vmdb2 does: install GRUB for the image's platform in the image.
-            let pkg = format!("grub-efi-{arch}-bin");
             crate::log::info(&format!(
                 "  the host has no GRUB modules for {platform}: installing {pkg} in the image"
             ));
-            crate::plugins::apt::install(b, root_dir, &[pkg], false, true, APT_OWNER)?;
-            efi_modules(root_dir, platform, &arch)?
+            crate::plugins::apt::install(b, root_dir, &[pkg.to_string()], false, true, APT_OWNER)?;
+            efi_modules(root_dir, platform, pkg)?
         }
     };
     // Modules beside grub.cfg, so that insmod works after the early config hands over.
@@ -282,7 +282,7 @@ fn install_uefi(
 /// The directory of GRUB's modules for `platform`: the host's, else the image's. Debian
 /// builds grub-efi-arm64-bin for arm64 only, so an amd64 host cannot install it; an
 /// arm64 image can (and the host's grub-mkimage makes images for every platform).
-fn efi_modules(root_dir: &Path, platform: &str, arch: &str) -> Result<PathBuf> {
+fn efi_modules(root_dir: &Path, platform: &str, pkg: &str) -> Result<PathBuf> {
     let host = PathBuf::from("/usr/lib/grub").join(platform);
     if host.join("kernel.img").is_file() {
         return Ok(host);
@@ -296,7 +296,7 @@ fn efi_modules(root_dir: &Path, platform: &str, arch: &str) -> Result<PathBuf> {
     }
     bail!(
         "GRUB's {platform} modules are neither on the host ({}) nor in the image: install \
-         grub-efi-{arch}-bin on the host, or in the image (an apt step before this one)",
+         {pkg} on the host, or in the image (an apt step before this one)",
         host.display()
     )
 }
@@ -483,7 +483,7 @@ mod tests {
     #[test]
     fn efi_modules_from_the_image_when_the_host_has_none() {
         let d = tempfile::tempdir().unwrap();
-        let e = efi_modules(d.path(), "no-such-efi", "nope")
+        let e = efi_modules(d.path(), "no-such-efi", "grub-efi-nope-bin")
             .unwrap_err()
             .to_string();
         assert_eq!(
@@ -495,7 +495,10 @@ mod tests {
         let lib = d.path().join("usr/lib/grub/no-such-efi");
         std::fs::create_dir_all(&lib).unwrap();
         std::fs::write(lib.join("kernel.img"), b"").unwrap();
-        assert_eq!(efi_modules(d.path(), "no-such-efi", "nope").unwrap(), lib);
+        assert_eq!(
+            efi_modules(d.path(), "no-such-efi", "grub-efi-nope-bin").unwrap(),
+            lib
+        );
     }
 
     #[test]
