@@ -295,27 +295,34 @@ mod tests {
         assert_eq!(image_arch(d.path()).unwrap().as_deref(), Some("arm64"));
     }
 
-    /// Turns qemu-aarch64 off, then lets `ensure` turn it back on: needs root and
-    /// qemu-user-static.
+    /// Registers, disables and re-enables qemu-m68k (an interpreter no build here uses,
+    /// so builds running meanwhile are not disturbed): needs root and qemu-user-static.
     #[test]
-    fn ensure_enables_the_interpreter() {
+    fn ensure_registers_and_enables_the_interpreter() {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root");
             return;
         }
-        if host_arch().unwrap() != "amd64"
-            || !Path::new(BINFMT_D).join("qemu-aarch64.conf").exists()
-        {
+        if host_arch().unwrap() != "amd64" || !Path::new(BINFMT_D).join("qemu-m68k.conf").exists() {
             eprintln!("skipped: needs an amd64 host with qemu-user-static");
             return;
         }
-        ensure("arm64").unwrap();
-        let entry = Path::new(BINFMT_MISC).join("qemu-aarch64");
-        std::fs::write(&entry, "0").unwrap();
-        assert!(!parse_entry(&std::fs::read_to_string(&entry).unwrap()).enabled);
-        ensure("arm64").unwrap();
-        let e = parse_entry(&std::fs::read_to_string(&entry).unwrap());
+        ensure("m68k").unwrap();
+        let entry = Path::new(BINFMT_MISC).join("qemu-m68k");
+        let read = || parse_entry(&std::fs::read_to_string(&entry).unwrap());
+        // Not registered: ensure registers it from qemu-user-static's file.
+        std::fs::write(&entry, "-1").unwrap();
+        assert!(!entry.exists());
+        ensure("m68k").unwrap();
+        let e = read();
         assert!(e.enabled && e.flags.contains('F'), "{e:?}");
+        assert_eq!(e.interpreter, "/usr/libexec/qemu-binfmt/m68k-binfmt-P");
+        // Disabled: ensure enables it.
+        std::fs::write(&entry, "0").unwrap();
+        assert!(!read().enabled);
+        ensure("m68k").unwrap();
+        assert!(read().enabled);
+        // Native: nothing to do.
         ensure("i386").unwrap();
     }
 }
