@@ -205,6 +205,9 @@ pub fn allow_services(b: &mut Build) -> Result<()> {
 
 /// Get the image ready to run programs in: virtual filesystems and no services.
 pub fn enter(b: &mut Build, root: &Path, owner: &str) -> Result<()> {
+    // An image of a foreign architecture (from a rootfs tarball, without a debootstrap
+    // step in this build) needs its interpreter registered.
+    crate::binfmt::ensure_for_image(root)?;
     forbid_services(b, root)?;
     mount_vfs(b, root, FOR_CHROOT, owner)
 }

@@ -80,6 +80,40 @@ fn apt_get(root: &Path, argv: &[String]) -> Result<String> {
         .run()
 }
 
+/// Install `packages` in the image at `root` (apt-get update first unless done already
+/// with the same sources), with what a chroot needs mounted under `owner` for the
+/// duration. A caller's teardown undoes a failed half-way run with
+/// `chroot::leave(b, owner)`.
+pub fn install(
+    b: &mut Build,
+    root: &Path,
+    packages: &[String],
+    recommends: bool,
+    clean: bool,
+    owner: &str,
+) -> Result<()> {
+    chroot::enter(b, root, owner)?;
+    let updated = format!("{UPDATED}{}:{}", root.display(), sources_fingerprint(root));
+    if !b.state.notes.contains(&updated) || !has_lists(root) {
+        apt_get(root, &["apt-get".into(), "update".into()])?;
+        b.state.notes.insert(updated);
+    }
+    let cache = crate::debcache::dir(&b.opts);
+    if let Some(c) = &cache {
+        let n = crate::debcache::seed(c, root)?;
+        crate::log::verbose(&format!("  {n} packages from the package cache"));
+    }
+    apt_get(root, &install_argv(packages, recommends))?;
+    if let Some(c) = &cache {
+        let n = crate::debcache::collect(c, root)?;
+        crate::log::verbose(&format!("  {n} new packages into the package cache"));
+    }
+    if clean {
+        apt_get(root, &["apt-get".into(), "clean".into()])?;
+    }
+    chroot::leave(b, owner)
+}
+
 impl Plugin for Apt {
     fn spec(&self) -> &'static StepSpec {
         &SPEC
@@ -106,29 +140,14 @@ impl Plugin for Apt {
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let root = chroot::tag_dir(b, step.str("tag")?)?;
-        chroot::enter(b, &root, OWNER)?;
-        let updated = format!("{UPDATED}{}:{}", root.display(), sources_fingerprint(&root));
-        if !b.state.notes.contains(&updated) || !has_lists(&root) {
-            apt_get(&root, &["apt-get".into(), "update".into()])?;
-            b.state.notes.insert(updated);
-        }
-        let cache = crate::debcache::dir(&b.opts);
-        if let Some(c) = &cache {
-            let n = crate::debcache::seed(c, &root)?;
-            crate::log::verbose(&format!("  {n} packages from the package cache"));
-        }
-        apt_get(
+        install(
+            b,
             &root,
-            &install_argv(&step.list("packages"), step.bool("recommends")),
-        )?;
-        if let Some(c) = &cache {
-            let n = crate::debcache::collect(c, &root)?;
-            crate::log::verbose(&format!("  {n} new packages into the package cache"));
-        }
-        if step.bool("clean") {
-            apt_get(&root, &["apt-get".into(), "clean".into()])?;
-        }
-        chroot::leave(b, OWNER)
+            &step.list("packages"),
+            step.bool("recommends"),
+            step.bool("clean"),
+            OWNER,
+        )
     }
 
     fn teardown(&self, _step: &Step, b: &mut Build) -> Result<()> {

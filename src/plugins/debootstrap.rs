@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
+use crate::binfmt;
 use crate::build::Build;
 use crate::chroot;
 use crate::cmd::Cmd;
@@ -117,16 +118,23 @@ pub fn argv(a: &Args) -> Vec<String> {
     v
 }
 
-/// Anything in `dir` but lost+found.
+/// Anything in `dir` but lost+found and trees of empty directories: those are the
+/// mount points of filesystems mounted below the target (an ESP at /boot/efi).
 fn non_empty(dir: &Path) -> Result<Vec<String>> {
     let mut found: Vec<String> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "lost+found" && !only_dirs(&e.path()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "lost+found")
         .collect();
     found.sort();
     Ok(found)
+}
+
+/// `p` is a directory (not a symbolic link) holding nothing but such directories.
+fn only_dirs(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+        && std::fs::read_dir(p).is_ok_and(|rd| rd.flatten().all(|e| only_dirs(&e.path())))
 }
 
 impl Plugin for Debootstrap {
@@ -156,6 +164,22 @@ pub fn check_step(c: &mut Check) {
     }
     if step.arg().trim().is_empty() || step.arg().contains(['/', ' ']) {
         c.err(kind, format!("'{}' is not a suite name", step.arg()));
+    }
+    if let Some(arch) = step.opt_str("arch") {
+        match binfmt::host_arch() {
+            Ok(host) => {
+                if let Some(p) = binfmt::problem(&host, arch) {
+                    c.err("arch", p);
+                }
+            }
+            Err(e) => c.err("arch", format!("{e:#}")),
+        }
+    }
+    if step.opt_str("mirror").is_some_and(|m| m.trim().is_empty()) {
+        c.err(
+            "mirror",
+            "the mirror is empty: give a URL, or leave the key out for the host's mirror",
+        );
     }
     if step.opt_str("mirror").is_none() && mirror::host_default().is_none() {
         c.err(
@@ -201,8 +225,10 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     };
     let arch = match step.opt_str("arch") {
         Some(a) => a.to_string(),
-        None => host_arch()?,
+        None => binfmt::host_arch()?,
     };
+    // debootstrap's second stage runs the image's programs in a chroot.
+    binfmt::ensure(&arch)?;
     let args = Args {
         suite: step.arg().to_string(),
         target: dir.display().to_string(),
@@ -248,14 +274,6 @@ pub fn teardown_step(step: &Step, b: &mut Build) -> Result<()> {
         crate::mount::unmount_below(&dir.join(p))?;
     }
     Ok(())
-}
-
-pub fn host_arch() -> Result<String> {
-    Ok(Cmd::new("dpkg")
-        .arg("--print-architecture")
-        .run()?
-        .trim()
-        .to_string())
 }
 
 #[cfg(test)]
@@ -363,12 +381,34 @@ mod tests {
     }
 
     #[test]
+    fn empty_mirror_and_unknown_arch() {
+        assert_eq!(
+            testing::errors(
+                "steps:\n  - debootstrap: bookworm\n    target: /\n    mirror: \"\"\n    arch: vax\n"
+            ),
+            [
+                "the mirror is empty: give a URL, or leave the key out for the host's mirror"
+                    .to_string(),
+                format!(
+                    "vmdb does not know how to run 'vax' programs on this {} host",
+                    binfmt::host_arch().unwrap()
+                )
+            ]
+        );
+    }
+
+    #[test]
     fn empty_target_allows_lost_and_found_only() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("lost+found")).unwrap();
         assert!(non_empty(d.path()).unwrap().is_empty());
+        // The mount point of an ESP mounted at /boot/efi before debootstrap runs.
+        std::fs::create_dir_all(d.path().join("boot/efi")).unwrap();
+        assert!(non_empty(d.path()).unwrap().is_empty());
         std::fs::write(d.path().join("etc"), "").unwrap();
         assert_eq!(non_empty(d.path()).unwrap(), ["etc"]);
+        std::fs::write(d.path().join("boot/efi/x"), "").unwrap();
+        assert_eq!(non_empty(d.path()).unwrap(), ["boot", "etc"]);
     }
 
     #[test]

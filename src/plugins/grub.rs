@@ -7,7 +7,8 @@
 //! BIOS uses host `grub-install --target=i386-pc` on the whole disk; UEFI builds the
 //! removable-path loader (EFI/BOOT/BOOTX64.EFI) with grub-mkimage and an early config
 //! that finds the boot filesystem by UUID. Neither needs the network, nor GRUB
-//! packages in the image.
+//! packages in the image, except where the host cannot have GRUB's modules for the
+//! image's platform (arm64-efi on an amd64 host): then they come from the image.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,9 @@ use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Grub;
 
+/// Owner of what a chroot needs while the grub step installs GRUB's modules in the image.
+const APT_OWNER: &str = "grub";
+
 static SPEC: StepSpec = StepSpec {
     name: "grub",
     value: Kind::Str,
@@ -31,7 +35,7 @@ static SPEC: StepSpec = StepSpec {
         Key::opt(
             "console",
             Kind::Str,
-            "'serial' for a serial console on ttyS0 (as well as the screen)",
+            "'serial' for a serial console (as well as the screen): ttyS0, or ttyAMA0 on ARM",
         ),
         Key::opt("quiet", Kind::Bool, "boot the kernel with 'quiet'").default("false"),
         Key::opt("timeout", Kind::Int, "seconds the GRUB menu waits").default("0"),
@@ -128,7 +132,8 @@ impl Plugin for Grub {
             .clone()
             .unwrap_or_else(|| "ext4".into());
         let kernel = latest_kernel(&in_image(&root_dir, "/boot")?)?;
-        let params = kernel_params(step, &root_uuid);
+        let arch = crate::binfmt::image_arch(&root_dir)?.unwrap_or_default();
+        let params = kernel_params(step, &root_uuid, &arch);
         let cfg = grub_cfg(&kernel, boot_prefix, &boot_uuid, &params, step);
         let grub_dir = in_image(&root_dir, "/boot/grub")?;
         std::fs::create_dir_all(&grub_dir)?;
@@ -148,6 +153,11 @@ impl Plugin for Grub {
                 install_uefi(b, &efi, &root_dir, &boot_uuid, boot_prefix, &boot_fs)
             }
         }
+    }
+
+    fn teardown(&self, _step: &Step, b: &mut Build) -> Result<()> {
+        // Only what an installation of GRUB's modules in the image left half-way.
+        crate::chroot::leave(b, APT_OWNER)
     }
 }
 
@@ -177,20 +187,24 @@ fn install_uefi(
     boot_fs: &str,
 ) -> Result<()> {
     let arch = image_arch(root_dir)?;
-    let (platform, loader) = match arch.as_str() {
-        "amd64" => ("x86_64-efi", "BOOTX64.EFI"),
-        "i386" => ("i386-efi", "BOOTIA32.EFI"),
-        "arm64" => ("arm64-efi", "BOOTAA64.EFI"),
+    // GRUB's platform, the removable path's loader, and the Debian package of the modules.
+    let (platform, loader, pkg) = match arch.as_str() {
+        "amd64" => ("x86_64-efi", "BOOTX64.EFI", "grub-efi-amd64-bin"),
+        "i386" => ("i386-efi", "BOOTIA32.EFI", "grub-efi-ia32-bin"),
+        "arm64" => ("arm64-efi", "BOOTAA64.EFI", "grub-efi-arm64-bin"),
         other => bail!("no UEFI GRUB platform known for architecture '{other}'"),
     };
-    let lib = PathBuf::from("/usr/lib/grub").join(platform);
-    if !lib.is_dir() {
-        bail!(
-            "{} is missing: install grub-efi-{}-bin on the host",
-            lib.display(),
-            arch
-        );
-    }
+    let lib = match efi_modules(root_dir, platform, pkg) {
+        Ok(lib) => lib,
+        Err(_) => {
+            // As vmdb2 does: install GRUB for the image's platform in the image.
+            crate::log::info(&format!(
+                "  the host has no GRUB modules for {platform}: installing {pkg} in the image"
+            ));
+            crate::plugins::apt::install(b, root_dir, &[pkg.to_string()], false, true, APT_OWNER)?;
+            efi_modules(root_dir, platform, pkg)?
+        }
+    };
     // Modules beside grub.cfg, so that insmod works after the early config hands over.
     let mod_dir = in_image(root_dir, &format!("/boot/grub/{platform}"))?;
     std::fs::create_dir_all(&mod_dir)?;
@@ -265,6 +279,38 @@ fn install_uefi(
     Ok(())
 }
 
+/// The directory of GRUB's modules for `platform`: the host's, else the image's. Debian
+/// builds grub-efi-arm64-bin for arm64 only, so an amd64 host cannot install it; an
+/// arm64 image can (and the host's grub-mkimage makes images for every platform).
+fn efi_modules(root_dir: &Path, platform: &str, pkg: &str) -> Result<PathBuf> {
+    let host = PathBuf::from("/usr/lib/grub").join(platform);
+    if host.join("kernel.img").is_file() {
+        return Ok(host);
+    }
+    let image = in_image(root_dir, &format!("/usr/lib/grub/{platform}"))?;
+    if image.join("kernel.img").is_file() {
+        crate::log::verbose(&format!(
+            "  using the image's GRUB modules in /usr/lib/grub/{platform}"
+        ));
+        return Ok(image);
+    }
+    bail!(
+        "GRUB's {platform} modules are neither on the host ({}) nor in the image: install \
+         {pkg} on the host, or in the image (an apt step before this one)",
+        host.display()
+    )
+}
+
+/// The serial console's kernel device: the PC's 16550 UART, the PL011 of ARM
+/// machines, the hypervisor console of POWER.
+fn serial_device(arch: &str) -> &'static str {
+    match arch {
+        "arm64" | "armhf" | "armel" => "ttyAMA0",
+        "ppc64el" | "ppc64" => "hvc0",
+        _ => "ttyS0",
+    }
+}
+
 fn grub_fs_module(fs: &str) -> &'static str {
     match fs {
         "xfs" => "xfs",
@@ -275,14 +321,8 @@ fn grub_fs_module(fs: &str) -> &'static str {
 
 /// Debian architecture of the image, from dpkg's status of base-files.
 fn image_arch(root: &Path) -> Result<String> {
-    let status = std::fs::read_to_string(in_image(root, "/var/lib/dpkg/status")?)
-        .context("reading the image's dpkg status (is Debian installed in it?)")?;
-    status
-        .split("\n\n")
-        .find(|p| p.lines().any(|l| l == "Package: base-files"))
-        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("Architecture: ")))
-        .map(|a| a.trim().to_string())
-        .context("base-files has no architecture in the image's dpkg status")
+    crate::binfmt::image_arch(root)?
+        .context("base-files is not in the image's dpkg status (is Debian installed in it?)")
 }
 
 /// The newest vmlinuz-VERSION in `boot`, as (kernel file, initrd file if any).
@@ -318,12 +358,12 @@ fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     split(a).cmp(&split(b))
 }
 
-fn kernel_params(step: &Step, root_uuid: &str) -> Vec<String> {
+fn kernel_params(step: &Step, root_uuid: &str, arch: &str) -> Vec<String> {
     let mut p = vec![format!("root=UUID={root_uuid}"), "ro".to_string()];
     if step.opt_str("console") == Some("serial") {
         // The last console= is /dev/console, where systemd starts a getty.
         p.push("console=tty0".into());
-        p.push("console=ttyS0,115200n8".into());
+        p.push(format!("console={},115200n8", serial_device(arch)));
     }
     let extra = step.list("kernel-params");
     if step.has("kernel-params") {
@@ -401,7 +441,7 @@ mod tests {
     #[test]
     fn config_finds_root_by_uuid_and_uses_serial() {
         let s = steps(&["grub: bios\ntag: /\nconsole: serial\ntimeout: 3\nquiet: true"]).unwrap();
-        let params = kernel_params(&s[0], "1234");
+        let params = kernel_params(&s[0], "1234", "amd64");
         let cfg = grub_cfg(
             &("vmlinuz-6.1".into(), Some("initrd.img-6.1".into())),
             "/boot",
@@ -417,6 +457,47 @@ mod tests {
              menuentry 'Debian GNU/Linux' {\n\
              \x20   linux /boot/vmlinuz-6.1 root=UUID=1234 ro console=tty0 console=ttyS0,115200n8 net.ifnames=0 consoleblank=0 quiet\n\
              \x20   initrd /boot/initrd.img-6.1\n}\n"
+        );
+    }
+
+    #[test]
+    fn serial_console_per_architecture() {
+        let s = steps(&["grub: bios\ntag: /\nconsole: serial"]).unwrap();
+        assert_eq!(
+            kernel_params(&s[0], "u", "arm64"),
+            [
+                "root=UUID=u",
+                "ro",
+                "console=tty0",
+                "console=ttyAMA0,115200n8",
+                "net.ifnames=0",
+                "consoleblank=0"
+            ]
+        );
+        assert_eq!(
+            kernel_params(&s[0], "u", "i386")[3],
+            "console=ttyS0,115200n8"
+        );
+    }
+
+    #[test]
+    fn efi_modules_from_the_image_when_the_host_has_none() {
+        let d = tempfile::tempdir().unwrap();
+        let e = efi_modules(d.path(), "no-such-efi", "grub-efi-nope-bin")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "GRUB's no-such-efi modules are neither on the host (/usr/lib/grub/no-such-efi) \
+             nor in the image: install grub-efi-nope-bin on the host, or in the image (an apt \
+             step before this one)"
+        );
+        let lib = d.path().join("usr/lib/grub/no-such-efi");
+        std::fs::create_dir_all(&lib).unwrap();
+        std::fs::write(lib.join("kernel.img"), b"").unwrap();
+        assert_eq!(
+            efi_modules(d.path(), "no-such-efi", "grub-efi-nope-bin").unwrap(),
+            lib
         );
     }
 
