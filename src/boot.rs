@@ -667,7 +667,13 @@ impl Session {
                             out.push(Output::Event(Event::CommandExited(rc)));
                             if rc == 0 {
                                 self.enter(Phase::WaitPowerDown, end);
-                                out.push(Output::Send("poweroff\n".into()));
+                                // Only root may power off; another user goes through sudo.
+                                let off = if self.user == "root" {
+                                    "poweroff\n"
+                                } else {
+                                    "sudo -n poweroff || poweroff\n"
+                                };
+                                out.push(Output::Send(off.into()));
                             } else {
                                 out.push(Output::Fail(Failure::CommandFailed(rc)));
                             }
@@ -1225,7 +1231,7 @@ mod tests {
             vec![
                 ev(Event::KernelStarted),
                 ev(Event::LoginPrompt),
-                Output::Send("root\n".into())
+                Output::Send(format!("{}\n", s.user))
             ]
         );
     }
@@ -1259,6 +1265,28 @@ mod tests {
         let out = s.feed(b"poweroff\r\n[  OK  ] Reached target System Power Off.\r\n[   37.1] reboot: Power down\r\n");
         assert_eq!(out, vec![ev(Event::PowerDown)]);
         assert_eq!(s.phase(), Phase::PoweredOff);
+    }
+
+    #[test]
+    fn a_user_other_than_root_powers_off_through_sudo() {
+        let mut s = Session::new("vagrant", Some("vagrant".into()), "id", "n1");
+        at_login(&mut s);
+        s.feed(b"vagrant\r\nPassword: ");
+        let (cmd, _) = command_line("id", "n1");
+        let out = s.feed(b"\r\nvagrant@debian:~$ ");
+        assert_eq!(
+            out.last(),
+            Some(&Output::Send(format!("{cmd}\n"))),
+            "{out:?}"
+        );
+        let out = s.feed(b"uid=1000(vagrant)\r\nVMDB-n1-RC=0\r\nvagrant@debian:~$ ");
+        assert_eq!(
+            out,
+            vec![
+                ev(Event::CommandExited(0)),
+                Output::Send("sudo -n poweroff || poweroff\n".into())
+            ]
+        );
     }
 
     #[test]
