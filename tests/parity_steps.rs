@@ -8,29 +8,30 @@ use std::path::Path;
 
 use common::*;
 
+/// A disk image of `size` bytes partitioned by sfdisk from `table` (its input format).
+fn partitioned_disk(disk: &Path, size: u64, table: &[u8]) {
+    use std::io::Write;
+    std::fs::File::create(disk).unwrap().set_len(size).unwrap();
+    let mut c = std::process::Command::new("sfdisk")
+        .args(["-q", &disk.to_string_lossy()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(table).unwrap();
+    assert!(c.wait().unwrap().success());
+}
+
 #[test]
 fn kpartx_tags_name_the_partitions_of_a_partitioned_disk() {
     need_root!();
     let d = tempfile::tempdir().unwrap();
     let disk = d.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(96 << 20)
-        .unwrap();
     // Partitioned beforehand, by sfdisk: a 32 MiB partition, then the rest.
-    let sfdisk = std::process::Command::new("sfdisk")
-        .args(["-q", &disk.to_string_lossy()])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(
-                b"label: dos\nstart=2048, size=65536, type=83\nstart=67584, type=83\n",
-            )?;
-            c.wait()
-        })
-        .unwrap();
-    assert!(sfdisk.success());
+    partitioned_disk(
+        &disk,
+        96 << 20,
+        b"label: dos\nstart=2048, size=65536, type=83\nstart=67584, type=83\n",
+    );
     let table_before = tool("sfdisk", &["-d", &disk.to_string_lossy()]);
     let spec = write(
         d.path(),
@@ -223,24 +224,7 @@ fn kpartx_tags_mount_filesystems_made_elsewhere() {
     need_root!();
     let d = tempfile::tempdir().unwrap();
     let disk = d.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let sfdisk = std::process::Command::new("sfdisk")
-        .args(["-q", &disk.to_string_lossy()])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin
-                .take()
-                .unwrap()
-                .write_all(b"label: dos\nstart=2048, type=83\n")?;
-            c.wait()
-        })
-        .unwrap();
-    assert!(sfdisk.success());
+    partitioned_disk(&disk, 64 << 20, b"label: dos\nstart=2048, type=83\n");
     // An ext4 filesystem with a file in it, made without vmdb.
     let part = d.path().join("part.img");
     let src = d.path().join("src");
