@@ -152,8 +152,9 @@ pub fn unmount_vfs(b: &mut Build, owner: &str) -> Result<()> {
 
 const POLICY_RC_D: &str = "#!/bin/sh\n# Written by vmdb while it runs programs in the image: start no services.\nexit 101\n";
 
-/// Write usr/sbin/policy-rc.d (exit 101) unless the image has one already, and tell
-/// dpkg not to fsync while vmdb runs programs in the image.
+/// Write usr/sbin/policy-rc.d (exit 101) unless the image has one already, tell dpkg
+/// not to fsync, and put vmdb's update-initramfs stand-in in usr/local/sbin, while vmdb
+/// runs programs in the image.
 pub fn forbid_services(b: &mut Build, root: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let sbin = root.join("usr/sbin");
@@ -177,8 +178,33 @@ pub fn forbid_services(b: &mut Build, root: &Path) -> Result<()> {
         b.state.notes.insert(format!("{POLICY}{}", f.display()));
         std::fs::write(&f, UNSAFE_IO).with_context(|| format!("writing {}", f.display()))?;
     }
+    // The kernel's initramfs is made once per apt run instead of twice (see the file).
+    let local_sbin = root.join("usr/local/sbin");
+    let f = local_sbin.join("update-initramfs");
+    if is_dir(&local_sbin) && std::fs::symlink_metadata(&f).is_err() {
+        b.state.notes.insert(format!("{POLICY}{}", f.display()));
+        b.state.notes.insert(format!(
+            "{POLICY}{}",
+            root.join(INITRAMFS_PENDING).display()
+        ));
+        std::fs::write(&f, UPDATE_INITRAMFS).with_context(|| format!("writing {}", f.display()))?;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {} executable", f.display()))?;
+        // apt runs dpkg, and so the maintainer scripts, with a PATH of its own.
+        let apt_conf = root.join("etc/apt/apt.conf.d");
+        let f = apt_conf.join("00vmdb-dpkg-path");
+        if is_dir(&apt_conf) && std::fs::symlink_metadata(&f).is_err() {
+            b.state.notes.insert(format!("{POLICY}{}", f.display()));
+            std::fs::write(&f, DPKG_PATH).with_context(|| format!("writing {}", f.display()))?;
+        }
+    }
     Ok(())
 }
+
+const DPKG_PATH: &str = "// Written by vmdb for the duration of the build.\nDPkg::Path \"/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin\";\n";
+
+const UPDATE_INITRAMFS: &str = include_str!("image-files/update-initramfs");
+const INITRAMFS_PENDING: &str = "var/tmp/vmdb-initramfs-pending";
 
 const UNSAFE_IO: &str = "# Written by vmdb for the duration of the build.\nforce-unsafe-io\n";
 
@@ -210,6 +236,17 @@ pub fn enter(b: &mut Build, root: &Path, owner: &str) -> Result<()> {
     crate::binfmt::ensure_for_image(root)?;
     forbid_services(b, root)?;
     mount_vfs(b, root, FOR_CHROOT, owner)
+}
+
+/// End a step's programs in the image that all went well: make the initramfs the
+/// stand-in deferred and no trigger made, then `leave`.
+pub fn finish(b: &mut Build, root: &Path, owner: &str) -> Result<()> {
+    if root.join(INITRAMFS_PENDING).exists() {
+        command(root, &["/usr/local/sbin/update-initramfs", "--vmdb-finish"])
+            .run()
+            .context("making the initramfs deferred by vmdb")?;
+    }
+    leave(b, owner)
 }
 
 /// Undo `enter` (also the teardown of a step that failed between the two).

@@ -15,6 +15,7 @@ pub mod fat;
 pub mod log;
 pub mod matrix;
 pub mod mirror;
+pub mod mmdebstrap;
 pub mod mount;
 pub mod outputs;
 pub mod plan;

@@ -363,13 +363,19 @@ fn inputs(s: &Step, opts: &Options, tools: &mut ToolVersions, h: &mut Sha256) ->
             }
         }
         "debootstrap" | "qemu-debootstrap" => {
+            // Either tool may do the step (its `tool: auto`), so both versions count.
             let v = tools.debootstrap.get_or_insert_with(|| {
-                Cmd::new("dpkg-query")
-                    .args(["-W", "-f", "${Version}", "debootstrap"])
-                    .run()
-                    .unwrap_or_default()
+                ["debootstrap", "mmdebstrap"]
+                    .map(|p| {
+                        let v = Cmd::new("dpkg-query")
+                            .args(["-W", "-f", "${Version}", p])
+                            .run()
+                            .unwrap_or_default();
+                        format!("{p} {v}")
+                    })
+                    .join(", ")
             });
-            h.update(format!("debootstrap {v}\n").as_bytes());
+            h.update(format!("bootstrap tools {v}\n").as_bytes());
             if !s.has("mirror") {
                 let m = tools
                     .mirror

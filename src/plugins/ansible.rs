@@ -151,7 +151,7 @@ impl Plugin for Ansible {
         }
         chroot::enter(b, &root, OWNER)?;
         cmd.run()?;
-        chroot::leave(b, OWNER)
+        chroot::finish(b, &root, OWNER)
     }
 
     fn teardown(&self, _step: &Step, b: &mut Build) -> Result<()> {

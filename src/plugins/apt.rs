@@ -111,7 +111,7 @@ pub fn install(
     if clean {
         apt_get(root, &["apt-get".into(), "clean".into()])?;
     }
-    chroot::leave(b, owner)
+    chroot::finish(b, root, owner)
 }
 
 impl Plugin for Apt {

@@ -44,7 +44,7 @@ impl Plugin for Chroot {
         if !out.is_empty() {
             crate::log::debug(out.trim_end());
         }
-        image::leave(b, OWNER)
+        image::finish(b, &root, OWNER)
     }
 
     fn teardown(&self, _step: &Step, b: &mut Build) -> Result<()> {

@@ -9,6 +9,7 @@ use crate::build::Build;
 use crate::chroot;
 use crate::cmd::Cmd;
 use crate::mirror;
+use crate::mmdebstrap;
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Debootstrap;
@@ -49,8 +50,15 @@ const TLS_CA_CERTS: Key = Key::opt(
     "PEM file of CA certificates to trust when downloading from an https mirror",
 );
 
+const TOOL: Key = Key::opt(
+    "tool",
+    Kind::Str,
+    "what installs the system: 'auto' (mmdebstrap when it can, else debootstrap), 'debootstrap' or 'mmdebstrap'",
+)
+.default("auto");
+
 /// The keys of debootstrap and of qemu-debootstrap, which differ only in `arch`.
-pub const fn keys(arch: Key) -> [Key; 10] {
+pub const fn keys(arch: Key) -> [Key; 11] {
     [
         TARGET,
         MIRROR,
@@ -62,10 +70,11 @@ pub const fn keys(arch: Key) -> [Key; 10] {
         KEYRING,
         REQUIRE_EMPTY,
         TLS_CA_CERTS,
+        TOOL,
     ]
 }
 
-static KEYS: [Key; 10] = keys(Key::opt(
+static KEYS: [Key; 11] = keys(Key::opt(
     "arch",
     Kind::Str,
     "architecture (default: the host's)",
@@ -76,7 +85,7 @@ static SPEC: StepSpec = StepSpec {
     value: Kind::Str,
     value_doc: "the suite to install (bookworm, stable, ...)",
     keys: &KEYS,
-    summary: "Install a basic Debian system with debootstrap.",
+    summary: "Install a basic Debian system with debootstrap (or mmdebstrap, which is faster).",
 };
 
 /// Set while debootstrap runs: its teardown then unmounts what it may have left.
@@ -187,6 +196,23 @@ pub fn check_step(c: &mut Check) {
             "no Debian mirror found in this host's apt configuration: say which with 'mirror: URL'",
         );
     }
+    match step.opt_str("tool").unwrap_or("auto") {
+        "auto" | "debootstrap" => {}
+        "mmdebstrap" => {
+            if let Some(why) = mmdebstrap_cannot(step) {
+                c.err("tool", format!("cannot use mmdebstrap here: {why}"));
+            } else if !mmdebstrap::available() {
+                c.err(
+                    "tool",
+                    "mmdebstrap is not installed on this host (apt-get install mmdebstrap)",
+                );
+            }
+        }
+        other => c.err(
+            "tool",
+            format!("unknown tool '{other}': use 'auto', 'debootstrap' or 'mmdebstrap'"),
+        ),
+    }
     if let Some(ca) = step.opt_str("tls_ca_certs") {
         let p = c.plan.spec_dir.join(ca);
         if !p.is_file() {
@@ -195,6 +221,33 @@ pub fn check_step(c: &mut Check) {
                 format!("'{ca}' is not a file (relative paths are relative to the spec file)"),
             );
         }
+    }
+}
+
+/// Why mmdebstrap cannot install what this step asks for; None when it can.
+fn mmdebstrap_cannot(step: &Step) -> Option<String> {
+    if let Some(arch) = step.opt_str("arch") {
+        if let Ok(host) = binfmt::host_arch() {
+            if !binfmt::native(&host, arch) {
+                return Some(format!(
+                    "vmdb runs it only for architectures this {host} host runs itself, not {arch}"
+                ));
+            }
+        }
+    }
+    mmdebstrap::unsupported(
+        step.opt_str("variant").unwrap_or("-"),
+        !step.list("exclude").is_empty(),
+        step.has("tls_ca_certs"),
+    )
+}
+
+/// Whether the step runs mmdebstrap rather than debootstrap.
+fn uses_mmdebstrap(step: &Step) -> bool {
+    match step.opt_str("tool").unwrap_or("auto") {
+        "mmdebstrap" => true,
+        "auto" => mmdebstrap_cannot(step).is_none() && mmdebstrap::available(),
+        _ => false,
     }
 }
 
@@ -246,6 +299,21 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     mirror::check_suite_with(&args.mirror, &args.suite, ca.as_deref())?;
     let flag = format!("{RUNNING}{}", dir.display());
     b.state.notes.insert(flag.clone());
+    if uses_mmdebstrap(step) {
+        let cache = crate::debcache::dir(&b.opts);
+        let mut cmd = Cmd::new("mmdebstrap").args(&mmdebstrap::argv(&args, cache.is_some())[1..]);
+        if let Some(c) = &cache {
+            cmd = cmd.env(mmdebstrap::DEBS_ENV, c);
+        }
+        cmd.run()?;
+        if let Some(c) = &cache {
+            let n = crate::debcache::collect(c, &dir)?;
+            crate::log::verbose(&format!("  {n} new packages into the package cache"));
+        }
+        mmdebstrap::tidy(&dir)?;
+        b.state.notes.remove(&flag);
+        return Ok(());
+    }
     let mut argv = argv(&args);
     if let Some(c) = crate::debcache::dir(&b.opts) {
         argv.insert(1, format!("--cache-dir={}", c.display()));

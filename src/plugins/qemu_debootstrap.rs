@@ -12,7 +12,7 @@ use super::debootstrap;
 
 pub struct QemuDebootstrap;
 
-static KEYS: [Key; 10] = debootstrap::keys(Key::req(
+static KEYS: [Key; 11] = debootstrap::keys(Key::req(
     "arch",
     Kind::Str,
     "the Debian architecture to install (arm64, armhf, i386, ...)",

@@ -211,7 +211,7 @@ impl Plugin for Vagrant {
             write_mode(&root.join(NETWORK_FILE), NETWORK, 0o644)?;
             run(&["systemctl", "enable", "systemd-networkd.service"])?;
         }
-        image::leave(b, OWNER)
+        image::finish(b, &root, OWNER)
     }
 
     fn teardown(&self, _step: &Step, b: &mut Build) -> Result<()> {

@@ -1,0 +1,220 @@
+//! mmdebstrap as the engine of a `debootstrap` step: the same system as debootstrap's
+//! in about a third of the time (apt resolves and downloads in parallel, dpkg unpacks
+//! everything in one run, without an fsync per file).
+//!
+//! What is made matches debootstrap's: the same packages (merged /usr through
+//! mmdebstrap's own merged-usr hook, which installs usr-is-merged as debootstrap does),
+//! every package marked as installed by hand, and no dpkg setting left behind.
+//! Known differences (docs/vmdb2-differences.md): /etc/machine-id is left empty (set on
+//! first boot) and apt's package lists are not kept.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::plugins::debootstrap::Args;
+
+/// The hook directory that merges /usr where the suite has usr-is-merged, as
+/// debootstrap does for such suites.
+const MERGED_USR_HOOKS: &str = "/usr/share/mmdebstrap/hooks/maybe-merged-usr";
+
+/// The environment variable naming the package cache the setup hook copies from.
+pub const DEBS_ENV: &str = "VMDB_PACKAGE_CACHE";
+
+/// Whether this host has mmdebstrap with the hooks vmdb relies on.
+pub fn available() -> bool {
+    Path::new(MERGED_USR_HOOKS).is_dir()
+        && std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("mmdebstrap").is_file()))
+}
+
+/// mmdebstrap's variant for a debootstrap variant; None for one it has no match for.
+pub fn variant(debootstrap_variant: &str) -> Option<&'static str> {
+    match debootstrap_variant {
+        "-" | "" => Some("debootstrap"),
+        "minbase" => Some("minbase"),
+        "buildd" => Some("buildd"),
+        _ => None,
+    }
+}
+
+/// Why mmdebstrap cannot do what this debootstrap step asks; None when it can.
+pub fn unsupported(variant_name: &str, exclude: bool, tls_ca_certs: bool) -> Option<String> {
+    if variant(variant_name).is_none() {
+        return Some(format!("mmdebstrap has no variant like '{variant_name}'"));
+    }
+    if exclude {
+        return Some("mmdebstrap has no 'exclude'".into());
+    }
+    if tls_ca_certs {
+        return Some("vmdb passes 'tls_ca_certs' to debootstrap only".into());
+    }
+    None
+}
+
+/// mmdebstrap's command line. With a package cache, the setup hook copies the cached
+/// packages of the architecture into the new tree's apt archive (apt checks each
+/// against the archive's checksums before it uses it) and the downloaded ones are left
+/// there for vmdb to collect.
+pub fn argv(a: &Args, cache: bool) -> Vec<String> {
+    let mut v = vec![
+        "mmdebstrap".to_string(),
+        "--mode=root".into(),
+        format!("--arch={}", a.arch),
+        format!("--variant={}", variant(&a.variant).unwrap_or("debootstrap")),
+        "--dpkgopt=force-unsafe-io".into(),
+        format!("--hook-dir={MERGED_USR_HOOKS}"),
+    ];
+    if !a.components.is_empty() {
+        v.push(format!("--components={}", a.components.join(",")));
+    }
+    if !a.include.is_empty() {
+        v.push(format!("--include={}", a.include.join(",")));
+    }
+    if let Some(k) = &a.keyring {
+        v.push(format!("--keyring={k}"));
+    }
+    if cache {
+        v.push("--skip=essential/unlink,cleanup/apt/cache,download/empty".into());
+        v.push(format!(
+            "--setup-hook=mkdir -p \"$1/var/cache/apt/archives\" && find \"${DEBS_ENV}\" \
+             -maxdepth 1 \\( -name '*_{}.deb' -o -name '*_all.deb' \\) \
+             -exec cp -t \"$1/var/cache/apt/archives\" {{}} +",
+            a.arch
+        ));
+    }
+    v.extend([a.suite.clone(), a.target.clone(), a.mirror.clone()]);
+    v
+}
+
+/// Remove what mmdebstrap leaves that debootstrap does not: the dpkg option vmdb gave
+/// it (later steps get their own, removed at the end of the build), the
+/// automatically-installed marks, and (when vmdb kept them for its cache) the packages
+/// and apt's binary caches.
+pub fn tidy(root: &Path) -> Result<()> {
+    let remove = |p: &Path| match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", p.display()))
+        }
+        _ => Ok(()),
+    };
+    let opt = root.join("etc/dpkg/dpkg.cfg.d/99mmdebstrap");
+    if std::fs::read_to_string(&opt).is_ok_and(|t| t.trim() == "force-unsafe-io") {
+        remove(&opt)?;
+    }
+    remove(&root.join("var/lib/apt/extended_states"))?;
+    let cache = root.join("var/cache/apt");
+    remove(&cache.join("pkgcache.bin"))?;
+    remove(&cache.join("srcpkgcache.bin"))?;
+    if let Ok(d) = std::fs::read_dir(cache.join("archives")) {
+        for e in d.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".deb") {
+                remove(&e.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> Args {
+        Args {
+            suite: "bookworm".into(),
+            target: "/mnt".into(),
+            mirror: "http://mirror.example.org/debian".into(),
+            arch: "amd64".into(),
+            variant: "-".into(),
+            components: vec!["main".into(), "contrib".into()],
+            include: vec!["less".into()],
+            exclude: vec![],
+            keyring: Some("/k.gpg".into()),
+        }
+    }
+
+    #[test]
+    fn command_line_without_and_with_the_cache() {
+        let plain = argv(&args(), false);
+        assert_eq!(
+            plain,
+            [
+                "mmdebstrap",
+                "--mode=root",
+                "--arch=amd64",
+                "--variant=debootstrap",
+                "--dpkgopt=force-unsafe-io",
+                "--hook-dir=/usr/share/mmdebstrap/hooks/maybe-merged-usr",
+                "--components=main,contrib",
+                "--include=less",
+                "--keyring=/k.gpg",
+                "bookworm",
+                "/mnt",
+                "http://mirror.example.org/debian"
+            ]
+        );
+        let cached = argv(&args(), true);
+        assert_eq!(cached.len(), plain.len() + 2);
+        assert_eq!(
+            cached[9],
+            "--skip=essential/unlink,cleanup/apt/cache,download/empty"
+        );
+        assert!(cached[10].starts_with("--setup-hook=mkdir -p \"$1/var/cache/apt/archives\""));
+        assert!(cached[10].contains("\"$VMDB_PACKAGE_CACHE\""));
+        assert!(cached[10].contains("-name '*_amd64.deb' -o -name '*_all.deb'"));
+    }
+
+    #[test]
+    fn variants_and_what_only_debootstrap_does() {
+        assert_eq!(variant("-"), Some("debootstrap"));
+        assert_eq!(variant("minbase"), Some("minbase"));
+        assert_eq!(variant("fakechroot"), None);
+        assert_eq!(unsupported("-", false, false), None);
+        assert_eq!(
+            unsupported("fakechroot", false, false).unwrap(),
+            "mmdebstrap has no variant like 'fakechroot'"
+        );
+        assert_eq!(
+            unsupported("-", true, false).unwrap(),
+            "mmdebstrap has no 'exclude'"
+        );
+        assert!(unsupported("minbase", false, true).is_some());
+    }
+
+    #[test]
+    fn tidy_leaves_what_debootstrap_would() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for dir in [
+            "etc/dpkg/dpkg.cfg.d",
+            "var/lib/apt",
+            "var/cache/apt/archives/partial",
+        ] {
+            std::fs::create_dir_all(r.join(dir)).unwrap();
+        }
+        std::fs::write(
+            r.join("etc/dpkg/dpkg.cfg.d/99mmdebstrap"),
+            "force-unsafe-io\n",
+        )
+        .unwrap();
+        std::fs::write(r.join("var/lib/apt/extended_states"), "Package: a\n").unwrap();
+        std::fs::write(r.join("var/cache/apt/pkgcache.bin"), "").unwrap();
+        std::fs::write(r.join("var/cache/apt/archives/a_1_amd64.deb"), "").unwrap();
+        std::fs::write(r.join("var/cache/apt/archives/lock"), "").unwrap();
+        tidy(r).unwrap();
+        assert!(!r.join("etc/dpkg/dpkg.cfg.d/99mmdebstrap").exists());
+        assert!(!r.join("var/lib/apt/extended_states").exists());
+        assert!(!r.join("var/cache/apt/pkgcache.bin").exists());
+        assert!(!r.join("var/cache/apt/archives/a_1_amd64.deb").exists());
+        assert!(r.join("var/cache/apt/archives/lock").exists());
+        // A dpkg option file with more in it is someone else's: it stays.
+        std::fs::write(
+            r.join("etc/dpkg/dpkg.cfg.d/99mmdebstrap"),
+            "path-exclude=/x\n",
+        )
+        .unwrap();
+        tidy(r).unwrap();
+        assert!(r.join("etc/dpkg/dpkg.cfg.d/99mmdebstrap").exists());
+    }
+}
