@@ -39,14 +39,19 @@ fn debs(dir: &Path) -> Vec<(std::ffi::OsString, u64)> {
         .collect()
 }
 
-/// Copy the cached packages the image's archive directory lacks into it.
-pub fn seed(cache: &Path, root: &Path) -> Result<usize> {
+/// Copy the cached packages named in `wanted` (file names, as apt names them) that the
+/// image's archive directory lacks into it. Only those: the cache holds every suite's
+/// and architecture's packages, and what is copied is written into the image.
+pub fn seed(cache: &Path, root: &Path, wanted: &[String]) -> Result<usize> {
     let archives = root.join("var/cache/apt/archives");
     if !archives.is_dir() {
         return Ok(0);
     }
     let mut n = 0;
     for (name, _) in debs(cache) {
+        if !wanted.iter().any(|w| name == w.as_str()) {
+            continue;
+        }
         let dest = archives.join(&name);
         if !dest.exists() {
             std::fs::copy(cache.join(&name), &dest).with_context(|| {
@@ -96,7 +101,10 @@ mod tests {
         std::fs::write(cache.join("a_1_amd64.deb"), "a").unwrap();
         std::fs::write(archives.join("b_1_amd64.deb"), "b").unwrap();
         std::fs::write(archives.join("lock"), "").unwrap();
-        assert_eq!(seed(&cache, &root).unwrap(), 1);
+        std::fs::write(cache.join("c_1_i386.deb"), "c").unwrap();
+        let wanted = ["a_1_amd64.deb".to_string(), "d_1_all.deb".to_string()];
+        assert_eq!(seed(&cache, &root, &wanted).unwrap(), 1);
+        assert!(!archives.join("c_1_i386.deb").exists());
         assert_eq!(
             std::fs::read_to_string(archives.join("a_1_amd64.deb")).unwrap(),
             "a"
@@ -108,7 +116,7 @@ mod tests {
         );
         assert!(!cache.join("lock").exists());
         // Nothing new either way the second time.
-        assert_eq!(seed(&cache, &root).unwrap(), 0);
+        assert_eq!(seed(&cache, &root, &wanted).unwrap(), 0);
         assert_eq!(collect(&cache, &root).unwrap(), 0);
     }
 }

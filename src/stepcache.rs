@@ -285,7 +285,9 @@ pub fn keys(steps: &[Step], opts: &Options) -> Result<Vec<String>> {
         .iter()
         .filter_map(|v| opts.vars.get(*v))
         .collect();
-    let mut prev = FORMAT.to_string();
+    // vmdb's own version too: how it runs a step (its dpkg settings, its stand-ins in
+    // the image) may change from one release to the next.
+    let mut prev = format!("{FORMAT} vmdb {}", env!("CARGO_PKG_VERSION"));
     let mut tools = ToolVersions::default();
     let mut out = Vec::with_capacity(steps.len());
     for s in steps {

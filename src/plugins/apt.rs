@@ -46,6 +46,17 @@ pub fn install_argv(packages: &[String], recommends: bool) -> Vec<String> {
 }
 
 /// The image's apt sources, to notice when a step changed them since the last update.
+/// The file names in `apt-get --print-uris` output: `'URI' FILE SIZE HASH` lines.
+fn package_files(print_uris: &str) -> Vec<String> {
+    print_uris
+        .lines()
+        .filter(|l| l.starts_with('\''))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|f| f.ends_with(".deb"))
+        .map(String::from)
+        .collect()
+}
+
 fn sources_fingerprint(root: &Path) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -100,7 +111,11 @@ pub fn install(
     }
     let cache = crate::debcache::dir(&b.opts);
     if let Some(c) = &cache {
-        let n = crate::debcache::seed(c, root)?;
+        let mut ask = install_argv(packages, recommends);
+        ask.insert(1, "--print-uris".into());
+        ask.insert(1, "-qq".into());
+        let wanted = package_files(&apt_get(root, &ask)?);
+        let n = crate::debcache::seed(c, root, &wanted)?;
         crate::log::verbose(&format!("  {n} packages from the package cache"));
     }
     apt_get(root, &install_argv(packages, recommends))?;
@@ -160,6 +175,17 @@ impl Plugin for Apt {
 mod tests {
     use super::*;
     use crate::chroot::testing;
+
+    #[test]
+    fn package_files_from_print_uris() {
+        let out = "'http://m.example.org/debian/pool/main/h/hello/hello_2.10-3_amd64.deb' hello_2.10-3_amd64.deb 56024 SHA256:ab\n\
+                   'http://m.example.org/debian/pool/main/s/sed/sed_1%3a4.9_amd64.deb' sed_1%3a4.9_amd64.deb 1 SHA256:cd\n";
+        assert_eq!(
+            package_files(out),
+            ["hello_2.10-3_amd64.deb", "sed_1%3a4.9_amd64.deb"]
+        );
+        assert!(package_files("").is_empty());
+    }
 
     #[test]
     fn install_command_line() {

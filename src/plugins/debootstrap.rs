@@ -531,7 +531,7 @@ mod root_tests {
         let _guard = testing::Unmounter(root.clone());
         let tarball = d.path().join("rootfs.tar.zst");
         let steps = testing::validate(
-            "steps:
+            r#"steps:
   - debootstrap: bookworm
     target: /
     variant: minbase
@@ -546,9 +546,11 @@ mod root_tests {
       test -c /dev/null
       test -x /usr/sbin/policy-rc.d
       grep -qx force-unsafe-io /etc/dpkg/dpkg.cfg.d/vmdb-unsafe-io
+      test -x /usr/local/sbin/update-initramfs
+      apt-config dump | grep -qx 'DPkg::Path "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin";'
       hello > /hello.out
   - cache-rootfs: /
-",
+"#,
         )
         .unwrap();
         let mut b = testing::build(&root, Some(&tarball));
@@ -568,6 +570,8 @@ mod root_tests {
         );
         assert!(!root.join("usr/sbin/policy-rc.d").exists());
         assert!(!root.join("etc/dpkg/dpkg.cfg.d/vmdb-unsafe-io").exists());
+        assert!(!root.join("usr/local/sbin/update-initramfs").exists());
+        assert!(!root.join("etc/apt/apt.conf.d/00vmdb-dpkg-path").exists());
         assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
         // apt ran its update once and remembers it; nothing else is left in the state.
         let flags: Vec<&String> = b.state.notes.iter().collect();
@@ -630,6 +634,79 @@ mod root_tests {
             .unwrap();
         assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
         assert!(!root.join("usr/sbin/policy-rc.d").exists());
+    }
+
+    /// What `dpkg-query` says is installed in `root`, with versions.
+    fn packages(root: &Path) -> Vec<String> {
+        let out = Cmd::new("dpkg-query")
+            .arg(format!(
+                "--admindir={}",
+                root.join("var/lib/dpkg").display()
+            ))
+            .args(["-W", "-f", "${db:Status-Status} ${Package} ${Version}\n"])
+            .run()
+            .unwrap();
+        let mut v: Vec<String> = out.lines().map(String::from).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    #[ignore = "downloads a Debian system twice (about a minute and a half)"]
+    fn mmdebstrap_makes_the_system_debootstrap_makes() {
+        if !testing::is_root() || !mmdebstrap::available() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut trees = vec![];
+        for tool in ["debootstrap", "mmdebstrap"] {
+            let root = std::fs::canonicalize(d.path()).unwrap().join(tool);
+            std::fs::create_dir(&root).unwrap();
+            let _guard = testing::Unmounter(root.clone());
+            let step = testing::step(&format!(
+                "steps:\n  - debootstrap: bookworm\n    target: /\n    tool: {tool}\n"
+            ));
+            let mut b = testing::build(&root, None);
+            let t = Instant::now();
+            Debootstrap.run(&step, &mut b).unwrap();
+            eprintln!("TIMING {tool}: {:.1}s", t.elapsed().as_secs_f64());
+            Debootstrap.teardown(&step, &mut b).unwrap();
+            assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+            trees.push(root);
+        }
+        let (deb, mm) = (&trees[0], &trees[1]);
+        let (p1, p2) = (packages(deb), packages(mm));
+        assert!(p1.len() > 100 && p1.iter().all(|p| p.starts_with("installed ")));
+        assert_eq!(p1, p2, "the two tools installed different packages");
+        for link in ["bin", "sbin", "lib", "lib64"] {
+            assert_eq!(
+                std::fs::read_link(deb.join(link)).unwrap(),
+                std::fs::read_link(mm.join(link)).unwrap(),
+                "/{link}"
+            );
+        }
+        for f in [
+            "etc/apt/sources.list",
+            "etc/passwd",
+            "etc/shadow",
+            "etc/fstab",
+        ] {
+            assert_eq!(
+                std::fs::read(deb.join(f)).unwrap(),
+                std::fs::read(mm.join(f)).unwrap(),
+                "/{f}"
+            );
+        }
+        // Nothing of mmdebstrap's own is left, and every package counts as asked for.
+        assert!(!mm.join("etc/dpkg/dpkg.cfg.d/99mmdebstrap").exists());
+        assert!(!mm.join("var/lib/apt/extended_states").exists());
+        let debs = std::fs::read_dir(mm.join("var/cache/apt/archives"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".deb"))
+            .count();
+        assert_eq!(debs, 0);
+        assert_eq!(std::fs::read(mm.join("etc/machine-id")).unwrap(), b"");
     }
 
     #[test]
