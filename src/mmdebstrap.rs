@@ -21,11 +21,18 @@ const MERGED_USR_HOOKS: &str = "/usr/share/mmdebstrap/hooks/maybe-merged-usr";
 /// The environment variable naming the package cache the setup hook copies from.
 pub const DEBS_ENV: &str = "VMDB_PACKAGE_CACHE";
 
-/// Whether this host has mmdebstrap with the hooks vmdb relies on.
-pub fn available() -> bool {
+/// Whether this host has mmdebstrap with the hooks vmdb relies on, and, for an
+/// architecture other than the host's own (i386 on amd64), the arch-test program
+/// mmdebstrap insists on for it.
+pub fn available(other_arch: bool) -> bool {
     Path::new(MERGED_USR_HOOKS).is_dir()
-        && std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("mmdebstrap").is_file()))
+        && on_path("mmdebstrap")
+        && (!other_arch || on_path("arch-test"))
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
 /// mmdebstrap's variant for a debootstrap variant; None for one it has no match for.

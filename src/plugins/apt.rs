@@ -45,7 +45,6 @@ pub fn install_argv(packages: &[String], recommends: bool) -> Vec<String> {
     v
 }
 
-/// The image's apt sources, to notice when a step changed them since the last update.
 /// The file names in `apt-get --print-uris` output: `'URI' FILE SIZE HASH` lines.
 fn package_files(print_uris: &str) -> Vec<String> {
     print_uris
@@ -57,11 +56,14 @@ fn package_files(print_uris: &str) -> Vec<String> {
         .collect()
 }
 
+/// The image's apt sources and architectures, to notice when a step changed them since
+/// the last update.
 fn sources_fingerprint(root: &Path) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let etc = root.join("etc/apt");
-    let mut files = vec![etc.join("sources.list")];
+    // dpkg's foreign architectures count too: adding one needs a new apt-get update.
+    let mut files = vec![root.join("var/lib/dpkg/arch"), etc.join("sources.list")];
     if let Ok(d) = std::fs::read_dir(etc.join("sources.list.d")) {
         let mut more: Vec<_> = d.filter_map(|e| e.ok()).map(|e| e.path()).collect();
         more.sort();
@@ -175,6 +177,30 @@ impl Plugin for Apt {
 mod tests {
     use super::*;
     use crate::chroot::testing;
+
+    #[test]
+    fn a_new_source_or_architecture_changes_the_fingerprint() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("etc/apt/sources.list.d")).unwrap();
+        std::fs::create_dir_all(root.join("var/lib/dpkg")).unwrap();
+        std::fs::write(
+            root.join("etc/apt/sources.list"),
+            "deb http://m/debian trixie main\n",
+        )
+        .unwrap();
+        let first = sources_fingerprint(root);
+        assert_eq!(sources_fingerprint(root), first);
+        std::fs::write(root.join("var/lib/dpkg/arch"), "i386\namd64\n").unwrap();
+        let with_arch = sources_fingerprint(root);
+        assert_ne!(with_arch, first);
+        std::fs::write(
+            root.join("etc/apt/sources.list.d/x.list"),
+            "deb http://m/x trixie main\n",
+        )
+        .unwrap();
+        assert_ne!(sources_fingerprint(root), with_arch);
+    }
 
     #[test]
     fn package_files_from_print_uris() {

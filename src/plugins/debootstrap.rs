@@ -201,10 +201,10 @@ pub fn check_step(c: &mut Check) {
         "mmdebstrap" => {
             if let Some(why) = mmdebstrap_cannot(step) {
                 c.err("tool", format!("cannot use mmdebstrap here: {why}"));
-            } else if !mmdebstrap::available() {
+            } else if !mmdebstrap::available(other_arch(step)) {
                 c.err(
                     "tool",
-                    "mmdebstrap is not installed on this host (apt-get install mmdebstrap)",
+                    "mmdebstrap is not installed on this host (apt-get install mmdebstrap arch-test)",
                 );
             }
         }
@@ -242,11 +242,17 @@ fn mmdebstrap_cannot(step: &Step) -> Option<String> {
     )
 }
 
+/// Whether the step asks for an architecture other than the host's.
+fn other_arch(step: &Step) -> bool {
+    step.opt_str("arch")
+        .is_some_and(|a| binfmt::host_arch().map_or(true, |h| h != a))
+}
+
 /// Whether the step runs mmdebstrap rather than debootstrap.
 fn uses_mmdebstrap(step: &Step) -> bool {
     match step.opt_str("tool").unwrap_or("auto") {
         "mmdebstrap" => true,
-        "auto" => mmdebstrap_cannot(step).is_none() && mmdebstrap::available(),
+        "auto" => mmdebstrap_cannot(step).is_none() && mmdebstrap::available(other_arch(step)),
         _ => false,
     }
 }
@@ -654,7 +660,7 @@ mod root_tests {
     #[test]
     #[ignore = "downloads a Debian system twice (about a minute and a half)"]
     fn mmdebstrap_makes_the_system_debootstrap_makes() {
-        if !testing::is_root() || !mmdebstrap::available() {
+        if !testing::is_root() || !mmdebstrap::available(false) {
             return;
         }
         let d = tempfile::tempdir().unwrap();
