@@ -5,8 +5,8 @@
 //! What is made matches debootstrap's: the same packages (merged /usr through
 //! mmdebstrap's own merged-usr hook, which installs usr-is-merged as debootstrap does),
 //! every package marked as installed by hand, and no dpkg setting left behind.
-//! Known differences (docs/vmdb2-differences.md): /etc/machine-id is left empty (set on
-//! first boot) and apt's package lists are not kept.
+//! The known difference (docs/vmdb2-differences.md): /etc/machine-id is left empty (set
+//! on first boot).
 
 use std::path::Path;
 
@@ -81,8 +81,14 @@ pub fn argv(a: &Args, cache: bool) -> Vec<String> {
     if let Some(k) = &a.keyring {
         v.push(format!("--keyring={k}"));
     }
+    // apt's lists stay, as debootstrap's do: the next apt step's update then only
+    // checks that they are current.
+    let mut skip = vec!["cleanup/apt/lists"];
     if cache {
-        v.push("--skip=essential/unlink,cleanup/apt/cache,download/empty".into());
+        skip.extend(["essential/unlink", "cleanup/apt/cache", "download/empty"]);
+    }
+    v.push(format!("--skip={}", skip.join(",")));
+    if cache {
         v.push(format!(
             "--setup-hook=mkdir -p \"$1/var/cache/apt/archives\" && find \"${DEBS_ENV}\" \
              -maxdepth 1 \\( -name '*_{}.deb' -o -name '*_all.deb' \\) \
@@ -156,16 +162,17 @@ mod tests {
                 "--components=main,contrib",
                 "--include=less",
                 "--keyring=/k.gpg",
+                "--skip=cleanup/apt/lists",
                 "bookworm",
                 "/mnt",
                 "http://mirror.example.org/debian"
             ]
         );
         let cached = argv(&args(), true);
-        assert_eq!(cached.len(), plain.len() + 2);
+        assert_eq!(cached.len(), plain.len() + 1);
         assert_eq!(
             cached[9],
-            "--skip=essential/unlink,cleanup/apt/cache,download/empty"
+            "--skip=cleanup/apt/lists,essential/unlink,cleanup/apt/cache,download/empty"
         );
         assert!(cached[10].starts_with("--setup-hook=mkdir -p \"$1/var/cache/apt/archives\""));
         assert!(cached[10].contains("\"$VMDB_PACKAGE_CACHE\""));

@@ -713,6 +713,19 @@ mod root_tests {
             .count();
         assert_eq!(debs, 0);
         assert_eq!(std::fs::read(mm.join("etc/machine-id")).unwrap(), b"");
+        // Both keep apt's lists of the suite's packages, under the same names.
+        let lists = |root: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(root.join("var/lib/apt/lists"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with("_Packages"))
+                .collect();
+            v.sort();
+            v
+        };
+        assert!(!lists(mm).is_empty());
+        assert_eq!(lists(deb), lists(mm));
     }
 
     #[test]
