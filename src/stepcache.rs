@@ -278,6 +278,22 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// vmdb's version and its executable's size and modification time: how vmdb runs a
+/// step (its dpkg settings, its stand-ins in the image, the options it gives
+/// mmdebstrap) changes with vmdb itself, and a development build keeps its version
+/// number. A reinstalled copy of the same vmdb only costs a cold build.
+fn vmdb_identity() -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    let exe = std::env::current_exe().and_then(std::fs::metadata);
+    match exe.as_ref().map(|m| (m.len(), m.modified())) {
+        Ok((len, Ok(t))) => {
+            let ns = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+            format!("{version} exe {len} {ns}")
+        }
+        _ => version.to_string(),
+    }
+}
+
 /// The cache key of the state after each step: a hash chain over the steps.
 pub fn keys(steps: &[Step], opts: &Options) -> Result<Vec<String>> {
     // The image is built under a name that changes with every run: keys use a fixed one.
@@ -285,9 +301,7 @@ pub fn keys(steps: &[Step], opts: &Options) -> Result<Vec<String>> {
         .iter()
         .filter_map(|v| opts.vars.get(*v))
         .collect();
-    // vmdb's own version too: how it runs a step (its dpkg settings, its stand-ins in
-    // the image) may change from one release to the next.
-    let mut prev = format!("{FORMAT} vmdb {}", env!("CARGO_PKG_VERSION"));
+    let mut prev = format!("{FORMAT} vmdb {}", vmdb_identity());
     let mut tools = ToolVersions::default();
     let mut out = Vec::with_capacity(steps.len());
     for s in steps {
