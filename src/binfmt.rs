@@ -56,14 +56,20 @@ pub fn native(host: &str, target: &str) -> bool {
     host == target || (host == "amd64" && target == "i386")
 }
 
-/// The host's Debian architecture.
+/// The host's Debian architecture (dpkg is asked once: several checks of every
+/// bootstrap step need it).
 pub fn host_arch() -> Result<String> {
-    Ok(Cmd::new("dpkg")
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(h) = HOST.get() {
+        return Ok(h.clone());
+    }
+    let h = Cmd::new("dpkg")
         .arg("--print-architecture")
         .run()
         .context("asking dpkg for the host's architecture")?
         .trim()
-        .to_string())
+        .to_string();
+    Ok(HOST.get_or_init(|| h).clone())
 }
 
 /// Debian architecture of the system installed in `root`, from dpkg's status of

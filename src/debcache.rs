@@ -48,15 +48,11 @@ pub fn seed(cache: &Path, root: &Path, wanted: &[String]) -> Result<usize> {
         return Ok(0);
     }
     let mut n = 0;
-    for (name, _) in debs(cache) {
-        if !wanted.iter().any(|w| name == w.as_str()) {
-            continue;
-        }
-        let dest = archives.join(&name);
-        if !dest.exists() {
-            std::fs::copy(cache.join(&name), &dest).with_context(|| {
-                format!("copying {} from the package cache", name.to_string_lossy())
-            })?;
+    for name in wanted {
+        let (src, dest) = (cache.join(name), archives.join(name));
+        if src.is_file() && !dest.exists() {
+            std::fs::copy(&src, &dest)
+                .with_context(|| format!("copying {name} from the package cache"))?;
             n += 1;
         }
     }

@@ -186,7 +186,7 @@ pub fn check_suite_with(mirror: &str, suite: &str, ca: Option<&Path>) -> Result<
         format!("{base}/dists/{suite}/InRelease"),
         format!("{base}/dists/{suite}/Release"),
     ];
-    if have("curl") {
+    if crate::app::in_path("curl") {
         for url in &urls {
             let mut curl = Cmd::new("curl");
             if let Some(ca) = ca {
@@ -205,7 +205,7 @@ pub fn check_suite_with(mirror: &str, suite: &str, ca: Option<&Path>) -> Result<
         }
         bail!("suite '{suite}' not found at {mirror} (no dists/{suite}/InRelease or Release)");
     }
-    if have("wget") {
+    if crate::app::in_path("wget") {
         for url in &urls {
             let mut wget = Cmd::new("wget");
             if let Some(ca) = ca {
@@ -226,12 +226,6 @@ pub fn check_suite_with(mirror: &str, suite: &str, ca: Option<&Path>) -> Result<
     }
     crate::log::verbose("  neither curl nor wget: debootstrap itself checks the mirror");
     Ok(())
-}
-
-fn have(prog: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
-        .unwrap_or(false)
 }
 
 /// The program's own last message from a command's error (curl's "curl: (6) ..."),

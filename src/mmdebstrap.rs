@@ -25,14 +25,10 @@ pub const DEBS_ENV: &str = "VMDB_PACKAGE_CACHE";
 /// architecture other than the host's own (i386 on amd64), the arch-test program
 /// mmdebstrap insists on for it.
 pub fn available(other_arch: bool) -> bool {
+    use crate::app::in_path;
     Path::new(MERGED_USR_HOOKS).is_dir()
-        && on_path("mmdebstrap")
-        && (!other_arch || on_path("arch-test"))
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        && in_path("mmdebstrap")
+        && (!other_arch || in_path("arch-test"))
 }
 
 /// mmdebstrap's variant for a debootstrap variant; None for one it has no match for.

@@ -114,8 +114,7 @@ pub fn install(
     let cache = crate::debcache::dir(&b.opts);
     if let Some(c) = &cache {
         let mut ask = install_argv(packages, recommends);
-        ask.insert(1, "--print-uris".into());
-        ask.insert(1, "-qq".into());
+        ask.splice(1..1, ["-qq".to_string(), "--print-uris".to_string()]);
         let wanted = package_files(&apt_get(root, &ask)?);
         let n = crate::debcache::seed(c, root, &wanted)?;
         crate::log::verbose(&format!("  {n} packages from the package cache"));

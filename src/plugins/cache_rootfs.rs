@@ -67,9 +67,7 @@ impl Compression {
 }
 
 pub fn have_pigz() -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("pigz").is_file()))
-        .unwrap_or(false)
+    crate::app::in_path("pigz")
 }
 
 /// Options both packing and unpacking use: owners by number, extended attributes

@@ -660,9 +660,13 @@ mod root_tests {
     #[test]
     #[ignore = "downloads a Debian system twice (about a minute and a half)"]
     fn mmdebstrap_makes_the_system_debootstrap_makes() {
-        if !testing::is_root() || !mmdebstrap::available(false) {
+        if !testing::is_root() {
             return;
         }
+        assert!(
+            mmdebstrap::available(false),
+            "mmdebstrap is not installed: run scripts/install-deps"
+        );
         let d = tempfile::tempdir().unwrap();
         let mut trees = vec![];
         for tool in ["debootstrap", "mmdebstrap"] {
