@@ -17,14 +17,20 @@ use clap_complete::Shell;
 const EXTRA: &str = r#".SH "EXIT STATUS"
 .TP
 \fB0\fR
-The build succeeded: the image is in place.
+The build succeeded: every output was written back to its disk, checked, and put
+in place.
 .TP
 \fB1\fR
 The build failed: every started step was torn down in reverse order and the
-image was removed (kept as IMAGE.failed with \fB\-\-keep\-failed\fR).
+image was removed (kept as IMAGE.failed with \fB\-\-keep\-failed\fR); an older file
+at the output is left as it was. A write the kernel lost (a full disk under the
+image) and a signal (SIGINT, SIGTERM, SIGHUP) at any moment before the outputs are
+put in place are failures too.
 .TP
 \fB2\fR
-A usage error, or a mistake in the spec found before anything ran.
+Nothing was done: a usage error, a mistake in the spec, or an output that cannot be
+written (a character device, a named pipe, a socket, a symbolic link to anything but
+a block device, a block device in use, or an output another vmdb is building).
 .SH EXAMPLES
 Check a spec and print its plan:
 .PP
@@ -51,6 +57,10 @@ The reference page of every step type: its keys, defaults, teardown and an examp
 .TP
 \fI/usr/share/doc/vmdb/examples/\fR
 Example specs that build bootable Debian images (BIOS, UEFI, and both).
+.TP
+\fI/run/vmdb/\fR
+The locks of the outputs being built, and the builds in flight with their temporary
+files, so that the next build removes what a killed one left behind.
 .SH "SEE ALSO"
 \fBvmdb\-validate\fR(1), \fBvmdb\-boot\fR(1), \fBvmdb\-cache\fR(1), \fBdebootstrap\fR(8), \fBqemu\-img\fR(1)
 "#;

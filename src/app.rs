@@ -199,7 +199,7 @@ fn build(args: BuildArgs) -> i32 {
         );
         return EXIT_USAGE;
     }
-    let target = match supervisor::Target::new(&out) {
+    let mut target = match supervisor::Target::new(&out) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("vmdb: {e:#}");
@@ -218,6 +218,16 @@ fn build(args: BuildArgs) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("vmdb: building needs root (loop devices, mounts): run vmdb with sudo");
+        return EXIT_FAILED;
+    }
+    // What killed builds left behind, whatever their spec and output.
+    crate::inflight::clean_stale();
+    if let Err(e) = target.claim() {
+        eprintln!("vmdb: {e:#}");
+        return EXIT_USAGE;
+    }
     if !args.no_cache {
         prepared.opts.cache_dir = Some(args.cache_dir.clone());
     }

@@ -37,6 +37,11 @@ pub struct Build {
     /// Whole-disk loop devices by backing path, and partition loop devices.
     disk_loops: Vec<(PathBuf, LoopDevice)>,
     part_loops: Vec<LoopDevice>,
+    /// Filesystems the build mounted, each with its root directory opened right after
+    /// mounting: syncfs on it reports every write-back error since then.
+    mounted: Vec<(PathBuf, std::fs::File)>,
+    /// Block devices the steps write to, held exclusively until the build ends.
+    held: Vec<crate::blockdev::busy::Claim>,
 }
 
 impl Build {
@@ -61,6 +66,8 @@ impl Build {
             _own_workdir: None,
             disk_loops: Vec::new(),
             part_loops: Vec::new(),
+            mounted: Vec::new(),
+            held: Vec::new(),
         }
     }
 
@@ -88,9 +95,22 @@ impl Build {
         Ok(d.keep())
     }
 
+    /// Before a step writes to `disk`: if it is a block device, check that nothing else
+    /// uses it (it may have been mounted since validation) and hold it exclusively for
+    /// the rest of the build. Image files need nothing.
+    pub fn claim_device(&mut self, disk: &Path) -> Result<()> {
+        if is_block_device(disk) {
+            if let Some(c) = crate::blockdev::busy::claim(disk)? {
+                self.held.push(c);
+            }
+        }
+        Ok(())
+    }
+
     /// The block device of a whole disk: itself if it is one, else a loop device.
     pub fn disk_device(&mut self, disk: &Path) -> Result<PathBuf> {
         if is_block_device(disk) {
+            self.claim_device(disk)?;
             return Ok(disk.to_path_buf());
         }
         if let Some((_, l)) = self.disk_loops.iter().find(|(p, _)| p == disk) {
@@ -112,35 +132,104 @@ impl Build {
             .disk
             .clone()
             .with_context(|| format!("tag '{tag}' is not a partition"))?;
-        let l = LoopDevice::attach(&disk, t.offset, t.size)?;
+        let (offset, size) = (t.offset, t.size);
+        self.claim_device(&disk)?;
+        let l = LoopDevice::attach(&disk, offset, size)?;
         let path = l.path().to_path_buf();
         self.part_loops.push(l);
         self.state.tag_mut(tag)?.device = Some(path.clone());
         Ok(path)
     }
 
-    /// Detach the partition devices of the given tags (kpartx's teardown).
-    pub fn release_partitions(&mut self, tags: &[String]) {
+    /// Whether the build is still going well: a failed build's image is thrown away,
+    /// so nothing of it needs writing back.
+    fn succeeding(&self) -> bool {
+        !self.state.notes.contains(crate::runner::BUILD_FAILED)
+    }
+
+    /// Remember a filesystem just mounted at `point`, to check its write-back later.
+    pub fn watch_filesystem(&mut self, point: &Path) -> Result<()> {
+        let dir = std::fs::File::open(point)
+            .with_context(|| format!("opening mount point {}", point.display()))?;
+        self.mounted.push((point.to_path_buf(), dir));
+        Ok(())
+    }
+
+    /// Before unmounting the filesystem at `point`: write back all its data and
+    /// metadata, and fail if any write since it was mounted was lost (the kernel only
+    /// logs those: a full disk under the image, an I/O error). The directory is closed,
+    /// so that it does not keep the filesystem busy.
+    pub fn flush_filesystem(&mut self, point: &Path, tag: &str) -> Result<()> {
+        let Some(i) = self.mounted.iter().position(|(p, _)| p == point) else {
+            return Ok(());
+        };
+        let (_, dir) = self.mounted.remove(i);
+        if !self.succeeding() {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        nix::unistd::syncfs(dir.as_raw_fd()).with_context(|| {
+            format!(
+                "the image is incomplete: writing back the filesystem of tag '{tag}' failed \
+                 (is the disk holding the image full?)"
+            )
+        })
+    }
+
+    /// Detach the partition devices of the given tags (kpartx's teardown); their
+    /// writes are checked unless the build failed already.
+    pub fn release_partitions(&mut self, tags: &[String]) -> Result<()> {
+        let check = self.succeeding();
+        let mut result = Ok(());
         for name in tags {
             if let Ok(t) = self.state.tag_mut(name) {
                 if let Some(dev) = t.device.take() {
                     if let Some(i) = self.part_loops.iter().position(|l| l.path() == dev) {
-                        self.part_loops.remove(i).close();
+                        let l = self.part_loops.remove(i);
+                        if !check {
+                            l.abandon();
+                        } else if let Err(e) = l.close() {
+                            if result.is_ok() {
+                                result = Err(e);
+                            }
+                        }
                     }
                 }
             }
         }
+        result.map_err(write_back_failed)
     }
 
-    /// Let go of every loop device, newest first; they detach once unmounted.
-    pub fn release_all_loops(&mut self) {
-        while let Some(l) = self.part_loops.pop() {
-            l.close();
+    /// Let go of every loop device, newest first; they detach once unmounted. Unless
+    /// the build failed already, what was written through them is written back and
+    /// checked; the errors are returned.
+    pub fn release_all_loops(&mut self) -> Vec<anyhow::Error> {
+        let check = self.succeeding();
+        let mut errors = Vec::new();
+        let loops = std::mem::take(&mut self.part_loops)
+            .into_iter()
+            .rev()
+            .chain(
+                std::mem::take(&mut self.disk_loops)
+                    .into_iter()
+                    .rev()
+                    .map(|(_, l)| l),
+            );
+        for l in loops {
+            if !check {
+                l.abandon();
+            } else if let Err(e) = l.close() {
+                errors.push(write_back_failed(e));
+            }
         }
-        while let Some((_, l)) = self.disk_loops.pop() {
-            l.close();
-        }
+        errors
     }
+}
+
+fn write_back_failed(e: anyhow::Error) -> anyhow::Error {
+    e.context(
+        "the image is incomplete: a write to it was lost (is the disk holding the image full?)",
+    )
 }
 
 pub fn is_block_device(p: &Path) -> bool {

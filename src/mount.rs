@@ -98,8 +98,8 @@ pub fn unmount_below(dir: &Path) -> Result<()> {
     }
 }
 
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
+/// mountinfo (and /proc/swaps) escape space, tab, newline and backslash as octal.
+pub fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

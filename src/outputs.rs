@@ -6,8 +6,9 @@
 //! (`.NAME.vmdb-partial-PID`, PID being vmdb's, the parent's). The build process (the
 //! child, in its namespaces) makes the files; it lists each in the report
 //! (`report.json` in the scratch directory, see `Report`) BEFORE it creates it, so that
-//! the parent knows every temporary file even when the build is killed. The parent
-//! renames them all into place when the build succeeded, or removes them all.
+//! the parent knows every temporary file even when the build is killed, and so does
+//! the next vmdb when vmdb itself is killed (src/inflight.rs). The parent renames them
+//! all into place when the build succeeded, or removes them all.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -174,39 +175,39 @@ pub fn temp_name(path: &Path, what: &str, pid: u32) -> PathBuf {
     dir.join(format!(".{name}.vmdb-{what}-{pid}"))
 }
 
-/// The kinds of temporary names vmdb writes beside an output.
-pub const TEMP_KINDS: &[&str] = &["partial", "converting", "box"];
-
-/// Remove the temporary files of `path` (every kind) left by a vmdb that is no longer
-/// running (killed with SIGKILL before it could clean up).
-pub fn remove_stale_of(path: &Path) {
-    let Some(dir) = path.parent() else {
-        return;
+/// Check that an output may be written at `path`: it is written under a temporary
+/// name and renamed over `path`, so whatever is there must be a regular file (or
+/// nothing). A symbolic link is refused rather than replaced or followed: the user
+/// names the file itself.
+pub fn check_file_output(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("output {}", path.display())),
     };
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    for what in TEMP_KINDS {
-        remove_stale(dir, &format!(".{name}.vmdb-{what}-"), "");
-    }
-}
-
-/// Remove `PREFIX<pid>SUFFIX` entries of `dir` whose vmdb (the PID) is no longer running.
-pub fn remove_stale(dir: &Path, prefix: &str, suffix: &str) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+    let t = m.file_type();
+    let what = if t.is_file() {
+        return Ok(());
+    } else if t.is_symlink() {
+        let to = std::fs::read_link(path)
+            .map(|l| l.display().to_string())
+            .unwrap_or_default();
+        format!("it is a symbolic link (to {to}): name the file itself")
+    } else if t.is_dir() {
+        "it is a directory".into()
+    } else if t.is_char_device() {
+        "it is a character device, not a file or a block device".into()
+    } else if t.is_block_device() {
+        "it is a block device, not a file".into()
+    } else if t.is_fifo() {
+        "it is a named pipe (FIFO), not a file".into()
+    } else if t.is_socket() {
+        "it is a socket, not a file".into()
+    } else {
+        "it is not a regular file".into()
     };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(prefix)
-            .and_then(|r| r.strip_suffix(suffix))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            remove_path(&e.path());
-        }
-    }
+    bail!("refusing to write to {}: {what}", path.display())
 }
 
 /// Remove a file or a directory tree; quietly if it is not there.
@@ -248,9 +249,7 @@ impl Build {
                 dir.display()
             );
         }
-        if path.is_dir() {
-            bail!("cannot write {}: it is a directory", path.display());
-        }
+        check_file_output(&path)?;
         if let Some(f) = self
             .report
             .files
@@ -263,7 +262,6 @@ impl Build {
                 f.kind
             );
         }
-        remove_stale_of(&path);
         let partial = temp_name(&path, "partial", self.opts.out.pid());
         self.report.files.push(OutFile {
             partial: partial.clone(),
@@ -279,8 +277,9 @@ impl Build {
 
     /// Register a temporary file or directory, removed whatever happens.
     pub fn add_temporary(&mut self, p: &Path) -> Result<()> {
+        let p = std::path::absolute(p).with_context(|| format!("temporary {}", p.display()))?;
         self.report.files.push(OutFile {
-            partial: p.to_path_buf(),
+            partial: p,
             path: None,
             kind: "temporary".into(),
             format: None,
@@ -338,6 +337,9 @@ pub fn finish(b: &mut Build, started: std::time::SystemTime, duration: f64) -> R
     };
     let pid = o.pid();
     if o.device {
+        // What the steps wrote to the device directly (a partition table, a boot
+        // loader) as well as through loop devices.
+        sync_file(&final_path)?;
         let size = Cmd::new("blockdev")
             .arg("--getsize64")
             .arg(&final_path)
@@ -358,11 +360,6 @@ pub fn finish(b: &mut Build, started: std::time::SystemTime, duration: f64) -> R
         b.save_report()?;
     } else if o.build_path.exists() {
         convert(b, &o, &final_path, pid)?;
-    } else {
-        log::warn(&format!(
-            "the spec made no image at {} (nothing to convert or checksum)",
-            final_path.display()
-        ));
     }
 
     let want_sums = o.checksums || o.manifest;
@@ -372,9 +369,7 @@ pub fn finish(b: &mut Build, started: std::time::SystemTime, duration: f64) -> R
         if f.path.is_none() || o.device && f.partial == final_path {
             continue;
         }
-        let size = std::fs::metadata(&f.partial)
-            .with_context(|| format!("output {}", f.partial.display()))?
-            .len();
+        let size = sync_file(&f.partial)?;
         let sha = if want_sums {
             Some(sha256_file(&f.partial)?)
         } else {
@@ -410,7 +405,25 @@ pub fn finish(b: &mut Build, started: std::time::SystemTime, duration: f64) -> R
 }
 
 fn write_file(p: &Path, data: &[u8]) -> Result<()> {
-    std::fs::write(p, data).with_context(|| format!("writing {}", p.display()))
+    std::fs::write(p, data).with_context(|| format!("writing {}", p.display()))?;
+    sync_file(p).map(drop)
+}
+
+/// Write the file at `p` back to its disk and check that nothing of it was lost;
+/// returns its size. The kernel reports a lost write (of the loop devices, of a tool)
+/// to the next fsync of a descriptor opened before it, or, when none has seen it yet,
+/// to a new one.
+pub fn sync_file(p: &Path) -> Result<u64> {
+    let f = std::fs::File::open(p).with_context(|| format!("output {}", p.display()))?;
+    f.sync_all().with_context(|| {
+        format!(
+            "writing back {} failed: it is incomplete (is its disk full?)",
+            p.display()
+        )
+    })?;
+    Ok(f.metadata()
+        .with_context(|| format!("output {}", p.display()))?
+        .len())
 }
 
 pub fn sha256_file(p: &Path) -> Result<String> {
@@ -465,9 +478,7 @@ fn convert(b: &mut Build, o: &OutputOptions, final_path: &Path, pid: u32) -> Res
         },
     );
     b.add_temporary(&raw)?;
-    let virtual_size = std::fs::metadata(&raw)
-        .with_context(|| format!("image {}", raw.display()))?
-        .len();
+    let virtual_size = sync_file(&raw)?;
     match o.format {
         Format::Raw => {}
         Format::Qcow2 | Format::Vmdk | Format::Vdi => {
@@ -595,26 +606,42 @@ pub fn round3(x: f64) -> f64 {
 }
 
 /// In vmdb (the parent) after a successful build: rename every output into place, in
-/// order, then remove the temporary files. All or nothing: if a rename fails, what was
-/// renamed already is removed again. Returns the final paths.
+/// order, write the directories back (so that the new names survive a crash), then
+/// remove the temporary files. All or nothing: if a rename or a directory's write-back
+/// fails, what was renamed already is removed again. Returns the final paths.
 pub fn commit(report: &Report) -> Result<Vec<PathBuf>> {
     let mut done: Vec<PathBuf> = Vec::new();
+    let mut renamed: Vec<PathBuf> = Vec::new();
+    let undo = |renamed: &[PathBuf]| {
+        for p in renamed {
+            remove_path(p);
+        }
+        discard(report, None);
+    };
     for f in &report.files {
         let Some(path) = &f.path else {
             continue;
         };
         if &f.partial != path {
             if let Err(e) = std::fs::rename(&f.partial, path) {
-                for p in &done {
-                    remove_path(p);
-                }
-                discard(report, None);
+                undo(&renamed);
                 return Err(e).with_context(|| {
                     format!("renaming {} to {}", f.partial.display(), path.display())
                 });
             }
+            renamed.push(path.clone());
         }
         done.push(path.clone());
+    }
+    let mut dirs: Vec<&Path> = renamed.iter().filter_map(|p| p.parent()).collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs {
+        let r = std::fs::File::open(d).and_then(|f| f.sync_all());
+        if let Err(e) = r {
+            undo(&renamed);
+            return Err(e).with_context(|| format!("writing back directory {}", d.display()));
+        }
     }
     for f in &report.files {
         if f.path.is_none() {

@@ -187,7 +187,7 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
         }
         log::event("teardown", ev);
     }
-    b.release_all_loops();
+    errors.extend(b.release_all_loops());
     errors
 }
 

@@ -7,14 +7,18 @@
 //! signals, and puts the image under its final name, or removes it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Instant, SystemTime};
 
-use anyhow::{Context, Result, bail};
-use nix::sys::wait::{WaitStatus, waitpid};
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
 use crate::app::{EXIT_FAILED, Prepared};
-use crate::build::{Build, is_block_device};
+use crate::blockdev::busy;
+use crate::build::Build;
+use crate::inflight::{self, InFlight, OutputLock};
 use crate::outputs::{self, Report};
 use crate::{cmd, log, mount, plugins, runner};
 
@@ -24,23 +28,34 @@ pub struct Target {
     final_path: PathBuf,
     build_path: PathBuf,
     device: bool,
+    /// What the output's lock is keyed by: its real path, or the device's number.
+    key: String,
+    lock: Option<OutputLock>,
+    claim: Option<busy::Claim>,
 }
 
 impl Target {
+    /// Check where the image is to go; nothing is touched yet.
     pub fn new(out: &Path) -> Result<Target> {
-        if is_block_device(out) {
-            if let Some(m) = mounted_part_of(out)? {
-                bail!("refusing to write to {}: {m}", out.display());
+        // A block device, named as such or by a symlink (/dev/disk/by-id/...).
+        if let Some(rdev) = busy::block_rdev(out) {
+            if let Some(why) = busy::refusal(out)? {
+                bail!("refusing to write to {}: {why}", out.display());
             }
+            let (maj, min) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
             return Ok(Target {
                 final_path: out.to_path_buf(),
                 build_path: out.to_path_buf(),
                 device: true,
+                key: format!("block device {maj}:{min}"),
+                lock: None,
+                claim: None,
             });
         }
         let abs = std::path::absolute(out).with_context(|| format!("output {}", out.display()))?;
         let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
-        abs.file_name()
+        let name = abs
+            .file_name()
             .with_context(|| format!("output {} has no file name", out.display()))?;
         if !dir.is_dir() {
             bail!(
@@ -49,16 +64,33 @@ impl Target {
                 dir.display()
             );
         }
-        if abs.is_dir() {
-            bail!("cannot build {}: it is a directory", out.display());
-        }
-        outputs::remove_stale_of(&abs);
+        outputs::check_file_output(&abs)?;
+        // One lock for every spelling of the path (relative, through symlinked
+        // directories).
+        let key = std::fs::canonicalize(&dir)
+            .with_context(|| format!("output directory {}", dir.display()))?
+            .join(name)
+            .display()
+            .to_string();
         let build_path = outputs::temp_name(&abs, "partial", std::process::id());
         Ok(Target {
             final_path: abs,
             build_path,
             device: false,
+            key,
+            lock: None,
+            claim: None,
         })
+    }
+
+    /// Before the build: take the output's lock, so that no other vmdb builds it at the
+    /// same time, and hold a block device exclusively. Both last as long as the target.
+    pub fn claim(&mut self) -> Result<()> {
+        self.lock = Some(inflight::lock_output(&self.key, &self.final_path)?);
+        if self.device {
+            self.claim = busy::claim(&self.final_path)?;
+        }
+        Ok(())
     }
 
     pub fn build_path(&self) -> &Path {
@@ -97,31 +129,14 @@ impl Target {
             ));
         }
     }
-}
 
-/// Why `dev` must not be written: it or one of its partitions is mounted.
-fn mounted_part_of(dev: &Path) -> Result<Option<String>> {
-    use std::os::unix::fs::MetadataExt;
-    let rdev = std::fs::metadata(dev)?.rdev();
-    let (maj, min) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
-    let sys = std::fs::canonicalize(format!("/sys/dev/block/{maj}:{min}"))?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    for line in info.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let (Some(mm), Some(point)) = (f.get(2), f.get(4)) else {
-            continue;
-        };
-        if let Ok(p) = std::fs::canonicalize(format!("/sys/dev/block/{mm}")) {
-            if p == sys {
-                return Ok(Some(format!("it is mounted on {point}")));
-            }
-            if p.starts_with(&sys) {
-                let part = p.file_name().unwrap_or_default().to_string_lossy();
-                return Ok(Some(format!("its partition {part} is mounted on {point}")));
-            }
+    /// The build is over: let go of the device and the lock.
+    fn release(mut self) {
+        self.claim.take();
+        if let Some(l) = self.lock.take() {
+            l.release();
         }
     }
-    Ok(None)
 }
 
 pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
@@ -136,7 +151,6 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
             "steps": p.steps.len(),
         }),
     );
-    let (result, report) = supervise(p);
     let secs = || outputs::round3(started.elapsed().as_secs_f64());
     let end = |code: i32, outputs: &[PathBuf]| {
         log::event(
@@ -150,7 +164,52 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
         );
         code
     };
-    match result {
+    let fail = |e: anyhow::Error| {
+        log::info(&format!("vmdb: {e:#}"));
+        log::event("error", serde_json::json!({ "message": format!("{e:#}") }));
+    };
+    // From here on a signal never ends vmdb before it cleaned up: it is passed on to
+    // the build, and makes the build fail whatever phase it lands in.
+    if let Err(e) = catch_signals() {
+        fail(e);
+        target.release();
+        return end(EXIT_FAILED, &[]);
+    }
+    let setup = Scratch::new().and_then(|scratch| {
+        let entry = inflight::Entry {
+            pid: std::process::id(),
+            output: target.final_path.clone(),
+            scratch: scratch.0.clone(),
+            temporaries: if target.device {
+                Vec::new()
+            } else {
+                vec![target.build_path.clone()]
+            },
+        };
+        Ok((scratch, InFlight::register(&entry)?))
+    });
+    let (scratch, in_flight) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            fail(e);
+            target.release();
+            return end(EXIT_FAILED, &[]);
+        }
+    };
+    let result = supervise(p, &scratch);
+    let report = Report::load(&scratch.0);
+    let code = match result {
+        // The build finished, but a signal came first: that is a failed build too.
+        Ok(true) if interrupted() => {
+            fail(anyhow!(
+                "interrupted by signal {} as the build ended: its outputs are removed",
+                LAST_SIGNAL.load(Ordering::SeqCst)
+            ));
+            target.discard(&report, false);
+            end(EXIT_FAILED, &[])
+        }
+        // The commit is the point of no return: a signal from now on is too late to
+        // stop the build, which has succeeded. It only renames files.
         Ok(true) => match outputs::commit(&report) {
             Ok(done) => {
                 let image = report
@@ -164,10 +223,17 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
                         secs()
                     ));
                 } else {
+                    // Legitimate (a spec that changes an existing disk), but say so:
+                    // the user asked for an image there.
+                    let older = if target.final_path.exists() {
+                        " (the file there is from before)"
+                    } else {
+                        ""
+                    };
                     log::info(&format!(
-                        "vmdb: done in {:.1}s (the spec made no image at {})",
+                        "vmdb: done in {:.1}s; the spec made no image, so nothing was written to {}{older}",
                         secs(),
-                        target.build_path.display()
+                        target.final_path.display()
                     ));
                 }
                 for f in &report.files {
@@ -178,14 +244,13 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
                     }
                 }
                 // A spec that made no image may still have left a file at its path.
-                if image.is_none() {
+                if image.is_none() && !target.device {
                     outputs::remove_path(&target.build_path);
                 }
                 end(0, &done)
             }
             Err(e) => {
-                log::info(&format!("vmdb: {e:#}"));
-                log::event("error", serde_json::json!({ "message": format!("{e:#}") }));
+                fail(e);
                 target.discard(&report, false);
                 end(EXIT_FAILED, &[])
             }
@@ -196,23 +261,26 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
             end(EXIT_FAILED, &[])
         }
         Err(e) => {
-            log::info(&format!("vmdb: {e:#}"));
-            log::event("error", serde_json::json!({ "message": format!("{e:#}") }));
+            fail(e);
             target.discard(&report, keep_failed);
             end(EXIT_FAILED, &[])
         }
-    }
+    };
+    drop(scratch);
+    in_flight.done();
+    target.release();
+    code
 }
 
 /// The build's scratch directory (mount points, temporary files), made and removed by
-/// the parent so that it goes even when the build is killed. Its name carries the
-/// parent's PID, so that one left by a killed vmdb is removed by the next.
+/// the parent so that it goes even when the build is killed; the next vmdb removes one
+/// left by a killed vmdb (src/inflight.rs).
 struct Scratch(PathBuf);
 
 impl Scratch {
     fn new() -> Result<Scratch> {
-        let tmp = std::env::temp_dir();
-        outputs::remove_stale(&tmp, "vmdb-build-", "");
+        // Absolute: the next vmdb, from another directory, may have to remove it.
+        let tmp = std::path::absolute(std::env::temp_dir()).context("the temporary directory")?;
         let dir = tmp.join(format!("vmdb-build-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir)
@@ -229,31 +297,19 @@ impl Drop for Scratch {
     }
 }
 
-/// Fork the build into its namespaces and wait for it; true if it succeeded. Also the
-/// report the build left in its scratch directory (its files, even after a failure).
-fn supervise(p: Prepared) -> (Result<bool>, Report) {
-    let scratch = match Scratch::new() {
-        Ok(s) => s,
-        Err(e) => return (Err(e), Report::default()),
-    };
-    let r = supervise_in(p, &scratch);
-    (r, Report::load(&scratch.0))
-}
-
-fn supervise_in(p: Prepared, scratch: &Scratch) -> Result<bool> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("building needs root (loop devices, mounts): run vmdb with sudo");
+/// Fork the build into its namespaces and wait for it; true if it succeeded.
+fn supervise(p: Prepared, scratch: &Scratch) -> Result<bool> {
+    if interrupted() {
+        bail!("interrupted before the build started");
     }
     // A pipe whose write end only the parent holds: EOF tells the child the parent died
     // before PDEATHSIG was armed.
     let (alive_r, alive_w) = nix::unistd::pipe().context("creating a pipe")?;
-    // Threads cannot be created once the PID namespace is unshared, so the thread that
-    // passes signals on starts now and learns the child's PID after the fork.
-    forward_signals_to_child()?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
         .context("creating a PID namespace for the build")?;
     // SAFETY: the only other thread is the signal forwarder, blocked reading its pipe
-    // and holding no lock, so the child may run ordinary code after fork.
+    // and holding no lock but CHILD's, which it takes only after a signal; the child
+    // takes no lock of ours.
     match unsafe { fork() }.context("forking the build")? {
         ForkResult::Child => {
             drop(alive_w);
@@ -262,7 +318,23 @@ fn supervise_in(p: Prepared, scratch: &Scratch) -> Result<bool> {
         }
         ForkResult::Parent { child } => {
             drop(alive_r);
-            CHILD.store(child.as_raw(), std::sync::atomic::Ordering::SeqCst);
+            *CHILD.lock().unwrap_or_else(|e| e.into_inner()) = child.as_raw();
+            // A signal that came between catching and forking has nobody to go to yet.
+            if interrupted() {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGTERM);
+            }
+            // Wait for the child to end without reaping it, so that its PID cannot be
+            // reused while the forwarder may still send it a signal.
+            loop {
+                match waitid(Id::Pid(child), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => {
+                        other.context("waiting for the build")?;
+                        break;
+                    }
+                }
+            }
+            *CHILD.lock().unwrap_or_else(|e| e.into_inner()) = 0;
             let status = loop {
                 match waitpid(child, None) {
                     Err(nix::errno::Errno::EINTR) => continue,
@@ -282,17 +354,32 @@ fn supervise_in(p: Prepared, scratch: &Scratch) -> Result<bool> {
     }
 }
 
-static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// The build process while it runs (0 before and after), for the forwarder.
+static CHILD: Mutex<i32> = Mutex::new(0);
+/// Set as soon as vmdb gets SIGINT, SIGTERM or SIGHUP.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-fn forward_signals_to_child() -> Result<()> {
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Catch SIGINT, SIGTERM and SIGHUP: note them, and pass them on to the build process
+/// as SIGTERM. Threads cannot be created once the PID namespace is unshared, so the
+/// thread starts now and learns the child's PID after the fork.
+fn catch_signals() -> Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::spawn(move || {
-        for _ in signals.forever() {
-            let child = CHILD.load(std::sync::atomic::Ordering::SeqCst);
-            if child > 0 {
-                let _ =
-                    nix::sys::signal::kill(Pid::from_raw(child), nix::sys::signal::Signal::SIGTERM);
+        for sig in signals.forever() {
+            LAST_SIGNAL.store(sig, Ordering::SeqCst);
+            INTERRUPTED.store(true, Ordering::SeqCst);
+            let child = CHILD.lock().unwrap_or_else(|e| e.into_inner());
+            if *child > 0 {
+                let _ = nix::sys::signal::kill(
+                    Pid::from_raw(*child),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
             }
         }
     });
@@ -317,14 +404,16 @@ fn child_main(p: Prepared, workdir: PathBuf, alive: std::os::fd::OwnedFd) -> i32
     let t = Instant::now();
     let mut b = Build::in_workdir(p.opts, workdir);
     let mut errors = runner::run(&p.steps, plugins::ALL, &mut b);
-    if errors.is_empty() && !cmd::interrupted() {
+    // A signal after the last step (while tearing down) fails the build as well.
+    if errors.is_empty() && cmd::interrupted() {
+        errors.push(anyhow!("interrupted while tearing down"));
+    }
+    if errors.is_empty() {
         let secs = t.elapsed().as_secs_f64();
         if let Err(e) = outputs::finish(&mut b, started, secs) {
             errors.push(e.context("handing over the outputs"));
         } else if cmd::interrupted() {
-            errors.push(anyhow::anyhow!(
-                "interrupted while handing over the outputs"
-            ));
+            errors.push(anyhow!("interrupted while handing over the outputs"));
         }
     }
     for e in &errors {

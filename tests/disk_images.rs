@@ -335,3 +335,271 @@ fn refuses_a_mounted_block_device() {
         "ext4"
     );
 }
+
+// Busy block devices: loop devices stand in for disks. Each is refused, as --output and
+// as a step's device, before anything runs (exit 2), and left as it was.
+
+/// Undoes what a test set up on the host (swapon, mounts, loop devices), newest first.
+#[derive(Default)]
+struct Undo(Vec<Vec<String>>);
+
+impl Undo {
+    fn push(&mut self, argv: &[&str]) {
+        self.0.push(argv.iter().map(|s| s.to_string()).collect());
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        while let Some(argv) = self.0.pop() {
+            let _ = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .status();
+        }
+    }
+}
+
+/// A 64 MiB file and a loop device over it.
+fn test_disk(d: &Path, name: &str, undo: &mut Undo) -> (std::path::PathBuf, String) {
+    let backing = d.join(name);
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let dev = tool("losetup", &["-f", "--show", &backing.to_string_lossy()])
+        .trim()
+        .to_string();
+    undo.push(&["losetup", "-d", &dev]);
+    (backing, dev)
+}
+
+const DEVICE_STEP_SPEC: &str = r#"steps:
+  - mkimg: "{{ output }}"
+    size: 64M
+  - mklabel: gpt
+    device: "{{ disk }}"
+  - kpartx: "{{ disk }}"
+"#;
+
+/// The device refused with `why`, as --output and as the `device:` of a step (also by
+/// `vmdb validate`).
+fn assert_refused(d: &Path, dev: &str, why: &str) {
+    let spec = write(d, "dev.vmdb", SMALL_SPEC);
+    let r = run(&[&spec.to_string_lossy(), "--output", dev]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(
+        r.stderr,
+        format!("vmdb: refusing to write to {dev}: {why}\n")
+    );
+
+    let spec = write(d, "steps.vmdb", DEVICE_STEP_SPEC);
+    let out = d.join("x.img");
+    let disk = format!("disk={dev}");
+    let args = [
+        &*spec.to_string_lossy(),
+        "--output",
+        &out.to_string_lossy(),
+        "--variable",
+        &disk,
+    ];
+    let msg = format!("refusing to write to {dev}: {why}");
+    let want = format!(
+        "{sp}:5:13: step 2 (mklabel): key 'device': {msg}\n\
+         {sp}:6:13: step 3 (kpartx): key 'kpartx': {msg}\n\
+         vmdb: {sp}: 2 problems found; nothing was built\n",
+        sp = spec.display()
+    );
+    let r = run(&args);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.stderr, want);
+    let mut v = vec!["validate"];
+    v.extend_from_slice(&args);
+    let r = run(&v);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.stderr, want);
+    assert!(!out.exists());
+}
+
+fn blkid_type(p: &Path) -> String {
+    tool(
+        "blkid",
+        &["-p", "-s", "TYPE", "-o", "value", &p.to_string_lossy()],
+    )
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn refuses_a_block_device_used_as_swap() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let mut undo = Undo::default();
+    let (backing, dev) = test_disk(d.path(), "disk", &mut undo);
+    tool("mkswap", &[&dev]);
+    tool("swapon", &[&dev]);
+    undo.push(&["swapoff", &dev]);
+    assert_refused(d.path(), &dev, "it is used as swap");
+    assert_eq!(blkid_type(&backing), "swap");
+}
+
+#[test]
+fn refuses_a_block_device_whose_partition_is_mounted() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let mut undo = Undo::default();
+    let (backing, dev) = test_disk(d.path(), "disk", &mut undo);
+    // A partition at 1 MiB, used through a loop device at its offset (the kernel here
+    // makes no partition devices), formatted and mounted.
+    let mut c = std::process::Command::new("sfdisk")
+        .args(["-q", "--no-reread", &dev])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(b"label: dos\nstart=2048, type=83\n")
+            .unwrap();
+    }
+    assert!(c.wait().unwrap().success());
+    let part = tool(
+        "losetup",
+        &[
+            "-f",
+            "--show",
+            "-o",
+            "1048576",
+            "--sizelimit",
+            "66060288",
+            &dev,
+        ],
+    )
+    .trim()
+    .to_string();
+    undo.push(&["losetup", "-d", &part]);
+    tool("mkfs.ext4", &["-q", &part]);
+    let mnt = d.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    tool("mount", &[&part, &mnt.to_string_lossy()]);
+    undo.push(&["umount", &mnt.to_string_lossy()]);
+    assert_refused(
+        d.path(),
+        &dev,
+        &format!(
+            "{part} over it (at byte 1048576): it is mounted on {}",
+            mnt.display()
+        ),
+    );
+    let (label, parts) = partitions(&backing);
+    assert_eq!((label.as_str(), parts.len()), ("dos", 1));
+    assert_eq!(
+        tool("findmnt", &["-n", "-o", "SOURCE", &mnt.to_string_lossy()]).trim(),
+        part
+    );
+}
+
+#[test]
+fn refuses_a_mounted_block_device_as_a_steps_device() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let mut undo = Undo::default();
+    let (backing, dev) = test_disk(d.path(), "disk", &mut undo);
+    tool("mkfs.ext4", &["-q", &dev]);
+    let mnt = d.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    tool("mount", &[&dev, &mnt.to_string_lossy()]);
+    undo.push(&["umount", &mnt.to_string_lossy()]);
+    assert_refused(
+        d.path(),
+        &dev,
+        &format!("it is mounted on {}", mnt.display()),
+    );
+    assert_eq!(blkid_type(&backing), "ext4");
+}
+
+#[test]
+fn refuses_a_block_device_held_exclusively() {
+    need_root!();
+    use std::os::unix::fs::OpenOptionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let mut undo = Undo::default();
+    let (backing, dev) = test_disk(d.path(), "disk", &mut undo);
+    // Held as RAID, LVM or a program's exclusive open would hold it.
+    let hold = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(&dev)
+        .unwrap();
+    assert_refused(
+        d.path(),
+        &dev,
+        "it is in use: another program holds it exclusively (a mounted filesystem, swap, \
+         RAID, LVM or device-mapper)",
+    );
+    assert_eq!(std::fs::read(&backing).unwrap(), vec![0u8; 64 << 20]);
+    drop(hold);
+}
+
+fn exclusive_open_is_busy(dev: &str) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let r = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(dev);
+    matches!(r, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
+}
+
+#[test]
+fn devices_are_held_while_the_build_writes_them() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let mut undo = Undo::default();
+    let (_, out_dev) = test_disk(d.path(), "out-disk", &mut undo);
+    let (_, step_dev) = test_disk(d.path(), "step-disk", &mut undo);
+    let mark = d.path().join("mark");
+    let wait = format!(
+        "  - shell: touch {}; sleep 3\n    root-fs: root\n",
+        mark.display()
+    );
+    // The output device, and a device only a step names.
+    let on_step = SMALL_SPEC.replace("{{ output }}", "{{ disk }}");
+    for (text, out, dev) in [
+        (format!("{SMALL_SPEC}{wait}"), out_dev.clone(), &out_dev),
+        (
+            format!("{on_step}{wait}"),
+            d.path().join("unused.img").display().to_string(),
+            &step_dev,
+        ),
+    ] {
+        let _ = std::fs::remove_file(&mark);
+        let spec = write(d.path(), "held.vmdb", &text);
+        let mut child = vmdb()
+            .args([
+                &*spec.to_string_lossy(),
+                "--output",
+                &out,
+                "--variable",
+                &format!("disk={step_dev}"),
+                "--no-cache",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !mark.exists() {
+            if std::time::Instant::now() > end || child.try_wait().unwrap().is_some() {
+                let _ = child.kill();
+                let r = to_run(child.wait_with_output().unwrap());
+                panic!("the shell step did not start: {}", r.stderr);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(exclusive_open_is_busy(dev), "{dev} is not held");
+        let r = to_run(child.wait_with_output().unwrap());
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(!exclusive_open_is_busy(dev), "{dev} is still held");
+    }
+}

@@ -509,3 +509,161 @@ fn checksums_and_manifest() {
         assert_eq!(o["sha256"], sum(name));
     }
 }
+
+/// A filesystem mounted by a test, detached when dropped.
+struct TestMount(std::path::PathBuf);
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_full_disk_under_the_image_fails_the_build() {
+    need_root!();
+    // 300 MB written into a 1 GiB image whose file sits on a 200 MB filesystem: the
+    // kernel loses writes, and only logs it.
+    let d = tempfile::tempdir().unwrap();
+    let small = d.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &small,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=200M"),
+    )
+    .unwrap();
+    let _m = TestMount(small.clone());
+    let spec = write(
+        d.path(),
+        "full.vmdb",
+        "steps:
+  - mkimg: \"{{ output }}\"
+    size: 1G
+  - mklabel: msdos
+    device: \"{{ output }}\"
+  - mkpart: primary
+    device: \"{{ output }}\"
+    start: 0%
+    end: 100%
+    tag: root
+  - kpartx: \"{{ output }}\"
+  - mkfs: ext4
+    partition: root
+  - mount: root
+  - shell: head -c 300000000 /dev/urandom > $ROOT/big
+    root-fs: root
+",
+    );
+    let out = small.join("x.img");
+    std::fs::write(&out, "an older image\n").unwrap();
+    let r = run(&[
+        &spec.to_string_lossy(),
+        "--output",
+        &out.to_string_lossy(),
+        "--no-cache",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.lines().any(|l| l
+            == "vmdb: error: teardown of step 6 (mount) at line 14: the image is incomplete: \
+                writing back the filesystem of tag 'root' failed (is the disk holding the image \
+                full?): EIO: I/O error"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .lines()
+            .any(|l| l == "vmdb: build failed; everything was torn down"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(listing(&small), ["x.img"]);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "an older image\n");
+    // No loop device left (the test's own tmpfs is the one mount there).
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !loops_below(&small).is_empty() {
+        assert!(std::time::Instant::now() < end, "{:?}", loops_below(&small));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn outputs_that_are_not_files_are_refused_and_left_alone() {
+    need_root!();
+    use std::os::unix::fs::FileTypeExt;
+    let d = tempfile::tempdir().unwrap();
+    let s = spec(d.path(), "");
+    // A character device like /dev/null (made here: the test must not risk the real one).
+    let null = d.path().join("null");
+    nix::sys::stat::mknod(
+        &null,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let fifo = d.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let sock = d.path().join("sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let target = d.path().join("target.img");
+    std::fs::write(&target, "an older image\n").unwrap();
+    let link = d.path().join("link.img");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let dangling = d.path().join("dangling.img");
+    std::os::unix::fs::symlink(d.path().join("nowhere.img"), &dangling).unwrap();
+    for (out, why) in [
+        (
+            &null,
+            "it is a character device, not a file or a block device".to_string(),
+        ),
+        (&fifo, "it is a named pipe (FIFO), not a file".to_string()),
+        (&sock, "it is a socket, not a file".to_string()),
+        (
+            &link,
+            format!(
+                "it is a symbolic link (to {}): name the file itself",
+                target.display()
+            ),
+        ),
+        (
+            &dangling,
+            format!(
+                "it is a symbolic link (to {}): name the file itself",
+                d.path().join("nowhere.img").display()
+            ),
+        ),
+    ] {
+        let r = run(&[&s, "--output", &out.to_string_lossy()]);
+        assert_eq!(r.code, 2, "{}: {}", out.display(), r.stderr);
+        assert_eq!(
+            r.stderr,
+            format!("vmdb: refusing to write to {}: {why}\n", out.display())
+        );
+    }
+    let t = |p: &Path| std::fs::symlink_metadata(p).unwrap().file_type();
+    assert!(t(&null).is_char_device());
+    assert!(t(&fifo).is_fifo());
+    assert!(t(&sock).is_socket());
+    assert!(t(&link).is_symlink() && t(&dangling).is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "an older image\n"
+    );
+    assert_eq!(
+        listing(d.path()),
+        [
+            "dangling.img",
+            "fifo",
+            "link.img",
+            "null",
+            "s.vmdb",
+            "sock",
+            "target.img"
+        ]
+    );
+}

@@ -40,10 +40,16 @@ struct LoopConfig {
 
 /// An attached loop device. Holding it keeps the device; dropping it lets it detach as
 /// soon as nothing else (a mount, a running mkfs) uses it.
+///
+/// It also keeps the backing file open from the moment of attaching: the kernel reports
+/// a write-back error to every file descriptor that was open when it happened, so
+/// `close` learns of every write to the device or the file that was lost since then.
 #[derive(Debug)]
 pub struct LoopDevice {
     path: PathBuf,
     fd: Option<File>,
+    backing: Option<File>,
+    backing_path: PathBuf,
 }
 
 impl LoopDevice {
@@ -115,6 +121,8 @@ impl LoopDevice {
                 return Ok(LoopDevice {
                     path,
                     fd: Some(dev),
+                    backing: Some(backing_file),
+                    backing_path: backing.to_path_buf(),
                 });
             }
             let err = std::io::Error::last_os_error();
@@ -131,9 +139,39 @@ impl LoopDevice {
         &self.path
     }
 
-    /// Let go of the device; with autoclear the kernel detaches it once unused.
-    pub fn close(mut self) {
+    /// Write back everything written through the device and check that it reached
+    /// the backing file and its disk: fsync of the device (its page cache, then a flush,
+    /// which the loop driver turns into an fsync of the backing file), then fsync of
+    /// the backing file. Then let go of the device; with autoclear the kernel detaches
+    /// it once unused.
+    pub fn close(mut self) -> Result<()> {
+        let mut result = Ok(());
+        if let Some(dev) = self.fd.take() {
+            if let Err(e) = dev.sync_all() {
+                result = Err(e).with_context(|| {
+                    format!(
+                        "writing back {} (over {})",
+                        self.path.display(),
+                        self.backing_path.display()
+                    )
+                });
+            }
+        }
+        if let Some(f) = self.backing.take() {
+            if let Err(e) = f.sync_all() {
+                if result.is_ok() {
+                    result = Err(e)
+                        .with_context(|| format!("writing back {}", self.backing_path.display()));
+                }
+            }
+        }
+        result
+    }
+
+    /// Let go of the device without writing anything back (after a failure).
+    pub fn abandon(mut self) {
         self.fd.take();
+        self.backing.take();
     }
 }
 
@@ -184,7 +222,7 @@ mod tests {
         assert_eq!(size.trim(), "4096", "2 MiB in 512-byte sectors");
         let path = dev.path().to_path_buf();
         assert!(is_attached(&path));
-        dev.close();
+        dev.close().unwrap();
         // Autoclear happens on the last close; the kernel may finish it a moment later.
         for _ in 0..50 {
             if !is_attached(&path) {

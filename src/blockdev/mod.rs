@@ -1,4 +1,5 @@
 //! Block devices: loop devices and partition tables.
 
+pub mod busy;
 pub mod loopdev;
 pub mod table;

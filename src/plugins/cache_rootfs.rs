@@ -1,7 +1,7 @@
 //! `cache-rootfs: TAG`: pack the image's mounted tree into the rootfs tarball
 //! (`--rootfs-tarball`), for `unpack-rootfs` to use in later builds.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -131,29 +131,28 @@ impl Plugin for CacheRootfs {
             return Ok(());
         }
         let root = image::tag_dir(b, step.arg())?;
-        let dir = match tarball.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = tarball
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
         // Written under a temporary name beside it and renamed when complete, so a
-        // failed pack never leaves a tarball a later build would trust.
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".partial")
-            .tempfile_in(&dir)
-            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        // failed pack never leaves a tarball a later build would trust. The name is
+        // registered before the file exists, so that it is removed whatever happens,
+        // by the next vmdb if this one is killed. tar creates it as any file is made
+        // (0666 less the umask).
+        let tmp = crate::outputs::temp_name(&tarball, "partial", b.opts.out.pid());
+        b.add_temporary(&tmp)?;
         let prog = Compression::for_path(&tarball).program(have_pigz());
         let mounted = mounted_virtuals(&root)?;
         let t = Instant::now();
-        Cmd::new("tar")
-            .args(pack_argv(&root, tmp.path(), prog, &mounted))
-            .run()?;
-        tmp.persist(&tarball)
-            .with_context(|| format!("renaming the new tarball to {}", tarball.display()))?;
+        let packed = Cmd::new("tar")
+            .args(pack_argv(&root, &tmp, prog, &mounted))
+            .run()
+            .and_then(|_| crate::outputs::sync_file(&tmp))
+            .and_then(|_| {
+                std::fs::rename(&tmp, &tarball)
+                    .with_context(|| format!("renaming the new tarball to {}", tarball.display()))
+            });
+        if let Err(e) = packed {
+            crate::outputs::remove_path(&tmp);
+            return Err(e);
+        }
         log::verbose(&format!(
             "  packed {} ({:.0} MB) in {:.1}s",
             tarball.display(),
@@ -223,6 +222,47 @@ mod tests {
         let mut b = crate::chroot::testing::build(d.path(), Some(&t));
         CacheRootfs.run(&s, &mut b).unwrap();
         assert_eq!(std::fs::read(&t).unwrap(), b"old");
+    }
+
+    /// The process's umask, as the kernel reports it.
+    fn umask() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap()
+    }
+
+    #[test]
+    fn the_tarball_is_made_as_any_file_and_no_temporary_is_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/hostname"), "packed\n").unwrap();
+        let out = d.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let t = out.join("r.tar.gz");
+        let s = crate::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
+        let mut b = crate::chroot::testing::build(&root, Some(&t));
+        CacheRootfs.run(&s, &mut b).unwrap();
+        let mode = std::fs::metadata(&t).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask(), "mode {mode:o}");
+        assert_eq!(
+            std::fs::read_dir(&out)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>(),
+            ["r.tar.gz"]
+        );
+        // The temporary name was registered before tar made the file.
+        let tmp = out.join(format!(".r.tar.gz.vmdb-partial-{}", std::process::id()));
+        assert!(
+            b.report
+                .files
+                .iter()
+                .any(|f| f.partial == tmp && f.path.is_none()),
+            "{:?}",
+            b.report.files
+        );
     }
 
     #[test]

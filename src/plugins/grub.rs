@@ -93,6 +93,9 @@ impl Plugin for Grub {
             ),
             None => {}
         }
+        if let Some(dev) = c.step.opt_str("image-dev").map(str::to_string) {
+            super::check_device(c, "image-dev", &dev);
+        }
         if let Some(con) = c.step.opt_str("console") {
             if con != "serial" {
                 let con = con.to_string();

@@ -32,6 +32,7 @@ impl Plugin for Kpartx {
 
     fn check(&self, c: &mut Check) {
         let disk = c.step.arg().to_string();
+        super::check_device(c, "kpartx", &disk);
         for tag in c.step.list("tags") {
             // What filesystem the partition holds is only known when it is read.
             let t = PlanTag {
@@ -48,6 +49,7 @@ impl Plugin for Kpartx {
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let disk = PathBuf::from(step.arg());
+        b.claim_device(&disk)?;
         let tags = step.list("tags");
         if !tags.is_empty() {
             let parts = table::read_partitions(&disk)?;
@@ -95,8 +97,7 @@ impl Plugin for Kpartx {
 
     fn teardown(&self, step: &Step, b: &mut Build) -> Result<()> {
         let names = partition_tags(b, &PathBuf::from(step.arg()));
-        b.release_partitions(&names);
-        Ok(())
+        b.release_partitions(&names)
     }
 }
 

@@ -36,6 +36,8 @@ impl Plugin for Mkimg {
                 None
             }
         };
+        let path = c.step.arg().to_string();
+        super::check_device(c, "mkimg", &path);
         c.plan.disks.insert(
             c.step.arg().to_string(),
             PlanDisk {
@@ -45,10 +47,11 @@ impl Plugin for Mkimg {
         );
     }
 
-    fn run(&self, step: &Step, _b: &mut Build) -> Result<()> {
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let path = std::path::Path::new(step.arg());
         let size = size::parse(step.str("size")?).map_err(anyhow::Error::msg)?;
         if is_block_device(path) {
+            b.claim_device(path)?;
             // Writing to a device: there is nothing to create.
             crate::log::verbose(&format!(
                 "  {} is a block device; not creating a file",

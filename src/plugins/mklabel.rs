@@ -37,14 +37,17 @@ impl Plugin for Mklabel {
             return;
         };
         let dev = c.step.opt_str("device").unwrap_or_default().to_string();
+        super::check_device(c, "device", &dev);
         let disk = c.plan.disks.entry(dev).or_default();
         disk.label = Some(kind);
         disk.parts.clear();
     }
 
-    fn run(&self, step: &Step, _b: &mut Build) -> Result<()> {
+    fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let kind = LabelKind::parse(step.arg()).expect("validated");
-        table::write_label(Path::new(step.str("device")?), kind)
+        let device = Path::new(step.str("device")?);
+        b.claim_device(device)?;
+        table::write_label(device, kind)
     }
 }
 

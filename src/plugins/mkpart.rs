@@ -52,6 +52,7 @@ impl Plugin for Mkpart {
             }
         }
         let device = step.opt_str("device").unwrap_or_default().to_string();
+        super::check_device(c, "device", &device);
         let disk = c.plan.disks.get(&device).cloned();
         match disk.as_ref().and_then(|d| d.label) {
             None if c.plan.unchecked.contains(&"mklabel") => {}
@@ -114,6 +115,7 @@ impl Plugin for Mkpart {
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let device = PathBuf::from(step.str("device")?);
+        b.claim_device(&device)?;
         let Some(kind) = table::read_label(&device)? else {
             bail!("{} has no partition table", device.display());
         };

@@ -74,3 +74,14 @@ pub static ALL: &[&dyn Plugin] = &[
     &echo::Echo,
     &error::Error,
 ];
+
+/// Validation of a step's disk (`device:`, or the value of mkimg and kpartx): a block
+/// device that something else uses (mounted, swap, RAID, LVM, held exclusively, or a
+/// partition of it mounted) is refused before anything runs. Image files pass.
+pub fn check_device(c: &mut crate::step::Check, key: &str, path: &str) {
+    match crate::blockdev::busy::refusal(std::path::Path::new(path)) {
+        Ok(Some(why)) => c.err(key, format!("refusing to write to {path}: {why}")),
+        Ok(None) => {}
+        Err(e) => c.err(key, format!("cannot check {path}: {e:#}")),
+    }
+}

@@ -140,6 +140,8 @@ impl Plugin for Mount {
                 .context("a FAT filesystem must be on a partition")?;
             let offset = t.offset;
             fat::copy_out(&disk, offset, &point)?;
+        } else {
+            b.watch_filesystem(&point)?;
         }
         Ok(())
     }
@@ -177,6 +179,9 @@ impl Plugin for Mount {
             if let Err(e) = drop_host_resolv_conf(&point, Path::new(HOST_RESOLV_CONF)) {
                 result = Err(e);
             }
+        }
+        if let Err(e) = b.flush_filesystem(&point, tag) {
+            result = Err(e);
         }
         mount::unmount(&point)?;
         let t = b.state.tag_mut(tag)?;
