@@ -137,6 +137,7 @@ pub fn prepare(
             vars,
             spec_name: name,
             cache_dir: None,
+            refresh: false,
             out: Default::default(),
         },
     })
@@ -231,6 +232,7 @@ fn build(args: BuildArgs) -> i32 {
     if !args.no_cache {
         prepared.opts.cache_dir = Some(args.cache_dir.clone());
     }
+    prepared.opts.refresh = args.refresh;
     if let Some(dest) = &args.json {
         if let Err(e) = crate::log::init_json(dest) {
             eprintln!("vmdb: cannot write JSON events to {}: {e}", dest.display());

@@ -20,6 +20,8 @@ pub struct Options {
     pub spec_name: String,
     /// Where the step and package caches live; None with --no-cache.
     pub cache_dir: Option<PathBuf>,
+    /// `--refresh`: restore no saved state; save fresh ones.
+    pub refresh: bool,
     /// The image's format, checksums, manifest (src/outputs.rs).
     pub out: crate::outputs::OutputOptions,
 }

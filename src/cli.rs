@@ -127,6 +127,10 @@ pub struct BuildArgs {
     /// Use no cache: neither restore nor save image trees, nor share package downloads
     #[arg(long)]
     pub no_cache: bool,
+    /// Restore no saved image tree: run every step and save fresh states (the package
+    /// cache is still used)
+    #[arg(long, conflicts_with = "no_cache")]
+    pub refresh: bool,
     /// Build one image per combination of values (repeatable: suite=bookworm,trixie
     /// and arch=amd64,i386 make four); use the names in --output, e.g. '{{ suite }}-{{ arch }}.img'
     #[arg(long, value_name = "NAME=V1,V2", value_parser = crate::matrix::parse_axis)]
@@ -267,6 +271,14 @@ mod tests {
         let c = parse(&["x.vmdb", "--output", "x.img"]).unwrap();
         assert_eq!(c.build.format, crate::outputs::Format::Raw);
         assert!(parse(&["x.vmdb", "--format", "iso"]).is_err());
+    }
+
+    #[test]
+    fn refresh_needs_the_cache() {
+        let c = parse(&["x.vmdb", "--output", "x.img", "--refresh"]).unwrap();
+        assert!(c.build.refresh && !c.build.no_cache);
+        let e = parse(&["x.vmdb", "--output", "x.img", "--refresh", "--no-cache"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]

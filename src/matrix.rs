@@ -143,6 +143,9 @@ fn child_args(args: &BuildArgs, spec: &Path, cell: &Cell, image_var: bool) -> Ve
         v.push("--cache-dir".into());
         v.push(args.cache_dir.display().to_string());
     }
+    if args.refresh {
+        v.push("--refresh".into());
+    }
     if args.verbose {
         v.push("--verbose".into());
     }

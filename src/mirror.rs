@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
+use sha2::{Digest, Sha256};
 
 use crate::cmd::Cmd;
 
@@ -239,6 +240,263 @@ fn last_line(e: &anyhow::Error) -> String {
         .to_string()
 }
 
+/// Every `deb` source (URI and suite) written in `text`, in one-line style (a `deb`
+/// word followed by the URI and the suite, anywhere in a line: an `echo` in a script
+/// counts) or in deb822 stanzas (`URIs:` and `Suites:`). `deb-src` lines are left out:
+/// installing packages does not read them.
+pub fn sources_in(text: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line
+            .split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | ';'))
+            .filter(|w| !w.is_empty())
+            .collect();
+        for (i, w) in words.iter().enumerate() {
+            if *w != "deb" {
+                continue;
+            }
+            let mut rest = &words[i + 1..];
+            if rest.first().is_some_and(|w| w.starts_with('[')) {
+                match rest.iter().position(|w| w.ends_with(']')) {
+                    Some(end) => rest = &rest[end + 1..],
+                    None => continue,
+                }
+            }
+            if let [uri, suite, ..] = rest {
+                if usable_uri(uri) {
+                    found.push((uri.to_string(), suite.to_string()));
+                }
+            }
+        }
+    }
+    // deb822: a stanza ends at a blank line; fields may stand indented in a script.
+    for stanza in text.split("\n\n") {
+        let field = |name: &str| -> Vec<&str> {
+            stanza
+                .lines()
+                .filter_map(|l| {
+                    let (k, v) = l.trim().split_once(':')?;
+                    k.eq_ignore_ascii_case(name).then_some(v)
+                })
+                .flat_map(str::split_whitespace)
+                .collect()
+        };
+        let types = field("types");
+        if !types.is_empty() && !types.contains(&"deb") {
+            continue;
+        }
+        for uri in field("uris").into_iter().filter(|u| usable_uri(u)) {
+            for suite in field("suites") {
+                found.push((uri.to_string(), suite.to_string()));
+            }
+        }
+    }
+    found
+}
+
+/// A suite of an archive whose state the step cache's keys follow.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Archive {
+    /// Where its Release files are: `URI/dists/SUITE` (or `URI/SUITE` for a flat
+    /// repository, whose suite ends with '/').
+    pub url: String,
+    /// CA certificates (PEM) to trust for an https archive with a private authority.
+    pub ca: Option<std::path::PathBuf>,
+}
+
+impl Archive {
+    pub fn new(uri: &str, suite: &str) -> Archive {
+        let uri = uri.trim_end_matches('/');
+        let url = if suite.ends_with('/') {
+            // `./` or `sub/dir/`: the Release files are in that directory.
+            let flat = suite.trim_end_matches('/').trim_start_matches("./");
+            match flat {
+                "" | "." => uri.to_string(),
+                _ => format!("{uri}/{flat}"),
+            }
+        } else {
+            format!("{uri}/dists/{suite}")
+        };
+        Archive {
+            url: url.trim_end_matches('/').to_string(),
+            ca: None,
+        }
+    }
+}
+
+/// What vmdb reads of a Release file: its fields, which start it, hold its Date.
+const RELEASE_HEAD: u64 = 8192;
+/// Seconds to connect to a mirror, and for a whole request, when looking up the state
+/// of an archive: short, so that a build without network does not wait.
+const STATE_CONNECT_SECS: u32 = 3;
+const STATE_MAX_SECS: u32 = 6;
+
+/// The state of an archive's suite from its (In)Release file: the `Date` field and a
+/// hash of the fields before the first checksum list (Origin, Suite, Version, Date,
+/// Valid-Until, ...). The archive writes a new Date whenever it publishes new packages.
+/// None when the text has no Date field.
+pub fn release_state(text: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(text);
+    let mut lines = text.lines().peekable();
+    if lines
+        .peek()
+        .is_some_and(|l| l.starts_with("-----BEGIN PGP SIGNED MESSAGE"))
+    {
+        // The armour's own header lines end at the first blank line.
+        for l in lines.by_ref() {
+            if l.trim().is_empty() {
+                break;
+            }
+        }
+    }
+    let mut date = None;
+    let mut h = Sha256::new();
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            break;
+        };
+        // The first checksum list (`MD5Sum:`, `SHA256:`) has its entries on the
+        // following lines: the fields of interest are all before it.
+        if l.starts_with([' ', '\t']) || v.trim().is_empty() {
+            break;
+        }
+        if k == "Date" {
+            date = Some(v.trim().to_string());
+        }
+        h.update(l.trim_end().as_bytes());
+        h.update(b"\n");
+    }
+    let sum: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    date.map(|d| format!("{d} ({sum})"))
+}
+
+/// The Date part of a state made by `release_state`.
+pub fn state_date(state: &str) -> &str {
+    state.rsplit_once(" (").map_or(state, |(d, _)| d)
+}
+
+/// Why a Release file could not be read.
+enum FetchError {
+    /// The server answered that there is no such file.
+    NotFound,
+    Failed(String),
+}
+
+/// The start of a Release file (`RELEASE_HEAD` bytes, or all of it with `whole`).
+fn fetch(url: &str, whole: bool, ca: Option<&Path>) -> Result<Vec<u8>, FetchError> {
+    if let Some(path) = url
+        .strip_prefix("file://")
+        .or_else(|| url.strip_prefix("file:"))
+    {
+        use std::io::Read;
+        let f = std::fs::File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => FetchError::NotFound,
+            _ => FetchError::Failed(format!("{path}: {e}")),
+        })?;
+        let mut buf = Vec::new();
+        let limit = if whole { u64::MAX } else { RELEASE_HEAD };
+        f.take(limit)
+            .read_to_end(&mut buf)
+            .map_err(|e| FetchError::Failed(format!("{path}: {e}")))?;
+        return Ok(buf);
+    }
+    let mut c;
+    if crate::app::in_path("curl") {
+        c = std::process::Command::new("curl");
+        c.args(["-sS", "-f", "-L", "--connect-timeout"])
+            .arg(STATE_CONNECT_SECS.to_string())
+            .arg("--max-time")
+            .arg(STATE_MAX_SECS.to_string());
+        if !whole {
+            c.arg("-r").arg(format!("0-{}", RELEASE_HEAD - 1));
+        }
+        if let Some(ca) = ca {
+            c.arg("--cacert").arg(ca);
+        }
+    } else if crate::app::in_path("wget") {
+        c = std::process::Command::new("wget");
+        c.args(["-q", "-O", "-", "--tries=1"])
+            .arg(format!("--timeout={STATE_CONNECT_SECS}"));
+        if !whole {
+            c.arg(format!("--header=Range: bytes=0-{}", RELEASE_HEAD - 1));
+        }
+        if let Some(ca) = ca {
+            c.arg(format!("--ca-certificate={}", ca.display()));
+        }
+    } else {
+        return Err(FetchError::Failed(
+            "neither curl nor wget is installed".into(),
+        ));
+    }
+    let out = c
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| FetchError::Failed(format!("running {:?}: {e}", c.get_program())))?;
+    // curl's 22 (with -f) and wget's 8: the server answered with an error such as 404.
+    match out.status.code() {
+        Some(0) => Ok(out.stdout),
+        Some(22) if c.get_program() == "curl" => Err(FetchError::NotFound),
+        Some(8) if c.get_program() == "wget" => Err(FetchError::NotFound),
+        code => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let msg = err.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+            Err(FetchError::Failed(if msg.is_empty() {
+                format!("{:?} exited with {code:?}", c.get_program())
+            } else {
+                msg.trim().to_string()
+            }))
+        }
+    }
+}
+
+/// The state of one archive: its InRelease file, else its Release file.
+pub fn archive_state(a: &Archive) -> Result<String, String> {
+    for name in ["InRelease", "Release"] {
+        let url = format!("{}/{name}", a.url);
+        match fetch(&url, false, a.ca.as_deref()) {
+            Ok(head) => {
+                if let Some(s) = release_state(&head) {
+                    return Ok(s);
+                }
+                // No Date among the fields: the whole file stands for the state.
+                let all = fetch(&url, true, a.ca.as_deref()).map_err(|e| match e {
+                    FetchError::NotFound => format!("{url} went away"),
+                    FetchError::Failed(m) => m,
+                })?;
+                let sum: String = Sha256::digest(&all)[..8]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                return Ok(format!("undated ({sum})"));
+            }
+            Err(FetchError::NotFound) => continue,
+            Err(FetchError::Failed(m)) => return Err(m),
+        }
+    }
+    Err(format!("{}: no InRelease or Release file", a.url))
+}
+
+/// The states of several archives, looked up at the same time.
+pub fn archive_states(archives: &[Archive]) -> Vec<Result<String, String>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = archives
+            .iter()
+            .map(|a| s.spawn(|| archive_state(a)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("looking up the archive failed".into()))
+            })
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,5 +605,167 @@ deb http://later.example.org/debian bookworm main
             e,
             format!("suite 'bookwrm' not found at {url} (no dists/bookwrm/Release)")
         );
+    }
+
+    #[test]
+    fn sources_in_one_line_and_deb822_text() {
+        let script = "echo 'deb [signed-by=/k.gpg] http://m.example.org/debian bookworm-updates main' \
+                      > \"$ROOT/etc/apt/sources.list.d/u.list\"\n\
+                      # deb-src http://m.example.org/debian bookworm main\n\
+                      deb file:/srv/repo ./\n\
+                      deb cdrom:[x]/ bookworm main\n";
+        assert_eq!(
+            sources_in(script),
+            [
+                (
+                    "http://m.example.org/debian".into(),
+                    "bookworm-updates".into()
+                ),
+                ("file:/srv/repo".into(), "./".into()),
+            ]
+        );
+        assert_eq!(
+            sources_in(DEB822),
+            [
+                (
+                    "http://security.example.org/debian-security".to_string(),
+                    "bookworm-security".to_string()
+                ),
+                ("http://other.example.org/node".into(), "nodistro".into()),
+                ("http://off.example.org/debian".into(), "bookworm".into()),
+                ("http://mirror.example.org/debian".into(), "bookworm".into()),
+                (
+                    "http://mirror.example.org/debian".into(),
+                    "bookworm-updates".into()
+                ),
+            ]
+        );
+        assert!(sources_in("apt-get install -y less\n").is_empty());
+    }
+
+    #[test]
+    fn archive_urls() {
+        assert_eq!(
+            Archive::new("http://m.example.org/debian/", "bookworm").url,
+            "http://m.example.org/debian/dists/bookworm"
+        );
+        assert_eq!(
+            Archive::new("http://m.example.org/debian-security", "bookworm/updates").url,
+            "http://m.example.org/debian-security/dists/bookworm/updates"
+        );
+        assert_eq!(Archive::new("file:/srv/repo", "./").url, "file:/srv/repo");
+    }
+
+    const IN_RELEASE: &str = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\n\
+        Origin: Debian\nSuite: stable\nVersion: 12.10\nCodename: bookworm\n\
+        Date: Sat, 15 Mar 2025 10:05:43 UTC\nArchitectures: amd64\n\
+        Description: Debian 12.10 Released 15 March 2025\nMD5Sum:\n \
+        0ed6d4c8891eb86358b94bb35d9e4da4  1484322 contrib/Contents-all\n";
+
+    #[test]
+    fn release_state_is_its_date_and_a_hash_of_its_fields() {
+        let s = release_state(IN_RELEASE.as_bytes()).unwrap();
+        assert!(s.starts_with("Sat, 15 Mar 2025 10:05:43 UTC ("), "{s}");
+        assert_eq!(state_date(&s), "Sat, 15 Mar 2025 10:05:43 UTC");
+        // A plain Release file with the same fields: the same state.
+        let plain = IN_RELEASE.split_once("\n\n").unwrap().1;
+        assert_eq!(release_state(plain.as_bytes()), Some(s.clone()));
+        // Only the checksums after the fields differ: the fields decide.
+        let more = format!("{IN_RELEASE} 1ed4eee5ea09e2dfae1997ef5c8290ce   840868 x\n");
+        assert_eq!(release_state(more.as_bytes()), Some(s.clone()));
+        // Another publication of the same version.
+        let next = IN_RELEASE.replace("10:05:43", "22:11:02");
+        let n = release_state(next.as_bytes()).unwrap();
+        assert_ne!(n, s);
+        assert_eq!(state_date(&n), "Sat, 15 Mar 2025 22:11:02 UTC");
+        assert_eq!(release_state(b"Origin: x\nSuite: y\n"), None);
+    }
+
+    /// Serve files below `dir` over HTTP/1.1 on 127.0.0.1 (one request per
+    /// connection, no Range support: the whole file as curl may also get); returns the
+    /// base URL.
+    fn serve(dir: std::path::PathBuf) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let mut r = BufReader::new(conn);
+                let mut first = String::new();
+                r.read_line(&mut first).unwrap_or(0);
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap_or(0) > 2 {
+                    line.clear();
+                }
+                let path = first.split_whitespace().nth(1).unwrap_or("/");
+                let mut conn = r.into_inner();
+                let reply = match std::fs::read(dir.join(path.trim_start_matches('/'))) {
+                    Ok(body) => {
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        [head.into_bytes(), body].concat()
+                    }
+                    Err(_) => {
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_vec()
+                    }
+                };
+                let _ = conn.write_all(&reply);
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn archive_states_over_http_and_from_files() {
+        if !crate::app::in_path("curl") {
+            println!("skipped: needs curl");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let dists = d.path().join("debian/dists");
+        std::fs::create_dir_all(dists.join("bookworm")).unwrap();
+        std::fs::create_dir_all(dists.join("bookworm-updates")).unwrap();
+        std::fs::write(dists.join("bookworm/InRelease"), IN_RELEASE).unwrap();
+        // Only a Release file, without a Date: the hash of the whole file stands for it.
+        std::fs::write(
+            dists.join("bookworm-updates/Release"),
+            "Origin: x\nSuite: y\n",
+        )
+        .unwrap();
+        let base = serve(d.path().to_path_buf());
+        let want = release_state(IN_RELEASE.as_bytes()).unwrap();
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let archives = [
+            Archive::new(&format!("{base}/debian"), "bookworm"),
+            Archive::new(&format!("{base}/debian"), "bookworm-updates"),
+            Archive::new(&format!("{base}/debian"), "trixie"),
+            Archive::new(&closed, "bookworm"),
+            Archive::new(&format!("file://{}/debian", d.path().display()), "bookworm"),
+        ];
+        let t = std::time::Instant::now();
+        let got = archive_states(&archives);
+        assert!(
+            t.elapsed().as_secs() < STATE_MAX_SECS as u64,
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(got[0], Ok(want.clone()));
+        let undated = got[1].as_ref().unwrap();
+        assert!(undated.starts_with("undated ("), "{undated}");
+        assert_eq!(
+            got[2],
+            Err(format!(
+                "{base}/debian/dists/trixie: no InRelease or Release file"
+            ))
+        );
+        let refused = got[3].as_ref().unwrap_err();
+        assert!(refused.starts_with("curl: (7) "), "{refused}");
+        assert_eq!(got[4], Ok(want));
     }
 }

@@ -115,7 +115,7 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
                 ));
                 if let Some((c, p)) = &cache {
                     if stepcache::worth_saving(p, steps, i, secs) {
-                        save(c, &p.keys[i], step, b);
+                        save(c, p, i, step, b);
                     }
                 }
                 ("ok", None)
@@ -247,10 +247,18 @@ fn restore(c: &Cache, meta: &stepcache::Meta, b: &mut Build) -> anyhow::Result<(
 }
 
 /// Store the tree after a step; a failure to do so only costs speed next time.
-fn save(c: &Cache, key: &str, step: &Step, b: &Build) {
+fn save(c: &Cache, p: &stepcache::Plan, i: usize, step: &Step, b: &Build) {
     let Ok(root) = b.state.root_dir() else { return };
     let t = Instant::now();
-    match c.save(key, root, &b.state.flags, &b.opts.spec_name, step) {
+    let inputs = p.inputs_upto(i);
+    match c.save(
+        &p.keys[i],
+        root,
+        &b.state.flags,
+        &b.opts.spec_name,
+        step,
+        inputs,
+    ) {
         Ok(m) => log::info(&format!(
             "  saved the image tree in the step cache ({:.0} MB, {:.1}s)",
             m.size as f64 / 1e6,

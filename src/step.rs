@@ -177,6 +177,17 @@ impl Step {
             _ => BTreeMap::new(),
         }
     }
+    /// The host files the step names under `inputs:` (relative to the spec's directory).
+    pub fn inputs(&self) -> Vec<String> {
+        self.list("inputs")
+    }
+    /// False when the step says `cache: false`.
+    pub fn cached(&self) -> bool {
+        !matches!(
+            self.params.get("cache").map(|p| &p.val),
+            Some(Val::Bool(false))
+        )
+    }
     pub fn loc_of(&self, key: &str) -> Loc {
         self.params.get(key).map(|p| p.loc).unwrap_or(self.loc)
     }
@@ -250,6 +261,7 @@ pub fn validate(
     // another bad key, so that what it defines (a tag, a partition table) does not
     // cause false errors later on.
     for step in &steps {
+        check_inputs(step, &plan.spec_dir, &mut diags);
         let plugin = find(plugins, step.kind).expect("typed steps have a plugin");
         let complete = plugin
             .spec()
@@ -284,6 +296,43 @@ const UNLESS: Key = Key::opt(
     Kind::List,
     "skip the step when all these flags are set",
 );
+const INPUTS: Key = Key::opt(
+    "inputs",
+    Kind::List,
+    "host files or directories the step reads (relative to the spec file's directory): \
+     the step cache reruns the step when they change",
+);
+const CACHE: Key = Key::opt(
+    "cache",
+    Kind::Bool,
+    "false: the step and every step after it run in every build (the step cache keeps \
+     no image tree at or after it)",
+);
+
+/// Keys every step type takes besides its own (documented once, in README.md).
+pub const COMMON_KEYS: &[Key] = &[UNLESS, INPUTS, CACHE];
+
+/// Every path in the step's `inputs` must be there to be hashed.
+fn check_inputs(step: &Step, spec_dir: &std::path::Path, diags: &mut Vec<Diag>) {
+    for input in step.inputs() {
+        let problem = if input.trim().is_empty() {
+            "an empty path: name a file or directory".to_string()
+        } else {
+            match std::fs::metadata(spec_dir.join(&input)) {
+                Ok(_) => continue,
+                Err(e) => {
+                    format!("cannot read '{input}' (relative to the spec file's directory): {e}")
+                }
+            }
+        };
+        diags.push(Diag {
+            loc: step.loc_of("inputs"),
+            step: Some((step.index, step.kind.to_string())),
+            key: Some("inputs".to_string()),
+            msg: problem,
+        });
+    }
+}
 
 fn type_step(
     index: usize,
@@ -342,7 +391,7 @@ fn type_step(
     let mut seen_as: BTreeMap<&'static str, String> = BTreeMap::new();
     // Keys named by a did-you-mean: their misspelling is the one error to report.
     let mut suggested: Vec<&str> = Vec::new();
-    let all_keys = || spec.keys.iter().chain(std::iter::once(&UNLESS));
+    let all_keys = || spec.keys.iter().chain(COMMON_KEYS);
     for (k, v) in entries {
         let Some(name) = k.as_str() else {
             err(k.loc, None, "a key must be a string".into());
@@ -369,7 +418,7 @@ fn type_step(
                 .map(|s| format!("; did you mean '{s}'?"))
                 .unwrap_or_else(|| {
                     let mut names: Vec<&str> = spec.keys.iter().map(|k| k.name).collect();
-                    names.push("unless");
+                    names.extend(COMMON_KEYS.iter().map(|k| k.name));
                     format!(" (known keys: {})", names.join(", "))
                 });
             err(

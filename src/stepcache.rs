@@ -1,7 +1,9 @@
 //! The automatic step cache: the image tree after an expensive step is stored under a
 //! key that hashes everything the tree depends on up to that step (the rendered steps,
-//! the files they read, the tool versions that matter). A later build restores the
-//! deepest state whose key still matches and runs on from there.
+//! the files they read, the tool versions that matter, the state of the archives they
+//! fetch packages from). A later build restores the deepest state whose key still
+//! matches and runs on from there; each entry keeps what went into its key, so that a
+//! build that cannot use it can say what changed.
 //!
 //! Steps have one of three roles. *Setup* steps (partitioning, mkfs, mounts) always
 //! run: their effects are on the disk, not in the tree. *Tree* steps (debootstrap, apt,
@@ -14,7 +16,7 @@
 //! holds the archive's size and SHA-256, checked before the archive is used; entries
 //! are never changed once written.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,9 +27,10 @@ use sha2::{Digest, Sha256};
 
 use crate::build::Options;
 use crate::cmd::Cmd;
+use crate::mirror::{self, Archive};
 use crate::plugins::cache_rootfs::{Compression, mounted_virtuals, pack_argv};
 use crate::plugins::unpack_rootfs::unpack_argv;
-use crate::step::Step;
+use crate::step::{Step, Val};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -69,7 +72,7 @@ fn always_saved(kind: &str) -> bool {
 const SAVE_AFTER_SECS: f64 = 1.0;
 
 /// Bumped when the entry format or the meaning of keys changes.
-const FORMAT: &str = "vmdb-step-cache-1";
+const FORMAT: &str = "vmdb-step-cache-2";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Meta {
@@ -83,6 +86,9 @@ pub struct Meta {
     pub flags: Vec<String>,
     pub size: u64,
     pub sha256: String,
+    /// What the key was made of (absent from entries of older versions).
+    #[serde(default)]
+    pub inputs: KeyInputs,
 }
 
 pub struct Cache {
@@ -126,7 +132,7 @@ impl Cache {
         Ok(())
     }
 
-    /// Store the tree at `root` as the state after `step`.
+    /// Store the tree at `root` as the state after `step`, whose key was made of `inputs`.
     pub fn save(
         &self,
         key: &str,
@@ -134,6 +140,7 @@ impl Cache {
         flags: &BTreeSet<String>,
         spec: &str,
         step: &Step,
+        inputs: KeyInputs,
     ) -> Result<Meta> {
         let tmp = self.dir.join(format!(".{key}.{}.tmp", std::process::id()));
         let zstd = Compression::for_path(Path::new("x.tar.zst")).program(false);
@@ -158,6 +165,7 @@ impl Cache {
             flags: flags.iter().cloned().collect(),
             size,
             sha256: sha256_file(&tmp)?,
+            inputs,
         };
         std::fs::rename(&tmp, self.archive(key))?;
         let tmp_meta = self
@@ -294,19 +302,108 @@ fn vmdb_identity() -> String {
     }
 }
 
-/// The cache key of the state after each step: a hash chain over the steps.
+/// What went into the key of the state after one step. Each cache entry keeps this for
+/// every step up to its own, so that a miss can say what changed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StepInputs {
+    pub step: usize,
+    pub kind: String,
+    /// Each input by name ("text", "file files/motd", "archive URL", "bootstrap tools",
+    /// ...) with its hash or value.
+    pub items: BTreeMap<String, String>,
+}
+
+/// What a key was made of: vmdb itself (the chain's start) and each step's inputs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct KeyInputs {
+    pub base: String,
+    pub steps: Vec<StepInputs>,
+}
+
+/// A directory or file that a step's text names (rather than `inputs:`) is hashed only
+/// up to this size: a word that happens to name a big tree must not slow every build.
+const AUTO_MAX_ENTRIES: usize = 10_000;
+const AUTO_MAX_BYTES: u64 = 64 << 20;
+/// Small files are also read for apt sources (`deb URI SUITE` lines, deb822 stanzas).
+const SOURCES_MAX_BYTES: u64 = 64 << 10;
+/// The value of an archive input whose state could not be looked up.
+const UNREACHABLE: &str = "not reachable";
+
+/// Everything the keys depend on but the archives' states (looked up separately).
+pub struct Gathered {
+    pub base: String,
+    pub steps: Vec<StepInputs>,
+    /// The archives the build's steps fetch from, and for each step the indexes (into
+    /// `archives`) of those it fetches from.
+    pub archives: Vec<Archive>,
+    pub fetches: Vec<Vec<usize>>,
+}
+
+impl Gathered {
+    /// Each step's inputs with the archives' states filled in (None: unknown).
+    pub fn with_states(&self, states: &[Option<String>]) -> Vec<StepInputs> {
+        let mut out = self.steps.clone();
+        for (s, fetches) in out.iter_mut().zip(&self.fetches) {
+            for &a in fetches {
+                let state = states.get(a).cloned().flatten();
+                s.items.insert(
+                    format!("archive {}", self.archives[a].url),
+                    state.unwrap_or_else(|| UNREACHABLE.to_string()),
+                );
+            }
+        }
+        out
+    }
+}
+
+/// The cache key of the state after each step: a hash chain over the steps' inputs.
+pub fn chain(base: &str, steps: &[StepInputs]) -> Vec<String> {
+    let mut prev = hex(&Sha256::digest(base.as_bytes()));
+    steps
+        .iter()
+        .map(|s| {
+            let mut h = Sha256::new();
+            h.update(prev.as_bytes());
+            h.update(format!("\n{}\n", s.kind).as_bytes());
+            for (k, v) in &s.items {
+                h.update(format!("{k}\0{v}\n").as_bytes());
+            }
+            prev = hex(&h.finalize());
+            prev.clone()
+        })
+        .collect()
+}
+
+/// The keys of a spec's steps, with the archives' states as they are now.
 pub fn keys(steps: &[Step], opts: &Options) -> Result<Vec<String>> {
+    let g = gather(steps, opts)?;
+    let states: Vec<Option<String>> = mirror::archive_states(&g.archives)
+        .into_iter()
+        .map(Result::ok)
+        .collect();
+    Ok(chain(&g.base, &g.with_states(&states)))
+}
+
+/// What each step's key covers, but the archives' states: its text, the host files it
+/// reads (copied, named under `inputs:`, or named in its text), tool versions, and which
+/// archives it fetches from.
+pub fn gather(steps: &[Step], opts: &Options) -> Result<Gathered> {
     // The image is built under a name that changes with every run: keys use a fixed one.
     let built: Vec<&String> = ["output", "image"]
         .iter()
         .filter_map(|v| opts.vars.get(*v))
         .collect();
-    let mut prev = format!("{FORMAT} vmdb {}", vmdb_identity());
+    let mut g = Gathered {
+        base: format!("{FORMAT} vmdb {}", vmdb_identity()),
+        steps: Vec::with_capacity(steps.len()),
+        archives: Vec::new(),
+        fetches: Vec::with_capacity(steps.len()),
+    };
+    // The apt sources the image will have, as far as the spec shows them.
+    let mut sources: Vec<usize> = Vec::new();
     let mut tools = ToolVersions::default();
-    let mut out = Vec::with_capacity(steps.len());
     for s in steps {
-        let mut h = Sha256::new();
-        h.update(prev.as_bytes());
+        let mut items = BTreeMap::new();
         let mut text = match role(s.kind) {
             // A setup step matters to the tree only by where it mounts a filesystem:
             // the image's size or partitioning does not change what debootstrap makes.
@@ -332,12 +429,99 @@ pub fn keys(steps: &[Step], opts: &Options) -> Result<Vec<String>> {
         for b in &built {
             text = text.replace(b.as_str(), "@OUTPUT@");
         }
-        h.update(text.as_bytes());
-        inputs(s, opts, &mut tools, &mut h)?;
-        prev = hex(&h.finalize());
-        out.push(prev.clone());
+        items.insert("text".to_string(), hex(&Sha256::digest(text.as_bytes())));
+        let mut texts: Vec<String> = Vec::new();
+        step_inputs(s, opts, &built, &mut tools, &mut items, &mut texts)?;
+
+        let mut fetches = Vec::new();
+        if role(s.kind) == Role::Tree {
+            texts.extend(strings(s).into_iter().map(str::to_string));
+            for t in &texts {
+                for (uri, suite) in mirror::sources_in(t) {
+                    let a = add_archive(&mut g.archives, Archive::new(&uri, &suite));
+                    if !sources.contains(&a) {
+                        sources.push(a);
+                    }
+                }
+            }
+        }
+        match s.kind {
+            "debootstrap" | "qemu-debootstrap" => {
+                // debootstrap reads the one suite it installs, which the image's apt
+                // sources then name.
+                let m = match s.opt_str("mirror") {
+                    Some(m) => m.to_string(),
+                    None => tools.host_mirror().to_string(),
+                };
+                let mut a = Archive::new(&m, s.arg());
+                a.ca = s.opt_str("tls_ca_certs").map(|p| opts.spec_dir.join(p));
+                let a = add_archive(&mut g.archives, a);
+                fetches.push(a);
+                if !sources.contains(&a) {
+                    sources.push(a);
+                }
+            }
+            "apt" | "ansible" => fetches = sources.clone(),
+            "chroot" | "shell" if strings(s).iter().any(|t| runs_apt(t)) => {
+                fetches = sources.clone()
+            }
+            _ => {}
+        }
+        g.steps.push(StepInputs {
+            step: s.index,
+            kind: s.kind.to_string(),
+            items,
+        });
+        g.fetches.push(fetches);
     }
-    Ok(out)
+    Ok(g)
+}
+
+/// The index of `a` in `archives`, adding it if it is new.
+fn add_archive(archives: &mut Vec<Archive>, a: Archive) -> usize {
+    match archives.iter().position(|x| x.url == a.url) {
+        Some(i) => i,
+        None => {
+            archives.push(a);
+            archives.len() - 1
+        }
+    }
+}
+
+/// Every string a step was written with (its value, keys, list items, mapping values).
+fn strings(s: &Step) -> Vec<&str> {
+    let mut out = Vec::new();
+    for v in std::iter::once(&s.value.val).chain(s.params.values().map(|p| &p.val)) {
+        match v {
+            Val::Str(t) => out.push(t.as_str()),
+            Val::List(l) => out.extend(l.iter().map(String::as_str)),
+            Val::Map(m) => out.extend(m.values().map(String::as_str)),
+            Val::Bool(_) | Val::Int(_) => {}
+        }
+    }
+    out
+}
+
+/// Whether a script runs apt to install or upgrade packages (or to update its lists):
+/// then it fetches from the archive as an apt step does.
+fn runs_apt(script: &str) -> bool {
+    script.lines().any(|l| {
+        let words: Vec<&str> = l
+            .split(|c: char| c.is_whitespace() || ";|&()".contains(c))
+            .filter(|w| !w.is_empty())
+            .collect();
+        words
+            .iter()
+            .position(|w| matches!(w.rsplit('/').next(), Some("apt" | "apt-get" | "aptitude")))
+            .is_some_and(|i| {
+                words[i + 1..].iter().any(|w| {
+                    matches!(
+                        *w,
+                        "install" | "upgrade" | "dist-upgrade" | "full-upgrade" | "update"
+                    )
+                })
+            })
+    })
 }
 
 #[derive(Default)]
@@ -346,27 +530,47 @@ struct ToolVersions {
     mirror: Option<String>,
 }
 
-/// What a step reads besides its own text: files, the default mirror, tool versions.
-fn inputs(s: &Step, opts: &Options, tools: &mut ToolVersions, h: &mut Sha256) -> Result<()> {
-    let spec_path = |p: &str| {
-        let p = Path::new(p);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            opts.spec_dir.join(p)
-        }
+impl ToolVersions {
+    fn host_mirror(&mut self) -> &str {
+        self.mirror
+            .get_or_insert_with(|| crate::mirror::host_default().unwrap_or_default())
+    }
+}
+
+/// What a step reads besides its own text: host files, the default mirror, tool
+/// versions. The text of small files goes to `texts`, to be read for apt sources.
+fn step_inputs(
+    s: &Step,
+    opts: &Options,
+    built: &[&String],
+    tools: &mut ToolVersions,
+    items: &mut BTreeMap<String, String>,
+    texts: &mut Vec<String>,
+) -> Result<()> {
+    let mut file = |name: &str, path: &Path, items: &mut BTreeMap<String, String>| {
+        let mut h = Sha256::new();
+        hash_tree(path, true, &mut h, texts)?;
+        items.insert(format!("file {name}"), hex(&h.finalize()));
+        anyhow::Ok(())
     };
+    for input in s.inputs() {
+        file(&input, &opts.spec_dir.join(&input), items)?;
+    }
     match s.kind {
         "copy-file" | "copy-dir" => {
             if let Some(src) = s.opt_str("src") {
-                hash_tree(&spec_path(src), h)?;
+                file(src, &opts.spec_dir.join(src), items)?;
             }
         }
         "ansible" => {
             // The playbook's directory: roles, vars and templates beside it.
             if let Some(pb) = s.opt_str("playbook") {
-                let pb = spec_path(pb);
-                hash_tree(pb.parent().unwrap_or(Path::new(".")), h)?;
+                let dir = Path::new(pb).parent().unwrap_or(Path::new(""));
+                let name = match dir.display().to_string() {
+                    d if d.is_empty() => ".".to_string(),
+                    d => d,
+                };
+                file(&name, &opts.spec_dir.join(dir), items)?;
             }
         }
         "unpack-rootfs" => {
@@ -374,7 +578,10 @@ fn inputs(s: &Step, opts: &Options, tools: &mut ToolVersions, h: &mut Sha256) ->
             if let Some(t) = &opts.rootfs_tarball {
                 if let Ok(m) = std::fs::metadata(t) {
                     use std::os::unix::fs::MetadataExt;
-                    h.update(format!("tarball {} {} {}", m.len(), m.mtime(), m.ino()).as_bytes());
+                    items.insert(
+                        "tarball".to_string(),
+                        format!("{} {} {}", m.len(), m.mtime(), m.ino()),
+                    );
                 }
             }
         }
@@ -391,25 +598,136 @@ fn inputs(s: &Step, opts: &Options, tools: &mut ToolVersions, h: &mut Sha256) ->
                     })
                     .join(", ")
             });
-            h.update(format!("bootstrap tools {v}\n").as_bytes());
+            items.insert("bootstrap tools".to_string(), v.clone());
             if !s.has("mirror") {
-                let m = tools
-                    .mirror
-                    .get_or_insert_with(|| crate::mirror::host_default().unwrap_or_default());
-                h.update(format!("mirror {m}\n").as_bytes());
+                items.insert("mirror".to_string(), tools.host_mirror().to_string());
             }
         }
         _ => {}
     }
+    if role(s.kind) == Role::Tree {
+        for (name, path) in named_files(s, opts, built) {
+            if items.contains_key(&format!("file {name}")) {
+                continue;
+            }
+            if !small_tree(&path) {
+                crate::log::info(&format!(
+                    "vmdb: warning: step {} ({}) names {name}, too big for the step cache to \
+                     watch (over {AUTO_MAX_ENTRIES} files or {} MB): list it under `inputs:` \
+                     to have it hashed anyway",
+                    s.index,
+                    s.kind,
+                    AUTO_MAX_BYTES >> 20
+                ));
+                continue;
+            }
+            // Unlike `inputs:`, a word may name what the step does not read (a dangling
+            // link in a list of names): what cannot be read is left out, and said so.
+            if let Err(e) = file(&name, &path, items) {
+                crate::log::info(&format!(
+                    "vmdb: warning: step {} ({}) names {name}, which the step cache cannot                      watch: {e:#}",
+                    s.index, s.kind
+                ));
+            }
+        }
+    }
     Ok(())
 }
 
+/// Files and directories below the spec's directory that a step's text names, such as
+/// `files/motd` in `install files/motd "$ROOT/etc/motd"`: words of its strings, split at
+/// white space, quotes and shell punctuation, that are relative paths (or absolute ones
+/// inside the spec's directory) of existing files, without `..` and without `$`. The
+/// image being built and the cache directory are never among them.
+fn named_files(s: &Step, opts: &Options, built: &[&String]) -> Vec<(String, PathBuf)> {
+    use std::path::Component;
+    let dir = &opts.spec_dir;
+    let ours: Vec<PathBuf> = built
+        .iter()
+        .map(|b| PathBuf::from(b.as_str()))
+        .chain(opts.cache_dir.clone())
+        .collect();
+    let mut found = BTreeSet::new();
+    for text in strings(s) {
+        for word in text.split(|c: char| c.is_whitespace() || "\"'`;|&()<>=,".contains(c)) {
+            if word.is_empty() || word.len() > 1024 || word.contains('$') || word.starts_with('-') {
+                continue;
+            }
+            let p = Path::new(word);
+            let rel = if p.is_absolute() {
+                match p.strip_prefix(dir) {
+                    Ok(r) => r,
+                    Err(_) => continue,
+                }
+            } else {
+                p
+            };
+            let parts: Vec<&std::ffi::OsStr> = rel
+                .components()
+                .filter(|c| *c != Component::CurDir)
+                .map(|c| match c {
+                    Component::Normal(n) => Some(n),
+                    _ => None,
+                })
+                .collect::<Option<_>>()
+                .unwrap_or_default();
+            if parts.is_empty() {
+                continue;
+            }
+            let rel: PathBuf = parts.iter().collect();
+            let full = dir.join(&rel);
+            if std::fs::symlink_metadata(&full).is_err()
+                || ours.iter().any(|o| o.starts_with(&full))
+            {
+                continue;
+            }
+            found.insert((rel.display().to_string(), full));
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// Whether the tree at `path` is small enough to hash on every build.
+fn small_tree(path: &Path) -> bool {
+    let (mut entries, mut bytes) = (0usize, 0u64);
+    let mut todo = vec![(path.to_path_buf(), true)];
+    while let Some((p, top)) = todo.pop() {
+        let m = if top {
+            std::fs::metadata(&p)
+        } else {
+            std::fs::symlink_metadata(&p)
+        };
+        let Ok(m) = m else { continue };
+        entries += 1;
+        if m.is_file() {
+            bytes += m.len();
+        } else if m.is_dir() {
+            for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                todo.push((e.path(), false));
+                if entries + todo.len() > AUTO_MAX_ENTRIES {
+                    return false;
+                }
+            }
+        }
+        if entries > AUTO_MAX_ENTRIES || bytes > AUTO_MAX_BYTES {
+            return false;
+        }
+    }
+    true
+}
+
 /// Hash a file or a directory tree: relative paths, modes, owners, link targets and
-/// contents, in a fixed order.
-fn hash_tree(path: &Path, h: &mut Sha256) -> Result<()> {
+/// contents, in a fixed order. A symbolic link at the top is followed (steps read
+/// through it); those inside a directory are hashed as links. The text of small files
+/// is added to `texts`.
+fn hash_tree(path: &Path, follow: bool, h: &mut Sha256, texts: &mut Vec<String>) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let m =
-        std::fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let m = if follow {
+        std::fs::metadata(path)
+    } else {
+        std::fs::symlink_metadata(path)
+    }
+    .with_context(|| format!("reading {}", path.display()))?;
     h.update(format!("{:o} {} {}\n", m.mode(), m.uid(), m.gid()).as_bytes());
     if m.file_type().is_symlink() {
         h.update(std::fs::read_link(path)?.as_os_str().as_encoded_bytes());
@@ -422,10 +740,20 @@ fn hash_tree(path: &Path, h: &mut Sha256) -> Result<()> {
         for n in names {
             h.update(n.as_encoded_bytes());
             h.update(b"\n");
-            hash_tree(&path.join(&n), h)?;
+            hash_tree(&path.join(&n), false, h, texts)?;
         }
     } else if m.is_file() {
-        let mut f = std::fs::File::open(path)?;
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        if m.len() <= SOURCES_MAX_BYTES {
+            let mut data = Vec::new();
+            f.read_to_end(&mut data)?;
+            h.update(&data);
+            if let Ok(t) = String::from_utf8(data) {
+                texts.push(t);
+            }
+            return Ok(());
+        }
         let mut buf = vec![0u8; 1 << 16];
         loop {
             let n = f.read(&mut buf)?;
@@ -444,48 +772,274 @@ pub struct Plan {
     pub keys: Vec<String>,
     /// Index (into the steps) of the step whose state is restored, and its entry.
     pub restore: Option<(usize, Meta)>,
-    /// Steps at or after this index are past a volatile step: never cached.
-    pub first_volatile: usize,
+    /// Steps at or after this index are never cached: a volatile step, a step with
+    /// `cache: false`, or one fetching from an archive whose state is unknown.
+    pub first_uncached: usize,
+    /// What the keys were made of (each entry keeps its part).
+    pub inputs: KeyInputs,
+}
+
+impl Plan {
+    /// What the key of the state after step `i` was made of.
+    pub fn inputs_upto(&self, i: usize) -> KeyInputs {
+        KeyInputs {
+            base: self.inputs.base.clone(),
+            steps: self.inputs.steps[..=i.min(self.inputs.steps.len().saturating_sub(1))].to_vec(),
+        }
+    }
+}
+
+/// The first step (index) whose state is never cached.
+fn first_uncached(steps: &[Step]) -> usize {
+    steps
+        .iter()
+        .position(|s| role(s.kind) == Role::Volatile || !s.cached())
+        .unwrap_or(steps.len())
+}
+
+/// The deepest tree step before `upto` whose state the cache holds under its key.
+fn deepest(keys: &[String], steps: &[Step], upto: usize, cache: &Cache) -> Option<(usize, Meta)> {
+    (0..upto)
+        .rev()
+        .filter(|&i| role(steps[i].kind) == Role::Tree)
+        .find_map(|i| cache.lookup(&keys[i]).map(|m| (i, m)))
+}
+
+/// The state an entry recorded for an archive.
+fn recorded_state<'a>(m: &'a Meta, item: &str) -> Option<&'a str> {
+    m.inputs
+        .steps
+        .iter()
+        .find_map(|s| s.items.get(item))
+        .map(String::as_str)
+        .filter(|v| *v != UNREACHABLE)
 }
 
 pub fn plan(steps: &[Step], opts: &Options, cache: &Cache) -> Result<Plan> {
-    let keys = keys(steps, opts)?;
-    let first_volatile = steps
-        .iter()
-        .position(|s| role(s.kind) == Role::Volatile)
-        .unwrap_or(steps.len());
+    let g = gather(steps, opts)?;
+    let mut first_uncached = first_uncached(steps);
+    if let Some(s) = steps.get(first_uncached).filter(|s| !s.cached()) {
+        crate::log::verbose(&format!(
+            "step cache: step {} ({}) says cache: false: it and the steps after it run",
+            s.index, s.kind
+        ));
+    }
+    let t = std::time::Instant::now();
+    let looked_up = mirror::archive_states(&g.archives);
+    if !g.archives.is_empty() {
+        crate::log::verbose(&format!(
+            "step cache: looked up the state of {} archive suite(s) in {:.2}s",
+            g.archives.len(),
+            t.elapsed().as_secs_f64()
+        ));
+    }
+    let mut states: Vec<Option<String>> = looked_up.iter().map(|r| r.clone().ok()).collect();
+    let unknown: Vec<usize> = (0..g.archives.len())
+        .filter(|&a| states[a].is_none())
+        .collect();
+    let entries = cache.list();
+    if !unknown.is_empty() {
+        let newest = newest_usable_states(
+            &g,
+            &states,
+            &unknown,
+            steps,
+            first_uncached,
+            cache,
+            &entries,
+        );
+        for &a in &unknown {
+            let why = looked_up[a].as_ref().err().map_or("", String::as_str);
+            let url = &g.archives[a].url;
+            match newest.as_ref().and_then(|c| c[a].as_deref()) {
+                Some(s) => crate::log::info(&format!(
+                    "step cache: archive not reachable ({url}: {why}): using the newest \
+                     cached state from {}",
+                    mirror::state_date(s)
+                )),
+                None => crate::log::info(&format!(
+                    "step cache: archive not reachable ({url}: {why}) and no saved state \
+                     matches: the steps that fetch from it run, and are not saved"
+                )),
+            }
+        }
+        if let Some(n) = newest {
+            states = n;
+        }
+    }
+    let inputs = KeyInputs {
+        steps: g.with_states(&states),
+        base: g.base.clone(),
+    };
+    let keys = chain(&inputs.base, &inputs.steps);
     let mut restore = None;
-    for i in (0..first_volatile).rev() {
-        if role(steps[i].kind) != Role::Tree {
-            continue;
-        }
-        let Some(meta) = cache.lookup(&keys[i]) else {
-            continue;
-        };
-        // Checked before the build relies on it: a damaged entry is dropped, and a
-        // shallower one (or none) is used instead.
-        match cache.verify(&meta) {
-            Ok(()) => {
-                restore = Some((i, meta));
-                break;
+    if opts.refresh {
+        crate::log::info("step cache: --refresh: every step runs, and fresh states are saved");
+    } else {
+        let mut upto = first_uncached;
+        while let Some((i, meta)) = deepest(&keys, steps, upto, cache) {
+            // Checked before the build relies on it: a damaged entry is dropped, and a
+            // shallower one (or none) is used instead.
+            match cache.verify(&meta) {
+                Ok(()) => {
+                    restore = Some((i, meta));
+                    break;
+                }
+                Err(e) => {
+                    crate::log::info(&format!("vmdb: {e:#}: ignoring and removing it"));
+                    let _ = cache.remove(&meta.key);
+                    upto = i;
+                }
             }
-            Err(e) => {
-                crate::log::info(&format!("vmdb: {e:#}: ignoring and removing it"));
-                let _ = cache.remove(&meta.key);
-            }
         }
+        let from = restore.as_ref().map_or(0, |(i, _)| i + 1);
+        if let Some(why) = what_changed(&inputs, from, &opts.spec_name, &entries) {
+            crate::log::info(&format!("step cache: {why}"));
+        }
+    }
+    // A step that runs and fetches from an archive in an unknown state makes a tree
+    // that has no sound key: it and the steps after it are not saved.
+    let from = restore.as_ref().map_or(0, |(i, _)| i + 1);
+    if let Some(i) = (from..steps.len()).find(|&i| g.fetches[i].iter().any(|a| unknown.contains(a)))
+    {
+        first_uncached = first_uncached.min(i);
     }
     Ok(Plan {
         keys,
         restore,
-        first_volatile,
+        first_uncached,
+        inputs,
     })
+}
+
+/// Offline (or with a mirror that does not answer): the states of the `unknown`
+/// archives that the newest saved entry was made with whose other inputs match, so
+/// that the build can start past the first step fetching from them. None when no entry
+/// allows that.
+fn newest_usable_states(
+    g: &Gathered,
+    states: &[Option<String>],
+    unknown: &[usize],
+    steps: &[Step],
+    first_uncached: usize,
+    cache: &Cache,
+    entries: &[Meta],
+) -> Option<Vec<Option<String>>> {
+    let first_fetch = g
+        .fetches
+        .iter()
+        .position(|f| f.iter().any(|a| unknown.contains(a)))?;
+    let names: Vec<String> = unknown
+        .iter()
+        .map(|&a| format!("archive {}", g.archives[a].url))
+        .collect();
+    let mut tried: Vec<Vec<&str>> = Vec::new();
+    for m in entries.iter().rev() {
+        let Some(recorded) = names
+            .iter()
+            .map(|n| recorded_state(m, n))
+            .collect::<Option<Vec<&str>>>()
+        else {
+            continue;
+        };
+        if tried.contains(&recorded) {
+            continue;
+        }
+        let mut with = states.to_vec();
+        for (&a, r) in unknown.iter().zip(&recorded) {
+            with[a] = Some(r.to_string());
+        }
+        let keys = chain(&g.base, &g.with_states(&with));
+        if deepest(&keys, steps, first_uncached, cache).is_some_and(|(i, _)| i >= first_fetch) {
+            return Some(with);
+        }
+        tried.push(recorded);
+    }
+    None
+}
+
+/// Why the build cannot start deeper than step index `from`: the first difference
+/// between this build's inputs and those of the saved entry of the same spec that
+/// matches them longest (the newest of those), among entries past `from`.
+pub fn what_changed(ours: &KeyInputs, from: usize, spec: &str, entries: &[Meta]) -> Option<String> {
+    let mut best: Option<(usize, &Meta)> = None;
+    for m in entries
+        .iter()
+        .filter(|m| m.spec == spec && !m.inputs.steps.is_empty())
+    {
+        let same = if m.inputs.base != ours.base {
+            0
+        } else {
+            m.inputs
+                .steps
+                .iter()
+                .zip(&ours.steps)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        // One that matches all the way was usable; one that parts before `from` is
+        // about steps this build does not run.
+        let whole = m.inputs.base == ours.base && same == m.inputs.steps.len();
+        if whole || same < from {
+            continue;
+        }
+        // Entries come oldest first: a later one that matches as long wins.
+        if best.is_none_or(|(n, _)| same >= n) {
+            best = Some((same, m));
+        }
+    }
+    let (at, m) = best?;
+    if m.inputs.base != ours.base {
+        return Some(
+            "vmdb itself changed since the saved states were made (another version or \
+             executable): every step runs"
+                .to_string(),
+        );
+    }
+    let (old, new) = (&m.inputs.steps[at], ours.steps.get(at)?);
+    let mut what = Vec::new();
+    if old.kind != new.kind {
+        what.push(format!("it was a {} step", old.kind));
+    } else {
+        let names: BTreeSet<&String> = old.items.keys().chain(new.items.keys()).collect();
+        for n in names {
+            match (old.items.get(n), new.items.get(n)) {
+                (Some(a), Some(b)) if a != b => what.push(differs(n, a, b)),
+                (None, Some(_)) => what.push(format!("{n} is new")),
+                (Some(_), None) => what.push(format!("{n} is no longer read")),
+                _ => {}
+            }
+        }
+    }
+    Some(format!(
+        "step {} ({}) changed: {}",
+        new.step,
+        new.kind,
+        what.join("; ")
+    ))
+}
+
+/// One changed input, in words.
+fn differs(name: &str, old: &str, new: &str) -> String {
+    if name == "text" {
+        "its text differs".to_string()
+    } else if name.starts_with("archive ") {
+        format!(
+            "{name} differs (Release of {}, now {})",
+            mirror::state_date(old),
+            mirror::state_date(new)
+        )
+    } else if name.starts_with("file ") || name == "tarball" {
+        format!("{name} differs")
+    } else {
+        format!("{name} differs (was {old}, now {new})")
+    }
 }
 
 /// Whether the state after step `i`, which ran for `secs`, should be stored.
 pub fn worth_saving(plan: &Plan, steps: &[Step], i: usize, secs: f64) -> bool {
     role(steps[i].kind) == Role::Tree
-        && i < plan.first_volatile
+        && i < plan.first_uncached
         && plan.restore.as_ref().is_none_or(|(r, _)| i > *r)
         && (always_saved(steps[i].kind) || secs >= SAVE_AFTER_SECS)
 }
@@ -612,7 +1166,16 @@ mod tests {
         let s = steps(&["create-file: /etc/a\ncontents: a"]).unwrap();
         let mut flags = BTreeSet::new();
         flags.insert("rootfs_unpacked".to_string());
-        let meta = cache.save("k1", &root, &flags, "spec.vmdb", &s[0]).unwrap();
+        let meta = cache
+            .save(
+                "k1",
+                &root,
+                &flags,
+                "spec.vmdb",
+                &s[0],
+                KeyInputs::default(),
+            )
+            .unwrap();
         assert_eq!(cache.lookup("k1"), Some(meta.clone()));
         assert_eq!(cache.list(), vec![meta.clone()]);
 
@@ -659,7 +1222,9 @@ mod tests {
         let s = steps(&["create-file: /etc/a\ncontents: a"]).unwrap();
         let mut metas = Vec::new();
         for k in ["a", "b", "c"] {
-            let mut m = cache.save(k, &root, &BTreeSet::new(), "s", &s[0]).unwrap();
+            let mut m = cache
+                .save(k, &root, &BTreeSet::new(), "s", &s[0], KeyInputs::default())
+                .unwrap();
             // Distinct ages without waiting.
             m.created = metas.len() as u64 + 1;
             std::fs::write(cache.meta_path(k), serde_json::to_string(&m).unwrap()).unwrap();
@@ -683,5 +1248,455 @@ mod tests {
         let gone = cache.prune(None, Some(0)).unwrap();
         assert_eq!(gone.len(), 2);
         assert!(cache.list().is_empty());
+    }
+
+    /// The names of the inputs of each step besides its text.
+    fn input_names(g: &Gathered) -> Vec<Vec<&str>> {
+        g.steps
+            .iter()
+            .map(|s| {
+                s.items
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|k| *k != "text")
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn files_below_the_spec_named_in_a_script_are_hashed() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("spec");
+        std::fs::create_dir_all(dir.join("files")).unwrap();
+        std::fs::create_dir_all(dir.join("conf.d")).unwrap();
+        std::fs::create_dir_all(dir.join("cache/steps")).unwrap();
+        std::fs::write(dir.join("files/motd"), "one\n").unwrap();
+        std::fs::write(dir.join("conf.d/a.conf"), "a\n").unwrap();
+        std::fs::write(dir.join(".a.img.vmdb-partial-1"), "image").unwrap();
+        std::fs::write(d.path().join("secret"), "outside\n").unwrap();
+        let script = format!(
+            "shell: |\n  install -m 0644 files/motd \"$ROOT/etc/motd\"\n  \
+             cp ./files/motd {dir}/conf.d/a.conf ../secret files/none \"$ROOT/tmp\"\n  \
+             truncate -s 1M {dir}/.a.img.vmdb-partial-1; ls cache . {dir}\nroot-fs: /",
+            dir = dir.display()
+        );
+        let s = steps_in(&dir, &[&script]);
+        let mut o = opts(&dir);
+        o.vars.insert(
+            "output".into(),
+            dir.join(".a.img.vmdb-partial-1").display().to_string(),
+        );
+        o.cache_dir = Some(dir.join("cache"));
+        // Not `$ROOT/...`, not outside the spec's directory, not what is not there, not
+        // the image being built nor the cache, not the spec's directory itself.
+        let g = gather(&s, &o).unwrap();
+        assert_eq!(input_names(&g), [["file conf.d/a.conf", "file files/motd"]]);
+        let k1 = keys(&s, &o).unwrap();
+        std::fs::write(dir.join("files/motd"), "two\n").unwrap();
+        let k2 = keys(&s, &o).unwrap();
+        assert_ne!(k1, k2);
+        std::fs::write(dir.join("conf.d/a.conf"), "b\n").unwrap();
+        let k3 = keys(&s, &o).unwrap();
+        assert_ne!(k2, k3);
+        std::fs::write(d.path().join("secret"), "changed\n").unwrap();
+        std::fs::write(dir.join(".a.img.vmdb-partial-1"), "another image").unwrap();
+        assert_eq!(keys(&s, &o).unwrap(), k3);
+        // A dangling link named in the text is left out; a symbolic link is read
+        // through.
+        std::os::unix::fs::symlink("nowhere", dir.join("files/none")).unwrap();
+        assert_eq!(keys(&s, &o).unwrap(), k3);
+        std::fs::write(d.path().join("real-motd"), "real\n").unwrap();
+        std::fs::remove_file(dir.join("files/motd")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("real-motd"), dir.join("files/motd")).unwrap();
+        let k4 = keys(&s, &o).unwrap();
+        std::fs::write(d.path().join("real-motd"), "real, edited\n").unwrap();
+        assert_ne!(keys(&s, &o).unwrap(), k4);
+    }
+
+    #[test]
+    fn trees_too_big_to_watch_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let small = d.path().join("small");
+        std::fs::create_dir(&small).unwrap();
+        for i in 0..3 {
+            std::fs::write(small.join(i.to_string()), "x").unwrap();
+        }
+        assert!(small_tree(&small));
+        let many = d.path().join("many");
+        std::fs::create_dir(&many).unwrap();
+        for i in 0..=AUTO_MAX_ENTRIES {
+            std::fs::File::create(many.join(i.to_string())).unwrap();
+        }
+        assert!(!small_tree(&many));
+        let big = d.path().join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(AUTO_MAX_BYTES + 1)
+            .unwrap();
+        assert!(!small_tree(&big));
+        // Named in a script, they are left out (with a warning); under `inputs:` a big
+        // tree is hashed all the same.
+        let s = steps_in(
+            d.path(),
+            &[
+                "shell: ls many big small\nroot-fs: /",
+                "shell: ls\nroot-fs: /\ninputs: [big]",
+            ],
+        );
+        let g = gather(&s, &opts(d.path())).unwrap();
+        assert_eq!(input_names(&g), [vec!["file small"], vec!["file big"]]);
+    }
+
+    #[test]
+    fn inputs_are_hashed_and_must_be_there() {
+        let d = tempfile::tempdir().unwrap();
+        let conf = d.path().join("conf");
+        std::fs::create_dir(&conf).unwrap();
+        std::fs::write(conf.join("a.conf"), "a\n").unwrap();
+        let with = "shell: cat conf/*.conf > \"$ROOT/etc/all.conf\"\nroot-fs: /\ninputs: [conf]";
+        let without = "shell: cat conf/*.conf > \"$ROOT/etc/all.conf\"\nroot-fs: /";
+        let s = steps_in(d.path(), &[with, without]);
+        let o = opts(d.path());
+        let k1 = keys(&s[..1], &o).unwrap();
+        let n1 = keys(&s[1..], &o).unwrap();
+        std::fs::write(conf.join("a.conf"), "A\n").unwrap();
+        let k2 = keys(&s[..1], &o).unwrap();
+        assert_ne!(k1, k2);
+        // The glob names no file: without `inputs:` the change goes unseen.
+        assert_eq!(keys(&s[1..], &o).unwrap(), n1);
+        std::fs::write(conf.join("b.conf"), "b\n").unwrap();
+        assert_ne!(keys(&s[..1], &o).unwrap(), k2);
+
+        // Any step type takes it; a path that is not there is a spec error.
+        let mut plan = plan_with_root();
+        plan.spec_dir = d.path().to_path_buf();
+        validate_step("mkimg: x.img\nsize: 1G\ninputs: conf", &mut plan).unwrap();
+        assert_eq!(
+            crate::plugins::testing::step_errors(
+                "create-dir: /x\ninputs:\n  - conf\n  - nope",
+                &mut plan
+            ),
+            [
+                "spec:3:3: step 1 (create-dir): key 'inputs': cannot read 'nope' (relative to \
+              the spec file's directory): No such file or directory (os error 2)"
+            ]
+        );
+        assert_eq!(
+            crate::plugins::testing::step_errors("create-dir: /x\ninputs: ''", &mut plan),
+            [
+                "spec:2:9: step 1 (create-dir): key 'inputs': an empty path: name a file or \
+              directory"
+            ]
+        );
+    }
+
+    /// A file:// mirror at `dir`/debian whose suite's Release file has this Date.
+    fn publish(dir: &Path, suite: &str, date: &str) {
+        let d = dir.join("debian/dists").join(suite);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("Release"),
+            format!("Origin: Test\nSuite: {suite}\nDate: {date}\nSHA256:\n 00 1 main/x\n"),
+        )
+        .unwrap();
+    }
+
+    const MON: &str = "Mon, 01 Jan 2024 10:00:00 UTC";
+    const TUE: &str = "Tue, 02 Jan 2024 10:00:00 UTC";
+
+    #[test]
+    fn steps_that_fetch_are_keyed_by_the_archives_state() {
+        let d = tempfile::tempdir().unwrap();
+        let m = format!("file://{}/debian", d.path().display());
+        publish(d.path(), "bookworm", MON);
+        publish(d.path(), "bookworm-updates", MON);
+        let debootstrap = format!("debootstrap: bookworm\ntarget: /\nmirror: {m}");
+        let sources = format!(
+            "create-file: /etc/apt/sources.list.d/u.list\ncontents: \"deb {m} bookworm-updates main\\n\""
+        );
+        let s = steps_in(
+            d.path(),
+            &[
+                SPEC[0],
+                &debootstrap,
+                &sources,
+                "chroot: /\nshell: echo hi > /etc/motd",
+                "apt: install\npackages: [less]\ntag: /",
+                "chroot: /\nshell: DEBIAN_FRONTEND=noninteractive /usr/bin/apt-get -y install vim",
+            ],
+        );
+        let o = opts(d.path());
+        let g = gather(&s, &o).unwrap();
+        let urls: Vec<&str> = g.archives.iter().map(|a| a.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                format!("{m}/dists/bookworm"),
+                format!("{m}/dists/bookworm-updates")
+            ]
+        );
+        assert_eq!(
+            g.fetches,
+            [vec![], vec![0], vec![], vec![], vec![0, 1], vec![0, 1]]
+        );
+        let k1 = keys(&s, &o).unwrap();
+        // A new publication of -updates: from the first step that installs from it.
+        publish(d.path(), "bookworm-updates", TUE);
+        let k2 = keys(&s, &o).unwrap();
+        assert_eq!(k1[..4], k2[..4]);
+        assert!(k1[4..].iter().zip(&k2[4..]).all(|(a, b)| a != b));
+        // Of the suite itself: from debootstrap on.
+        publish(d.path(), "bookworm", TUE);
+        let k3 = keys(&s, &o).unwrap();
+        assert_eq!(k3[0], k2[0]);
+        assert!(k3[1..].iter().zip(&k2[1..]).all(|(a, b)| a != b));
+        // The state is in the step's inputs, readable.
+        let item = format!("archive {m}/dists/bookworm");
+        let state = g.with_states(&[Some("S".into()), None])[4].items.clone();
+        assert_eq!(state[&item], "S");
+        assert_eq!(state[&format!("{item}-updates")], UNREACHABLE);
+    }
+
+    /// Give an entry another creation time, to order entries without waiting.
+    fn set_created(cache: &Cache, key: &str, created: u64) {
+        let mut m = cache.lookup(key).unwrap();
+        m.created = created;
+        std::fs::write(cache.meta_path(key), serde_json::to_string(&m).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn offline_builds_use_the_newest_cached_archive_state() {
+        let d = tempfile::tempdir().unwrap();
+        let m = format!("file://{}/debian", d.path().display());
+        let url = format!("{m}/dists/bookworm");
+        let item = format!("archive {url}");
+        publish(d.path(), "bookworm", MON);
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let root = d.path().join("root");
+        tree(&root);
+        let debootstrap = format!("debootstrap: bookworm\ntarget: /\nmirror: {m}");
+        let pre = "create-dir: /pre";
+        let s = steps_in(d.path(), &[SPEC[0], pre, &debootstrap, SPEC[1]]);
+        let mut o = opts(d.path());
+        o.spec_name = "spec".into();
+        let save = |p: &Plan, i: usize, created: u64| {
+            cache
+                .save(
+                    &p.keys[i],
+                    &root,
+                    &BTreeSet::new(),
+                    "spec",
+                    &s[i],
+                    p.inputs_upto(i),
+                )
+                .unwrap();
+            set_created(&cache, &p.keys[i], created);
+        };
+
+        let mon = plan(&s, &o, &cache).unwrap();
+        assert!(mon.restore.is_none());
+        save(&mon, 1, 1);
+        save(&mon, 2, 2);
+        save(&mon, 3, 3);
+        assert_eq!(plan(&s, &o, &cache).unwrap().restore.unwrap().0, 3);
+
+        // The archive publishes anew: only the state before debootstrap matches, and
+        // the log can say why.
+        publish(d.path(), "bookworm", TUE);
+        let tue = plan(&s, &o, &cache).unwrap();
+        assert_eq!(tue.restore.as_ref().unwrap().0, 1);
+        let mon_state = mon.inputs.steps[2].items[&item].clone();
+        let tue_state = tue.inputs.steps[2].items[&item].clone();
+        assert_eq!(mirror::state_date(&mon_state), MON);
+        assert_eq!(mirror::state_date(&tue_state), TUE);
+        assert_eq!(
+            what_changed(&tue.inputs, 2, "spec", &cache.list()).unwrap(),
+            format!(
+                "step 3 (debootstrap) changed: archive {url} differs (Release of {MON}, now {TUE})"
+            )
+        );
+        save(&tue, 3, 4);
+
+        // Offline: the newest state that an entry matching the rest was made with.
+        std::fs::remove_file(d.path().join("debian/dists/bookworm/Release")).unwrap();
+        let off = plan(&s, &o, &cache).unwrap();
+        assert_eq!(off.restore.as_ref().unwrap().1.key, tue.keys[3]);
+        assert_eq!(off.inputs.steps[2].items[&item], tue_state);
+        assert_eq!(off.first_uncached, 4);
+        // Only Monday's entry after debootstrap matches an edited last step.
+        let edited = steps_in(
+            d.path(),
+            &[
+                SPEC[0],
+                pre,
+                &debootstrap,
+                "create-file: /etc/a\ncontents: A",
+            ],
+        );
+        let off = plan(&edited, &o, &cache).unwrap();
+        assert_eq!(off.restore.as_ref().unwrap().1.key, mon.keys[2]);
+        assert_eq!(off.inputs.steps[2].items[&item], mon_state);
+        assert_eq!(off.first_uncached, 4);
+        // Nothing matches another debootstrap (the state before it does not count):
+        // it runs, and nothing from it on is saved.
+        let other = format!("{debootstrap}\nvariant: minbase");
+        let other = steps_in(d.path(), &[SPEC[0], pre, &other, SPEC[1]]);
+        let off = plan(&other, &o, &cache).unwrap();
+        assert_eq!(off.restore.as_ref().unwrap().1.key, mon.keys[1]);
+        assert_eq!(off.inputs.steps[2].items[&item], UNREACHABLE);
+        assert_eq!(off.first_uncached, 2);
+        assert!(!worth_saving(&off, &other, 2, 60.0));
+        assert!(!worth_saving(&off, &other, 3, 60.0));
+    }
+
+    #[test]
+    fn refresh_restores_nothing_and_saves_again() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("b.txt"), "one").unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let root = d.path().join("root");
+        tree(&root);
+        let s = steps_in(d.path(), SPEC);
+        let mut o = opts(d.path());
+        let p = plan(&s, &o, &cache).unwrap();
+        cache
+            .save(
+                &p.keys[3],
+                &root,
+                &BTreeSet::new(),
+                "spec",
+                &s[3],
+                p.inputs_upto(3),
+            )
+            .unwrap();
+        assert_eq!(plan(&s, &o, &cache).unwrap().restore.unwrap().0, 3);
+        o.refresh = true;
+        let p = plan(&s, &o, &cache).unwrap();
+        assert!(p.restore.is_none());
+        assert!(worth_saving(&p, &s, 3, 2.0));
+    }
+
+    #[test]
+    fn cache_false_runs_the_step_and_every_step_after_it() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("b.txt"), "one").unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let root = d.path().join("root");
+        tree(&root);
+        let spec = [
+            SPEC[0],
+            SPEC[1],
+            "copy-file: /etc/b\nsrc: b.txt\ncache: false",
+            SPEC[3],
+        ];
+        let s = steps_in(d.path(), &spec);
+        assert!(s[1].cached() && !s[2].cached());
+        let o = opts(d.path());
+        let p = plan(&s, &o, &cache).unwrap();
+        assert_eq!(p.first_uncached, 2);
+        assert!(worth_saving(&p, &s, 1, 2.0));
+        assert!(!worth_saving(&p, &s, 2, 2.0));
+        assert!(!worth_saving(&p, &s, 3, 2.0));
+        // Even an entry saved for a later step (before `cache: false` was added) is
+        // not used: the step runs.
+        for i in [1, 3] {
+            cache
+                .save(
+                    &p.keys[i],
+                    &root,
+                    &BTreeSet::new(),
+                    "spec",
+                    &s[i],
+                    p.inputs_upto(i),
+                )
+                .unwrap();
+        }
+        assert_eq!(plan(&s, &o, &cache).unwrap().restore.unwrap().0, 1);
+    }
+
+    fn entry(spec: &str, created: u64, inputs: KeyInputs) -> Meta {
+        Meta {
+            key: format!("k{created}"),
+            created,
+            spec: spec.into(),
+            step: inputs.steps.last().map_or(0, |s| s.step),
+            kind: inputs
+                .steps
+                .last()
+                .map_or(String::new(), |s| s.kind.clone()),
+            flags: Vec::new(),
+            size: 1,
+            sha256: String::new(),
+            inputs,
+        }
+    }
+
+    #[test]
+    fn a_miss_says_which_input_changed() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("files")).unwrap();
+        std::fs::write(d.path().join("files/motd"), "one\n").unwrap();
+        std::fs::write(d.path().join("b.txt"), "one").unwrap();
+        let spec = [
+            SPEC[0],
+            SPEC[1],
+            "shell: install files/motd \"$ROOT/etc/motd\"\nroot-fs: /",
+            SPEC[2],
+        ];
+        let s = steps_in(d.path(), &spec);
+        let o = opts(d.path());
+        let before = gather(&s, &o).unwrap();
+        let old = KeyInputs {
+            base: before.base.clone(),
+            steps: before.with_states(&[]),
+        };
+        let entries = [
+            entry("spec", 1, old.clone()),
+            // Another spec's entries are not compared.
+            entry("other.vmdb", 2, KeyInputs::default()),
+        ];
+        // Nothing changed: nothing to say.
+        assert_eq!(what_changed(&old, 4, "spec", &entries), None);
+
+        std::fs::write(d.path().join("files/motd"), "two\n").unwrap();
+        std::fs::write(d.path().join("b.txt"), "two").unwrap();
+        let now = gather(&s, &o).unwrap();
+        let ours = KeyInputs {
+            base: now.base.clone(),
+            steps: now.with_states(&[]),
+        };
+        assert_eq!(
+            what_changed(&ours, 2, "spec", &entries).as_deref(),
+            Some("step 3 (shell) changed: file files/motd differs")
+        );
+        // An entry that parts from this build before where it starts says nothing.
+        assert_eq!(what_changed(&ours, 3, "spec", &entries), None);
+
+        let mut edited = ours.clone();
+        edited.steps[1]
+            .items
+            .insert("text".into(), "another".into());
+        assert_eq!(
+            what_changed(&edited, 0, "spec", &entries).as_deref(),
+            Some("step 2 (create-file) changed: its text differs")
+        );
+        let mut newer = ours.clone();
+        newer.base = "vmdb-step-cache-2 vmdb 9.9".into();
+        assert_eq!(
+            what_changed(&newer, 0, "spec", &entries).as_deref(),
+            Some(
+                "vmdb itself changed since the saved states were made (another version or \
+                 executable): every step runs"
+            )
+        );
+        // The entry that matches longest is the one compared, newest first.
+        let mut mid = old.clone();
+        mid.steps[2] = ours.steps[2].clone();
+        let entries = [entry("spec", 1, old), entry("spec", 2, mid)];
+        assert_eq!(
+            what_changed(&ours, 0, "spec", &entries).as_deref(),
+            Some("step 4 (copy-file) changed: file b.txt differs")
+        );
     }
 }

@@ -123,6 +123,34 @@ fn every_example_validates() {
 }
 
 #[test]
+fn keys_every_step_takes_are_documented_once_in_the_readme() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find("Keys every step takes")
+        .expect("README.md has a table of the keys every step takes");
+    let table: Vec<&str> = readme[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    for key in vmdb::step::COMMON_KEYS {
+        assert!(
+            table
+                .iter()
+                .any(|l| l.starts_with(&format!("| `{}` |", key.name))),
+            "README.md's table of keys every step takes has no row for '{}'",
+            key.name
+        );
+    }
+    assert_eq!(
+        table.len(),
+        2 + vmdb::step::COMMON_KEYS.len(),
+        "README.md's table of keys every step takes: {table:#?}"
+    );
+}
+
+#[test]
 fn no_page_without_a_step_type() {
     let names: Vec<&str> = vmdb::plugins::ALL.iter().map(|p| p.spec().name).collect();
     for e in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins")).unwrap() {

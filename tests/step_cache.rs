@@ -354,3 +354,350 @@ fn cache_list_and_prune() {
     );
     assert_eq!(std::fs::read_dir(cache.join("steps")).unwrap().count(), 0);
 }
+
+/// The setup steps of the specs below: a 64M image with one ext4 filesystem mounted.
+const SETUP: &str = r#"steps:
+  - mkimg: "{{ output }}"
+    size: 64M
+  - mklabel: gpt
+    device: "{{ output }}"
+  - mkpart: root
+    device: "{{ output }}"
+    start: 0%
+    end: 100%
+    tag: /
+  - mkfs: ext4
+    partition: /
+  - mount: /
+"#;
+
+/// Write a file below `dir`, making its directories.
+fn put(dir: &Path, name: &str, text: &str) {
+    let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, text).unwrap();
+}
+
+/// Build `dir`/spec.vmdb into `dir`/`img` with the cache `dir`/cache.
+fn build_in(dir: &Path, img: &str, extra: &[&str]) -> Run {
+    let cache = dir.join("cache");
+    let mut args = vec![
+        dir.join("spec.vmdb").display().to_string(),
+        "--output".into(),
+        dir.join(img).display().to_string(),
+        "--cache-dir".into(),
+        cache.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let r = to_run(vmdb().args(&args).output().unwrap());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r
+}
+
+/// The `yaml` example of a step type's page, indented as a step of a spec.
+fn page_example(name: &str) -> String {
+    let page = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("plugins/{name}.md")),
+    )
+    .unwrap();
+    let start = page.find("```yaml\n").unwrap() + 8;
+    let end = start + page[start..].find("```").unwrap();
+    page[start..end]
+        .lines()
+        .map(|l| format!("  {l}\n"))
+        .collect()
+}
+
+#[test]
+fn a_host_file_a_script_installs_is_watched() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    // plugins/shell.md's example, then a slow step: the state after it is saved.
+    let example = page_example("shell");
+    assert!(example.contains("install -m 0644 files/motd \"$ROOT/etc/motd\""));
+    let spec = format!(
+        "{SETUP}  - shell: mkdir -p \"$ROOT/etc\"\n    root-fs: /\n{example}  - shell: |\n      \
+         sleep 1.2\n      echo slow > \"$ROOT/etc/slow\"\n    root-fs: /\n"
+    );
+    write(d.path(), "spec.vmdb", &spec);
+    put(d.path(), "files/motd", "Welcome, first edition.\n");
+
+    let cold = build_in(d.path(), "cold.img", &[]);
+    assert!(from_cache(&cold).is_empty(), "{}", cold.stderr);
+    let hot = build_in(d.path(), "hot.img", &[]);
+    assert_eq!(from_cache(&hot), ["6/8", "7/8", "8/8"], "{}", hot.stderr);
+    assert_eq!(
+        tree(&d.path().join("hot.img"))["etc/motd"],
+        "100644 0:0 Welcome, first edition.\n"
+    );
+
+    // The file changes, the spec does not: the image has the new text, and the log
+    // says why the cached state was not used.
+    put(d.path(), "files/motd", "Welcome, second edition.\n");
+    let edited = build_in(d.path(), "edited.img", &[]);
+    assert_eq!(
+        tree(&d.path().join("edited.img"))["etc/motd"],
+        "100644 0:0 Welcome, second edition.\n",
+        "{}",
+        edited.stderr
+    );
+    assert!(from_cache(&edited).is_empty(), "{}", edited.stderr);
+    assert!(
+        edited
+            .stderr
+            .lines()
+            .any(|l| l == "step cache: step 7 (shell) changed: file files/motd differs"),
+        "{}",
+        edited.stderr
+    );
+    wait_clean(d.path(), 5).unwrap();
+}
+
+#[test]
+fn inputs_cache_false_and_refresh() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let spec = format!(
+        "{SETUP}  - shell: |
+      sleep 1.2
+      mkdir -p \"$ROOT/etc/conf.d\"
+      cp conf/*.conf \"$ROOT/etc/conf.d/\"
+    root-fs: /
+    inputs: [conf]
+  - shell: |
+      sleep 1.2
+      cat /proc/sys/kernel/random/uuid > \"$ROOT/etc/stamp\"
+    root-fs: /
+    cache: false
+"
+    );
+    write(d.path(), "spec.vmdb", &spec);
+    put(d.path(), "conf/a.conf", "a = 1\n");
+    let saved = |r: &Run| {
+        r.stderr
+            .matches("saved the image tree in the step cache")
+            .count()
+    };
+
+    // The step with `cache: false` is slow, yet never saved, and always runs.
+    let cold = build_in(d.path(), "cold.img", &[]);
+    assert_eq!(saved(&cold), 1, "{}", cold.stderr);
+    let hot = build_in(d.path(), "hot.img", &[]);
+    assert_eq!(from_cache(&hot), ["6/7"], "{}", hot.stderr);
+    assert_eq!(saved(&hot), 0, "{}", hot.stderr);
+    let (t_cold, t_hot) = (
+        tree(&d.path().join("cold.img")),
+        tree(&d.path().join("hot.img")),
+    );
+    assert_eq!(t_hot["etc/conf.d/a.conf"], "100644 0:0 a = 1\n");
+    assert_ne!(t_cold["etc/stamp"], t_hot["etc/stamp"]);
+
+    // A file of a directory named under `inputs:` (the glob names no file).
+    put(d.path(), "conf/a.conf", "a = 2\n");
+    let edited = build_in(d.path(), "edited.img", &[]);
+    assert!(from_cache(&edited).is_empty(), "{}", edited.stderr);
+    assert!(
+        edited
+            .stderr
+            .lines()
+            .any(|l| l == "step cache: step 6 (shell) changed: file conf differs"),
+        "{}",
+        edited.stderr
+    );
+    assert_eq!(
+        tree(&d.path().join("edited.img"))["etc/conf.d/a.conf"],
+        "100644 0:0 a = 2\n"
+    );
+
+    // --refresh: every step runs and the state is saved anew, then used.
+    let fresh = build_in(d.path(), "fresh.img", &["--refresh"]);
+    assert!(from_cache(&fresh).is_empty(), "{}", fresh.stderr);
+    assert_eq!(saved(&fresh), 1, "{}", fresh.stderr);
+    assert!(
+        fresh
+            .stderr
+            .contains("step cache: --refresh: every step runs"),
+        "{}",
+        fresh.stderr
+    );
+    let again = build_in(d.path(), "again.img", &[]);
+    assert_eq!(from_cache(&again), ["6/7"], "{}", again.stderr);
+    wait_clean(d.path(), 5).unwrap();
+}
+
+/// A web server for the files below a directory (one request per connection), that
+/// stops listening when `stop` is set: a mirror that can go away.
+struct Mirror {
+    url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Mirror {
+    fn serve(dir: PathBuf) -> Mirror {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/debian", l.local_addr().unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::SeqCst) {
+                let Ok((conn, _)) = l.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                };
+                conn.set_nonblocking(false).unwrap();
+                let mut r = BufReader::new(conn);
+                let mut first = String::new();
+                r.read_line(&mut first).unwrap_or(0);
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap_or(0) > 2 {
+                    line.clear();
+                }
+                let path = first.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let body = std::fs::read(dir.join(path.trim_start_matches('/')));
+                let mut conn = r.into_inner();
+                let _ = match body {
+                    Ok(b) => conn
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                b.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .and_then(|_| conn.write_all(&b)),
+                    Err(_) => conn.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    ),
+                };
+            }
+        });
+        Mirror { url, stop }
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Until the listener is closed, a connection would still be accepted.
+        for _ in 0..100 {
+            let addr = self
+                .url
+                .trim_start_matches("http://")
+                .trim_end_matches("/debian");
+            if std::net::TcpStream::connect(addr).is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the mirror did not stop");
+    }
+}
+
+/// Publish a suite in the mirror below `dir` with this Date.
+fn publish(dir: &Path, suite: &str, date: &str) {
+    put(
+        dir,
+        &format!("debian/dists/{suite}/InRelease"),
+        &format!(
+            "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nOrigin: Test\nSuite: {suite}\n\
+             Date: {date}\nSHA256:\n 0123 10 main/binary-amd64/Packages\n"
+        ),
+    );
+}
+
+#[test]
+fn steps_that_fetch_follow_the_archive_and_offline_builds_say_so() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let (mon, tue) = (
+        "Mon, 01 Jan 2024 10:00:00 UTC",
+        "Tue, 02 Jan 2024 10:00:00 UTC",
+    );
+    publish(d.path(), "testing", mon);
+    publish(d.path(), "testing-updates", mon);
+    let mirror = Mirror::serve(d.path().to_path_buf());
+    // The rootfs tarball stands in for debootstrap and apt, which are skipped: their
+    // keys count all the same (they are what the tarball was made with).
+    let rootfs = d.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("etc/apt/sources.list.d")).unwrap();
+    let tarball = d.path().join("rootfs.tar");
+    tool(
+        "tar",
+        &[
+            "-C",
+            &rootfs.to_string_lossy(),
+            "-cf",
+            &tarball.to_string_lossy(),
+            ".",
+        ],
+    );
+    let spec = format!(
+        "{SETUP}  - unpack-rootfs: /
+  - debootstrap: testing
+    mirror: \"{{{{ mirror }}}}\"
+    target: /
+    unless: rootfs_unpacked
+  - create-file: /etc/apt/sources.list.d/updates.list
+    contents: \"deb {{{{ mirror }}}} testing-updates main\\n\"
+  - apt: install
+    packages: [hello]
+    tag: /
+    unless: rootfs_unpacked
+  - shell: |
+      sleep 1.2
+      echo built > \"$ROOT/etc/built\"
+    root-fs: /
+"
+    );
+    write(d.path(), "spec.vmdb", &spec);
+    let args = [
+        "--variable",
+        &format!("mirror={}", mirror.url),
+        "--rootfs-tarball",
+        &tarball.to_string_lossy(),
+    ];
+    let all = ["6/10", "7/10", "8/10", "9/10", "10/10"];
+
+    let cold = build_in(d.path(), "cold.img", &args);
+    assert!(from_cache(&cold).is_empty(), "{}", cold.stderr);
+    let hot = build_in(d.path(), "hot.img", &args);
+    assert_eq!(from_cache(&hot), all, "{}", hot.stderr);
+
+    // testing-updates publishes new packages: from the apt step on, the state is stale.
+    publish(d.path(), "testing-updates", tue);
+    let updated = build_in(d.path(), "updated.img", &args);
+    assert!(from_cache(&updated).is_empty(), "{}", updated.stderr);
+    let want = format!(
+        "step cache: step 9 (apt) changed: archive {}/dists/testing-updates differs \
+         (Release of {mon}, now {tue})",
+        mirror.url
+    );
+    assert!(
+        updated.stderr.lines().any(|l| l == want),
+        "{want}\n{}",
+        updated.stderr
+    );
+
+    // Offline: the newest state saved, and the log says so.
+    mirror.stop();
+    let offline = build_in(d.path(), "offline.img", &args);
+    assert_eq!(from_cache(&offline), all, "{}", offline.stderr);
+    for (suite, date) in [("testing", mon), ("testing-updates", tue)] {
+        let url = format!("{}/dists/{suite}", mirror.url);
+        assert!(
+            offline.stderr.lines().any(|l| {
+                l.starts_with(&format!(
+                    "step cache: archive not reachable ({url}: curl: (7) "
+                )) && l.ends_with(&format!("): using the newest cached state from {date}"))
+            }),
+            "{suite}\n{}",
+            offline.stderr
+        );
+    }
+    assert_eq!(
+        tree(&d.path().join("offline.img"))["etc/built"],
+        "100644 0:0 built\n"
+    );
+    wait_clean(d.path(), 5).unwrap();
+}
