@@ -20,8 +20,11 @@ pub struct PlanDisk {
     /// Known when an earlier mkimg step creates it.
     pub size: Option<u64>,
     pub label: Option<LabelKind>,
-    /// (first sector, last sector, step) of each partition made so far.
+    /// (first sector, last sector, step) of each partition made so far whose place is
+    /// known (the disk's size is known when an earlier mkimg step makes it).
     pub parts: Vec<(u64, u64, usize)>,
+    /// The steps that made a partition on it since its label, placed or not.
+    pub made_by: Vec<usize>,
 }
 
 #[derive(Debug, Default)]
