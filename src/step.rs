@@ -257,7 +257,7 @@ pub fn validate(
             .iter()
             .all(|k| !k.required || step.params.contains_key(k.name));
         if !complete {
-            plan.unchecked.push(step.kind);
+            plan.unchecked.insert(step.kind);
             continue;
         }
         let mut c = Check {

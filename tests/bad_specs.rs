@@ -240,3 +240,38 @@ fn validate_of_a_bad_spec_exits_2() {
          vmdb: tag-misspelt.vmdb: 1 problem found; nothing was built\n"
     );
 }
+
+/// Every error about an undefined tag listed every tag defined so far: with thousands
+/// of both, validation wrote gigabytes (quadratic). The list is short now, whatever
+/// the number of tags.
+#[test]
+fn errors_stay_short_with_thousands_of_tags() {
+    let n = 3000;
+    let mut text = String::from("steps:\n  - kpartx: /dev/vdz\n    tags: [");
+    text.push_str(
+        &(0..n)
+            .map(|i| format!("t{i}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    text.push_str("]\n");
+    for i in 0..n {
+        text.push_str(&format!("  - mkfs: ext4\n    partition: nope{i}\n"));
+    }
+    let d = tempfile::tempdir().unwrap();
+    let spec = write(d.path(), "tags.vmdb", &text);
+    let r = run(&["validate", &spec.to_string_lossy()]);
+    assert_eq!(r.code, 2);
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), n + 1);
+    assert!(
+        lines[0].ends_with(
+            ": step 2 (mkfs): key 'partition': tag 'nope0' is not defined by an earlier step \
+             (defined so far: 't0', 't1', 't10', 't100', 't1000', 't1001', 't1002', 't1003', \
+             't1004', 't1005' and 2990 more)"
+        ),
+        "{}",
+        lines[0]
+    );
+    assert!(lines.iter().all(|l| l.len() < 400), "a long line");
+}

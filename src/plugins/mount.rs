@@ -89,9 +89,7 @@ impl Plugin for Mount {
                 );
             }
         }
-        if let Some(t) = c.plan.tags.get_mut(&tag) {
-            t.mounted = true;
-        }
+        c.plan.mount(&tag);
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
