@@ -35,3 +35,15 @@ fn example_specs_validate() {
     assert!(seen >= 4, "found only {seen} specs");
     assert!(!std::path::Path::new("/tmp/never-built.img").exists());
 }
+
+/// A byte order mark before the first key is allowed, as YAML allows it (it was
+/// reported as an unknown top-level key).
+#[test]
+fn a_byte_order_mark_is_allowed() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = write(d.path(), "bom.vmdb", "\u{feff}steps:\n  - echo: hello\n");
+    let r = run(&["validate", &spec.to_string_lossy()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stderr, "");
+    assert!(r.stdout.ends_with("bom.vmdb: OK, 1 step\n"), "{}", r.stdout);
+}
