@@ -2,8 +2,10 @@
 //! and impossible partition layouts are found by validation rather than half-way.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 
 use crate::blockdev::table::LabelKind;
+use crate::spec::Loc;
 
 #[derive(Debug, Clone, Default)]
 pub struct PlanTag {
@@ -27,6 +29,17 @@ pub struct PlanDisk {
     pub made_by: Vec<usize>,
 }
 
+/// A program (or, as an absolute path, a file) a step needs on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostNeed {
+    pub step: usize,
+    pub kind: &'static str,
+    pub key: String,
+    pub loc: Loc,
+    /// Any one of these will do: (program or absolute path, Debian package with it).
+    pub any_of: Vec<(&'static str, &'static str)>,
+}
+
 #[derive(Debug, Default)]
 pub struct Plan {
     pub tags: BTreeMap<String, PlanTag>,
@@ -42,6 +55,10 @@ pub struct Plan {
     pub volume_groups: BTreeSet<String>,
     /// The tags mounted so far (see `mount`).
     pub mounted: BTreeSet<String>,
+    /// The build's --rootfs-tarball, if any: its name says how it is compressed.
+    pub rootfs_tarball: Option<PathBuf>,
+    /// What the steps need on the host, checked once validation is done.
+    pub host_needs: Vec<HostNeed>,
 }
 
 /// How many tag names an error lists: a spec can define thousands, and every error

@@ -1,4 +1,6 @@
-//! Every example spec in specs/ and bench/ validates.
+//! Every example spec in specs/ and bench/ validates, with no warning, on this host
+//! (so the programs its steps declare are installed here: a declaration that names a
+//! program no package has fails here); and validation's checks of the host.
 
 mod common;
 
@@ -26,8 +28,12 @@ fn example_specs_validate() {
                 "suite=bookworm",
                 "--variable",
                 "arch=amd64",
+                // The tarball steps then need tar and zstd.
+                "--rootfs-tarball",
+                "/tmp/never-made.tar.zst",
             ]);
             assert_eq!(r.code, 0, "{}:\n{}", p.display(), r.stderr);
+            assert_eq!(r.stderr, "", "{}", p.display());
             assert!(r.stdout.contains(": OK, "), "{}", r.stdout);
             seen += 1;
         }
@@ -46,4 +52,98 @@ fn a_byte_order_mark_is_allowed() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.stderr, "");
     assert!(r.stdout.ends_with("bom.vmdb: OK, 1 step\n"), "{}", r.stdout);
+}
+
+const NEEDS_PROGRAMS: &str = r##"steps:
+  - mkimg: "{{ output }}"
+    size: 1G
+  - mklabel: gpt
+    device: "{{ output }}"
+  - mkpart: efi
+    device: "{{ output }}"
+    start: 1M
+    end: 100M
+    tag: efi
+  - mkpart: root
+    device: "{{ output }}"
+    start: 100M
+    end: 100%
+    tag: /
+  - mkfs: vfat
+    partition: efi
+  - mkfs: ext4
+    partition: /
+  - mount: /
+  - unpack-rootfs: /
+  - cache-rootfs: /
+  - cloud-init-seed: seed.iso
+    user-data: "#cloud-config\n"
+  - grub: uefi
+    tag: /
+    efi: efi
+"##;
+
+/// A directory of links to some of the host's programs, to be the whole PATH.
+fn path_of(dir: &std::path::Path, programs: &[&str]) -> std::path::PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for p in programs {
+        let target = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|d| std::path::Path::new(d).join(p))
+            .find(|t| t.exists())
+            .unwrap_or_else(|| panic!("{p} is not in /usr/bin"));
+        std::os::unix::fs::symlink(target, bin.join(p)).unwrap();
+    }
+    bin
+}
+
+/// Programs a step runs are checked by validation (they were found missing only when
+/// their step ran): every missing one at once, at the first step that needs it, with
+/// its Debian package. Those in the sbin directories are found without them in PATH.
+#[test]
+fn missing_host_programs_are_found_at_validation() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "needs.vmdb", NEEDS_PROGRAMS);
+    // tar only: mkfs.vfat, mkfs.ext4 and blkid are in /usr/sbin, which PATH lacks.
+    let bin = path_of(d.path(), &["tar"]);
+    let r = to_run(
+        vmdb()
+            .current_dir(d.path())
+            .env("PATH", &bin)
+            .args(["validate", "needs.vmdb", "--rootfs-tarball", "r.tar.zst"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(
+        r.stderr,
+        "needs.vmdb:21:20: step 8 (unpack-rootfs): key 'unpack-rootfs': zstd not found (install zstd); step 9 needs it too\n\
+         needs.vmdb:23:5: step 10 (cloud-init-seed): key 'format': none of xorriso, genisoimage found (install xorriso or genisoimage)\n\
+         needs.vmdb:25:11: step 11 (grub): key 'grub': grub-mkimage not found (install grub-common)\n\
+         needs.vmdb:27:10: step 11 (grub): key 'efi': mcopy not found (install mtools)\n\
+         vmdb: needs.vmdb: 4 problems found; nothing was built\n"
+    );
+    assert_eq!(listing(d.path()), ["bin", "needs.vmdb"]);
+
+    // With them, the same spec validates; sbin programs still come from /usr/sbin.
+    let bin = d.path().join("bin");
+    for p in ["zstd", "xorriso", "grub-mkimage", "mcopy"] {
+        if let Some(t) = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|x| std::path::Path::new(x).join(p))
+            .find(|t| t.exists())
+        {
+            std::os::unix::fs::symlink(t, bin.join(p)).unwrap();
+        }
+    }
+    let r = to_run(
+        vmdb()
+            .current_dir(d.path())
+            .env("PATH", &bin)
+            .args(["validate", "needs.vmdb", "--rootfs-tarball", "r.tar.zst"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }

@@ -21,11 +21,15 @@ static SPEC: StepSpec = StepSpec {
               mount point of a filesystem.",
 };
 
+/// The shell that runs the script, and its Debian package.
+pub const SH: (&str, &str) = ("sh", "dash");
+
 impl Plugin for Shell {
     fn spec(&self) -> &'static StepSpec {
         &SPEC
     }
     fn check(&self, c: &mut Check) {
+        c.needs("shell", SH.0, SH.1);
         let Some(tag) = c.step.opt_str("root-fs") else {
             return;
         };
@@ -38,7 +42,7 @@ impl Plugin for Shell {
     }
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let root = b.state.mount_point(step.str("root-fs")?)?;
-        let mut cmd = Cmd::new("sh").arg("-ec").arg(step.arg()).env("ROOT", root);
+        let mut cmd = Cmd::new(SH.0).arg("-ec").arg(step.arg()).env("ROOT", root);
         if !b.opts.spec_dir.as_os_str().is_empty() {
             cmd = cmd.cwd(&b.opts.spec_dir);
         }
