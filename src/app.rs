@@ -128,6 +128,10 @@ pub fn prepare(
     plan.spec_dir = spec_dir.clone();
     plan.rootfs_tarball = args.rootfs_tarball.clone();
     let validated = step::validate(&raw.steps, &renderer, plugins::ALL, &mut plan);
+    plan.warnings.sort_by_key(|d| (d.loc.line, d.loc.col));
+    for w in &plan.warnings {
+        eprintln!("{}", w.render(&name).replace(&built, &shown));
+    }
     // What the host lacks is reported with the spec's own mistakes, all at once.
     let missing = step::missing_on_host(&plan.host_needs, crate::cmd::host_has);
     let steps = match validated {

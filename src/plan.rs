@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use crate::blockdev::table::LabelKind;
-use crate::spec::Loc;
+use crate::spec::{Diag, Loc};
 
 #[derive(Debug, Clone, Default)]
 pub struct PlanTag {
@@ -59,6 +59,8 @@ pub struct Plan {
     pub rootfs_tarball: Option<PathBuf>,
     /// What the steps need on the host, checked once validation is done.
     pub host_needs: Vec<HostNeed>,
+    /// Problems that do not stop the build, shown by validation.
+    pub warnings: Vec<Diag>,
 }
 
 /// How many tag names an error lists: a spec can define thousands, and every error

@@ -97,6 +97,11 @@ pub trait Plugin: Sync {
     /// Checks beyond types, against what earlier steps will have made (tags, disks),
     /// and the programs the step will run on the host (`Check::needs`).
     fn check(&self, _c: &mut Check) {}
+    /// Keys (the type key for the step's value) whose text a shell runs: validation
+    /// warns about template variables in them that are not `| quote`d.
+    fn shell_keys(&self) -> &'static [&'static str] {
+        &[]
+    }
     fn run(&self, step: &Step, b: &mut Build) -> Result<()>;
     fn teardown(&self, _step: &Step, _b: &mut Build) -> Result<()> {
         Ok(())
@@ -263,7 +268,7 @@ pub fn validate(
     let mut diags = Vec::new();
     let mut steps = Vec::new();
     for (i, node) in raw.iter().enumerate() {
-        if let Some(step) = type_step(i + 1, node, renderer, plugins, &mut diags) {
+        if let Some(step) = type_step(i + 1, node, renderer, plugins, &mut diags, plan) {
             steps.push(step);
         }
     }
@@ -408,6 +413,7 @@ fn type_step(
     renderer: &Renderer,
     plugins: &[&'static dyn Plugin],
     diags: &mut Vec<Diag>,
+    plan: &mut Plan,
 ) -> Option<Step> {
     let Value::Map(entries) = &node.value else {
         diags.push(Diag {
@@ -445,6 +451,13 @@ fn type_step(
         return None;
     };
     let spec = plugin.spec();
+    for (k, v) in entries {
+        if let (Some(name), Value::Scalar { text, .. }) = (k.as_str(), &v.value) {
+            if plugin.shell_keys().contains(&name) {
+                warn_unquoted(index, spec.name, name, v.loc, text, &mut plan.warnings);
+            }
+        }
+    }
     let mut err = |loc: Loc, key: Option<&str>, msg: String| {
         diags.push(Diag {
             loc,
@@ -565,6 +578,38 @@ fn type_step(
         params,
         unless,
     })
+}
+
+/// Warn about each template expression in shell text that is not `| quote`d.
+fn warn_unquoted(
+    index: usize,
+    kind: &str,
+    key: &str,
+    loc: Loc,
+    text: &str,
+    warnings: &mut Vec<Diag>,
+) {
+    for (at, expr) in crate::template::unquoted(text) {
+        // Exact for a literal block (`|`), the usual way to write a script, and for
+        // one line; within the right text otherwise (folded lines are joined).
+        let before = &text[..at];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let loc = Loc {
+            line: loc.line + before.matches('\n').count(),
+            col: loc.col + before[line_start..].chars().count(),
+        };
+        warnings.push(Diag {
+            loc,
+            step: Some((index, kind.to_string())),
+            key: Some(key.to_string()),
+            msg: format!(
+                "warning: {{{{ {expr} }}}} goes into the shell script unquoted: a value with \
+                 quotes or ';' would run commands; write {{{{ {expr} | {} }}}} (one shell \
+                 word: put no quotes around it)",
+                crate::template::QUOTE_FILTER
+            ),
+        });
+    }
 }
 
 fn render_scalar(n: &Node, renderer: &Renderer) -> Result<String, String> {
@@ -733,6 +778,31 @@ mod tests {
         assert_eq!(
             d[0].msg,
             "pvcreate, vgcreate and vgchange not found (install lvm2)"
+        );
+    }
+
+    #[test]
+    fn unquoted_variables_in_shell_text_are_warned_about() {
+        let raw = crate::spec::load(
+            "steps:\n  - chroot: /\n    shell: |\n      true\n      echo \"{{ h }}\" {{ h | quote }}\n  - echo: \"{{ h }}\"\n",
+        )
+        .unwrap();
+        let mut vars = BTreeMap::new();
+        vars.insert("h".to_string(), "x".to_string());
+        let mut plan = crate::plugins::testing::plan_with_root();
+        validate(
+            &raw.steps,
+            &Renderer::new(vars),
+            crate::plugins::ALL,
+            &mut plan,
+        )
+        .unwrap();
+        let w: Vec<String> = plan.warnings.iter().map(|d| d.render("s.vmdb")).collect();
+        assert_eq!(
+            w,
+            [
+                "s.vmdb:5:13: step 1 (chroot): key 'shell': warning: {{ h }} goes into the shell script unquoted: a value with quotes or ';' would run commands; write {{ h | quote }} (one shell word: put no quotes around it)"
+            ]
         );
     }
 }

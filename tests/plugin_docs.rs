@@ -120,6 +120,14 @@ fn every_example_validates() {
             steps.iter().any(|s| s.kind == name),
             "plugins/{name}.md example has no {name} step"
         );
+        assert!(
+            plan.warnings.is_empty(),
+            "plugins/{name}.md example: {:?}",
+            plan.warnings
+                .iter()
+                .map(|d| d.render("example"))
+                .collect::<Vec<_>>()
+        );
         check_host_programs(name, &page(name), &plan);
     }
 }

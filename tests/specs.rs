@@ -147,3 +147,31 @@ fn missing_host_programs_are_found_at_validation() {
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
+
+/// A template variable in a shell script without `| quote` gets a warning naming the
+/// file, line, step and key; the spec still validates.
+#[test]
+fn an_unquoted_variable_in_a_shell_script_is_warned_about() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = write(
+        d.path(),
+        "warn.vmdb",
+        "steps:\n  - shell: |\n      echo \"{{ hostname }}\" > \"$ROOT/etc/hostname\"\n      echo {{ hostname | quote }}\n    root-fs: /\n",
+    );
+    // The shell step wants a mounted root: validate only its text here.
+    let r = run(&[
+        "validate",
+        &spec.to_string_lossy(),
+        "--variable",
+        "hostname=x\"; touch /tmp/INJECTED; echo \"",
+    ]);
+    let first = r.stderr.lines().next().unwrap_or_default();
+    assert_eq!(
+        first,
+        format!(
+            "{}:3:13: step 1 (shell): key 'shell': warning: {{{{ hostname }}}} goes into the shell script unquoted: a value with quotes or ';' would run commands; write {{{{ hostname | quote }}}} (one shell word: put no quotes around it)",
+            spec.display()
+        )
+    );
+    assert_eq!(r.stderr.matches("warning:").count(), 1, "{}", r.stderr);
+}

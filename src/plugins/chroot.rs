@@ -38,6 +38,10 @@ impl Plugin for Chroot {
         image::needs_chroot(c);
     }
 
+    fn shell_keys(&self) -> &'static [&'static str] {
+        &["shell"]
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let root = image::tag_dir(b, step.arg())?;
         image::enter(b, &root, OWNER)?;

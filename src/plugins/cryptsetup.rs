@@ -98,6 +98,10 @@ impl Plugin for Cryptsetup {
         &SPEC
     }
 
+    fn shell_keys(&self) -> &'static [&'static str] {
+        &["key-cmd"]
+    }
+
     fn check(&self, c: &mut Check) {
         devmapper::check_host(c);
         c.needs("cryptsetup", "cryptsetup", "cryptsetup-bin");
