@@ -126,7 +126,23 @@ pub fn prepare(
     let renderer = Renderer::new(vars.clone());
     let mut plan = Plan::for_this_host();
     plan.spec_dir = spec_dir.clone();
-    let steps = step::validate(&raw.steps, &renderer, plugins::ALL, &mut plan).map_err(report)?;
+    plan.rootfs_tarball = args.rootfs_tarball.clone();
+    let validated = step::validate(&raw.steps, &renderer, plugins::ALL, &mut plan);
+    plan.warnings.sort_by_key(|d| (d.loc.line, d.loc.col));
+    for w in &plan.warnings {
+        eprintln!("{}", w.render(&name).replace(&built, &shown));
+    }
+    // What the host lacks is reported with the spec's own mistakes, all at once.
+    let missing = step::missing_on_host(&plan.host_needs, crate::cmd::host_has);
+    let steps = match validated {
+        Ok(steps) if missing.is_empty() => steps,
+        Ok(_) => return Err(report(missing)),
+        Err(mut diags) => {
+            diags.extend(missing);
+            diags.sort_by_key(|d| (d.loc.line, d.loc.col));
+            return Err(report(diags));
+        }
+    };
     Ok(Prepared {
         name: name.clone(),
         text,
@@ -254,15 +270,10 @@ fn build(args: BuildArgs) -> i32 {
     supervisor::run_build(prepared, target, args.keep_failed)
 }
 
-/// Whether `prog` is an executable in $PATH.
+/// Whether `prog` is an executable in $PATH or the sbin directories (where the
+/// programs vmdb runs are looked up).
 pub fn in_path(prog: &str) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|d| {
-            std::fs::metadata(d.join(prog))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    })
+    crate::cmd::find_program(prog).is_some()
 }
 
 fn dry_run(spec: &Path, var: &str, out: &Path, args: &BuildArgs) -> i32 {

@@ -256,9 +256,18 @@ pub fn leave(b: &mut Build, owner: &str) -> Result<()> {
     a.and(p)
 }
 
+/// The host program that runs commands inside the image, and its Debian package.
+const CHROOT: (&str, &str) = ("chroot", "coreutils");
+
+/// Validation: the step runs commands inside the image (`command`).
+pub fn needs_chroot(c: &mut Check) {
+    let key = c.step.kind;
+    c.needs(key, CHROOT.0, CHROOT.1);
+}
+
 /// A command run inside the image.
 pub fn command<S: AsRef<std::ffi::OsStr>>(root: &Path, argv: &[S]) -> Cmd {
-    Cmd::new("chroot")
+    Cmd::new(CHROOT.0)
         .arg(root)
         .args(argv)
         .env("PATH", PATH)

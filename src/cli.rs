@@ -88,7 +88,8 @@ fn parse_age(s: &str) -> Result<u64, String> {
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct SpecArgs {
-    /// Template variable for the spec (repeatable)
+    /// Template variable for the spec (repeatable); not output, image or rootfs_tarball,
+    /// which --output, --image and --rootfs-tarball set
     #[arg(long = "variable", value_name = "NAME=VALUE", value_parser = parse_variable)]
     pub variables: Vec<(String, String)>,
     /// Rootfs tarball for cache-rootfs / unpack-rootfs (sets the variable rootfs_tarball)
@@ -175,6 +176,25 @@ pub struct ValidateArgs {
     pub spec_args: SpecArgs,
 }
 
+/// Variables the command line sets from its own options: a `--variable` (or a
+/// `--matrix` axis) of the same name would make the spec write somewhere else than
+/// where the build puts its output.
+const OPTION_VARIABLES: &[(&str, &str)] = &[
+    ("output", "--output"),
+    ("image", "--image"),
+    ("rootfs_tarball", "--rootfs-tarball"),
+];
+
+/// Refuse a variable that an option sets.
+pub fn not_an_option_variable(name: &str) -> Result<(), String> {
+    match OPTION_VARIABLES.iter().find(|(n, _)| *n == name) {
+        Some((_, option)) => Err(format!(
+            "the variable '{name}' is set by {option}: use {option} instead"
+        )),
+        None => Ok(()),
+    }
+}
+
 fn parse_variable(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -187,6 +207,7 @@ fn parse_variable(s: &str) -> Result<(String, String), String> {
             "'{k}' is not a variable name (letters, digits and _, not starting with a digit)"
         ));
     }
+    not_an_option_variable(k)?;
     Ok((k.to_string(), v.to_string()))
 }
 
@@ -229,6 +250,32 @@ mod tests {
         let e = parse(&["x.vmdb", "--variable", "nope"]).unwrap_err();
         assert!(e.to_string().contains("expected NAME=VALUE"));
         assert!(parse(&["x.vmdb", "--variable", "1a=b"]).is_err());
+    }
+
+    #[test]
+    fn variables_set_by_options_are_refused() {
+        for (name, option) in [
+            ("output", "--output"),
+            ("image", "--image"),
+            ("rootfs_tarball", "--rootfs-tarball"),
+        ] {
+            let e = parse(&[
+                "x.vmdb",
+                "--output",
+                "a.img",
+                "--variable",
+                &format!("{name}=b"),
+            ])
+            .unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(
+                e.to_string().contains(&format!(
+                    "the variable '{name}' is set by {option}: use {option} instead"
+                )),
+                "{e}"
+            );
+        }
+        assert!(parse(&["x.vmdb", "--variable", "outputs=b"]).is_ok());
     }
 
     #[test]

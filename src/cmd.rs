@@ -55,6 +55,49 @@ pub fn forward_signals() -> Result<()> {
     Ok(())
 }
 
+/// Where administrators' programs live (mkfs.*, grub-install, debootstrap): a user's
+/// PATH often lacks them (`su` without `-`, some sudo setups).
+pub const SBIN_DIRS: &[&str] = &["/usr/local/sbin", "/usr/sbin", "/sbin"];
+
+/// The PATH vmdb looks programs up in, and the one the programs it runs get: the
+/// user's, then those of the sbin directories it lacks. Validation and the runner
+/// then find the same programs.
+pub fn search_path() -> OsString {
+    let user = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut dirs: Vec<std::path::PathBuf> = std::env::split_paths(&user).collect();
+    for d in SBIN_DIRS {
+        if !dirs.iter().any(|x| x == Path::new(d)) {
+            dirs.push(d.into());
+        }
+    }
+    std::env::join_paths(dirs).unwrap_or(user)
+}
+
+/// Where `program` is: an executable file in `search_path()` (or the path itself,
+/// when it has a '/').
+pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return executable(Path::new(program)).then(|| program.into());
+    }
+    std::env::split_paths(&search_path())
+        .map(|d| d.join(program))
+        .find(|p| executable(p))
+}
+
+/// Whether the host has what a step declared it needs (`Check::needs`): a program in
+/// `search_path()`, or a file or directory named by an absolute path.
+pub fn host_has(program_or_path: &str) -> bool {
+    if program_or_path.starts_with('/') {
+        Path::new(program_or_path).exists()
+    } else {
+        find_program(program_or_path).is_some()
+    }
+}
+
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
@@ -136,6 +179,10 @@ impl Cmd {
             }),
         );
         let mut c = Command::new(&self.prog);
+        if !self.envs.iter().any(|(k, _)| k == "PATH") {
+            // Also where `Command` looks the program up.
+            c.env("PATH", search_path());
+        }
         c.args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(if self.stdin.is_some() {
@@ -282,5 +329,22 @@ mod tests {
     fn missing_program_is_clear() {
         let e = Cmd::new("no-such-program-vmdb").run().unwrap_err();
         assert!(e.to_string().contains("is it installed?"));
+    }
+
+    #[test]
+    fn programs_get_and_are_found_on_the_search_path() {
+        let path = search_path();
+        let dirs: Vec<_> = std::env::split_paths(&path).collect();
+        for d in SBIN_DIRS {
+            assert!(dirs.iter().any(|x| x == Path::new(d)), "{d} in {path:?}");
+        }
+        let got = Cmd::new("sh")
+            .args(["-c", "printf %s \"$PATH\""])
+            .run()
+            .unwrap();
+        assert_eq!(got, path.to_string_lossy());
+        assert!(find_program("sh").is_some());
+        assert_eq!(find_program("no-such-program-vmdb"), None);
+        assert_eq!(find_program("/bin/sh"), Some("/bin/sh".into()));
     }
 }

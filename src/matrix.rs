@@ -119,6 +119,7 @@ pub fn parse_axis(s: &str) -> Result<(String, Vec<String>), String> {
     if k.is_empty() || values.is_empty() {
         return Err(format!("expected NAME=VALUE1,VALUE2, got '{s}'"));
     }
+    crate::cli::not_an_option_variable(k)?;
     Ok((k.to_string(), values))
 }
 

@@ -101,7 +101,15 @@ pub struct RawSpec {
     pub steps: Vec<Node>,
 }
 
+/// Most nodes that aliases may copy: a spec needs few, and an "alias bomb" (aliases of
+/// aliases, each copying the last) needs only a few hundred bytes to ask for billions.
+pub const MAX_ALIAS_NODES: usize = 100_000;
+/// Most text that aliases may copy, for the same reason (a long scalar aliased often).
+pub const MAX_ALIAS_BYTES: usize = 16 << 20;
+
 pub fn parse_yaml(text: &str) -> Result<Node, Diag> {
+    // YAML allows a byte order mark at the start; the parser would take it for text.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut builder = TreeBuilder::default();
     let mut parser = Parser::new_from_str(text);
     if let Err(e) = parser.load(&mut builder, false) {
@@ -177,15 +185,67 @@ pub fn load(text: &str) -> Result<RawSpec, Vec<Diag>> {
 struct TreeBuilder {
     /// Open collections: the node being built, and for maps a pending key.
     stack: Vec<(Node, Option<Node>, usize)>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes, with their size (nodes, bytes of text).
+    anchors: HashMap<usize, (Node, Size)>,
+    /// What anchors and aliases have copied so far.
+    copied: Size,
     root: Option<Node>,
     error: Option<Diag>,
 }
 
+/// The size of a tree: its nodes and the bytes of its scalars.
+#[derive(Debug, Clone, Copy, Default)]
+struct Size {
+    nodes: usize,
+    bytes: usize,
+}
+
+impl Size {
+    fn of(node: &Node) -> Size {
+        let mut size = Size::default();
+        let mut todo = vec![node];
+        while let Some(n) = todo.pop() {
+            size.nodes += 1;
+            match &n.value {
+                Value::Scalar { text, .. } => size.bytes += text.len(),
+                Value::Seq(items) => todo.extend(items),
+                Value::Map(entries) => todo.extend(entries.iter().flat_map(|(k, v)| [k, v])),
+            }
+        }
+        size
+    }
+}
+
 impl TreeBuilder {
+    /// Count a copy of `size` against the limits; false (and an error at `loc`) when
+    /// it would pass them.
+    fn copy_allowed(&mut self, size: Size, loc: Loc) -> bool {
+        self.copied.nodes += size.nodes;
+        self.copied.bytes += size.bytes;
+        if self.copied.nodes <= MAX_ALIAS_NODES && self.copied.bytes <= MAX_ALIAS_BYTES {
+            return true;
+        }
+        self.error.get_or_insert_with(|| {
+            Diag::new(
+                loc,
+                format!(
+                    "bad YAML: the aliases expand to more than {MAX_ALIAS_NODES} values or \
+                     {} MiB of text (an alias bomb?); write the values out instead",
+                    MAX_ALIAS_BYTES >> 20
+                ),
+            )
+        });
+        false
+    }
+
     fn finish(&mut self, node: Node, anchor: usize) {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            // Anchored copies count too: nested anchors would otherwise copy freely.
+            let size = Size::of(&node);
+            if !self.copy_allowed(size, node.loc) {
+                return;
+            }
+            self.anchors.insert(anchor, (node.clone(), size));
         }
         match self.stack.last_mut() {
             None => self.root = Some(node),
@@ -203,6 +263,10 @@ impl TreeBuilder {
 
 impl MarkedEventReceiver for TreeBuilder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
+        // After an error the tree is dropped: build nothing more (nor copy aliases).
+        if self.error.is_some() {
+            return;
+        }
         let loc = Loc {
             line: mark.line(),
             col: mark.col() + 1,
@@ -246,10 +310,13 @@ impl MarkedEventReceiver for TreeBuilder {
                     self.finish(node, anchor);
                 }
             }
-            Event::Alias(id) => match self.anchors.get(&id).cloned() {
-                Some(mut node) => {
-                    node.loc = loc;
-                    self.finish(node, 0);
+            Event::Alias(id) => match self.anchors.get(&id).map(|(_, size)| *size) {
+                Some(size) => {
+                    if self.copy_allowed(size, loc) {
+                        let mut node = self.anchors[&id].0.clone();
+                        node.loc = loc;
+                        self.finish(node, 0);
+                    }
                 }
                 None => {
                     self.error
@@ -307,5 +374,59 @@ mod tests {
         let Value::Map(m) = n.value else { panic!() };
         assert_eq!(m[1].1.as_str(), Some("hello"));
         assert_eq!(m[1].1.loc.line, 2);
+    }
+
+    /// "Billion laughs": nine aliases of nine aliases ..., nine levels deep.
+    fn alias_bomb() -> String {
+        let mut t = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..10 {
+            let p = format!("*a{}", i - 1);
+            t.push_str(&format!("a{i}: &a{i} [{}]\n", vec![p; 9].join(", ")));
+        }
+        t.push_str("steps: []\n");
+        t
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_where_it_passes_the_limit() {
+        let d = load(&alias_bomb()).unwrap_err();
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            d[0].msg,
+            "bad YAML: the aliases expand to more than 100000 values or 16 MiB of text (an alias bomb?); write the values out instead"
+        );
+        // a4 holds 9^5 scalars: the alias that passes the limit is on its line.
+        assert_eq!(d[0].loc.line, 5, "{:?}", d[0]);
+    }
+
+    #[test]
+    fn a_long_scalar_aliased_often_is_refused() {
+        let mut t = format!("a: &x {}\nb: [", "y".repeat(1 << 20));
+        t.push_str(&vec!["*x"; 20].join(", "));
+        t.push_str("]\nsteps: []\n");
+        let d = load(&t).unwrap_err();
+        assert!(d[0].msg.contains("16 MiB of text"), "{:?}", d[0]);
+        assert_eq!(d[0].loc.line, 2);
+    }
+
+    #[test]
+    fn ordinary_aliases_are_within_the_limits() {
+        let t = "steps:\n  - &step\n    echo: hi\n  - *step\n  - *step\n";
+        let spec = load(t).unwrap();
+        assert_eq!(spec.steps.len(), 3);
+        assert_eq!(
+            spec.steps[2],
+            Node {
+                loc: Loc { line: 5, col: 5 },
+                ..spec.steps[0].clone()
+            }
+        );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_allowed() {
+        let spec = load("\u{feff}steps:\n  - echo: hi\n").unwrap();
+        assert_eq!(spec.steps.len(), 1);
+        assert_eq!(spec.steps[0].loc, Loc { line: 2, col: 5 });
     }
 }

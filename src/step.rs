@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::{Result, anyhow};
 
 use crate::build::Build;
-use crate::plan::Plan;
+use crate::plan::{HostNeed, Plan};
 use crate::spec::{Diag, Loc, Node, Value};
 use crate::template::Renderer;
 
@@ -94,8 +94,14 @@ pub struct StepSpec {
 /// what the build state says was done.
 pub trait Plugin: Sync {
     fn spec(&self) -> &'static StepSpec;
-    /// Checks beyond types, against what earlier steps will have made (tags, disks).
+    /// Checks beyond types, against what earlier steps will have made (tags, disks),
+    /// and the programs the step will run on the host (`Check::needs`).
     fn check(&self, _c: &mut Check) {}
+    /// Keys (the type key for the step's value) whose text a shell runs: validation
+    /// warns about template variables in them that are not `| quote`d.
+    fn shell_keys(&self) -> &'static [&'static str] {
+        &[]
+    }
     fn run(&self, step: &Step, b: &mut Build) -> Result<()>;
     fn teardown(&self, _step: &Step, _b: &mut Build) -> Result<()> {
         Ok(())
@@ -212,17 +218,37 @@ pub struct Check<'a> {
 impl Check<'_> {
     /// Report a problem with one key of the step (the type key's name for its value).
     pub fn err(&mut self, key: &str, msg: impl Into<String>) {
-        let loc = if key == self.step.kind {
-            self.step.value.loc
-        } else {
-            self.step.loc_of(key)
-        };
+        let loc = self.loc_of(key);
         self.diags.push(Diag {
             loc,
             step: Some((self.step.index, self.step.kind.to_string())),
             key: Some(key.to_string()),
             msg: msg.into(),
         });
+    }
+    /// The step runs `program` on the host; Debian's `package` has it. `key` is the
+    /// key that makes it needed (the type key when the step always needs it). An
+    /// absolute path names a file the step needs instead.
+    pub fn needs(&mut self, key: &str, program: &'static str, package: &'static str) {
+        self.needs_one_of(key, &[(program, package)]);
+    }
+    /// The step runs the first of these programs it finds.
+    pub fn needs_one_of(&mut self, key: &str, programs: &[(&'static str, &'static str)]) {
+        let loc = self.loc_of(key);
+        self.plan.host_needs.push(HostNeed {
+            step: self.step.index,
+            kind: self.step.kind,
+            key: key.to_string(),
+            loc,
+            any_of: programs.to_vec(),
+        });
+    }
+    fn loc_of(&self, key: &str) -> Loc {
+        if key == self.step.kind {
+            self.step.value.loc
+        } else {
+            self.step.loc_of(key)
+        }
     }
     /// The step uses a tag: it must have been defined by an earlier step.
     pub fn use_tag(&mut self, key: &str, tag: &str) -> bool {
@@ -253,7 +279,7 @@ pub fn validate(
     let mut diags = Vec::new();
     let mut steps = Vec::new();
     for (i, node) in raw.iter().enumerate() {
-        if let Some(step) = type_step(i + 1, node, renderer, plugins, &mut diags) {
+        if let Some(step) = type_step(i + 1, node, renderer, plugins, &mut diags, plan) {
             steps.push(step);
         }
     }
@@ -269,7 +295,7 @@ pub fn validate(
             .iter()
             .all(|k| !k.required || step.params.contains_key(k.name));
         if !complete {
-            plan.unchecked.push(step.kind);
+            plan.unchecked.insert(step.kind);
             continue;
         }
         let mut c = Check {
@@ -284,6 +310,102 @@ pub fn validate(
     } else {
         diags.sort_by_key(|d| (d.loc.line, d.loc.col));
         Err(diags)
+    }
+}
+
+/// Steps an error about a missing program names besides the first (a spec can have
+/// thousands of steps that need the same one).
+const OTHER_STEPS_LISTED: usize = 5;
+
+/// The problems of `needs` on this host: one per missing program (or set of
+/// alternatives), at the first step that needs it. `found` says whether a program (or
+/// an absolute path) is there.
+pub fn missing_on_host(needs: &[HostNeed], found: impl Fn(&str) -> bool) -> Vec<Diag> {
+    // The alternatives once each, in the order steps need them, with their steps.
+    let mut seen: BTreeMap<&[(&str, &str)], usize> = BTreeMap::new();
+    let mut groups: Vec<(&HostNeed, Vec<usize>)> = Vec::new();
+    for n in needs {
+        match seen.get(n.any_of.as_slice()) {
+            Some(&g) => groups[g].1.push(n.step),
+            None => {
+                seen.insert(&n.any_of, groups.len());
+                groups.push((n, Vec::new()));
+            }
+        }
+    }
+    // One problem per step, key and package: "pvcreate, vgcreate and vgchange not
+    // found (install lvm2)".
+    let mut missing: Vec<(&HostNeed, Vec<usize>, Vec<&str>)> = Vec::new();
+    for (first, others) in groups {
+        if first.any_of.iter().any(|(p, _)| found(p)) {
+            continue;
+        }
+        let mut others: Vec<usize> = others.into_iter().filter(|s| *s != first.step).collect();
+        others.dedup();
+        let programs: Vec<&str> = first.any_of.iter().map(|(p, _)| *p).collect();
+        match missing.last_mut() {
+            Some((prev, prev_others, prev_programs))
+                if prev.step == first.step
+                    && prev.key == first.key
+                    && prev.any_of.len() == 1
+                    && first.any_of.len() == 1
+                    && prev.any_of[0].1 == first.any_of[0].1
+                    && *prev_others == others =>
+            {
+                prev_programs.extend(programs);
+            }
+            _ => missing.push((first, others, programs)),
+        }
+    }
+    missing
+        .into_iter()
+        .map(|(first, others, programs)| {
+            let mut packages: Vec<&str> = first.any_of.iter().map(|(_, pkg)| *pkg).collect();
+            packages.dedup();
+            let mut msg = if first.any_of.len() > 1 {
+                format!("none of {} found", programs.join(", "))
+            } else {
+                format!("{} not found", and_list(&programs))
+            };
+            msg.push_str(&format!(" (install {})", packages.join(" or ")));
+            let it = if programs.len() > 1 && first.any_of.len() == 1 {
+                "them"
+            } else {
+                "it"
+            };
+            if let [one] = others.as_slice() {
+                msg.push_str(&format!("; step {one} needs {it} too"));
+            } else if !others.is_empty() {
+                let listed: Vec<String> = others
+                    .iter()
+                    .take(OTHER_STEPS_LISTED)
+                    .map(|s| s.to_string())
+                    .collect();
+                let more = match others.len().checked_sub(OTHER_STEPS_LISTED) {
+                    Some(n) if n > 0 => format!(" and {n} more"),
+                    _ => String::new(),
+                };
+                msg.push_str(&format!(
+                    "; steps {}{more} need {it} too",
+                    listed.join(", ")
+                ));
+            }
+            Diag {
+                loc: first.loc,
+                step: Some((first.step, first.kind.to_string())),
+                key: Some(first.key.clone()),
+                msg,
+            }
+        })
+        .collect()
+}
+
+/// "a", "a and b", "a, b and c".
+fn and_list(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
     }
 }
 
@@ -340,6 +462,7 @@ fn type_step(
     renderer: &Renderer,
     plugins: &[&'static dyn Plugin],
     diags: &mut Vec<Diag>,
+    plan: &mut Plan,
 ) -> Option<Step> {
     let Value::Map(entries) = &node.value else {
         diags.push(Diag {
@@ -377,6 +500,13 @@ fn type_step(
         return None;
     };
     let spec = plugin.spec();
+    for (k, v) in entries {
+        if let (Some(name), Value::Scalar { text, .. }) = (k.as_str(), &v.value) {
+            if plugin.shell_keys().contains(&name) {
+                warn_unquoted(index, spec.name, name, v.loc, text, &mut plan.warnings);
+            }
+        }
+    }
     let mut err = |loc: Loc, key: Option<&str>, msg: String| {
         diags.push(Diag {
             loc,
@@ -499,6 +629,38 @@ fn type_step(
     })
 }
 
+/// Warn about each template expression in shell text that is not `| quote`d.
+fn warn_unquoted(
+    index: usize,
+    kind: &str,
+    key: &str,
+    loc: Loc,
+    text: &str,
+    warnings: &mut Vec<Diag>,
+) {
+    for (at, expr) in crate::template::unquoted(text) {
+        // Exact for a literal block (`|`), the usual way to write a script, and for
+        // one line; within the right text otherwise (folded lines are joined).
+        let before = &text[..at];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let loc = Loc {
+            line: loc.line + before.matches('\n').count(),
+            col: loc.col + before[line_start..].chars().count(),
+        };
+        warnings.push(Diag {
+            loc,
+            step: Some((index, kind.to_string())),
+            key: Some(key.to_string()),
+            msg: format!(
+                "warning: {{{{ {expr} }}}} goes into the shell script unquoted: a value with \
+                 quotes or ';' would run commands; write {{{{ {expr} | {} }}}} (one shell \
+                 word: put no quotes around it)",
+                crate::template::QUOTE_FILTER
+            ),
+        });
+    }
+}
+
 fn render_scalar(n: &Node, renderer: &Renderer) -> Result<String, String> {
     match &n.value {
         Value::Scalar { text, .. } => renderer.render(text),
@@ -608,6 +770,88 @@ mod tests {
         assert_eq!(
             convert(&n, Kind::List, &r),
             Ok(Val::List(vec!["flag".into()]))
+        );
+    }
+
+    fn need(step: usize, any_of: &[(&'static str, &'static str)]) -> HostNeed {
+        HostNeed {
+            step,
+            kind: "mkfs",
+            key: "mkfs".into(),
+            loc: Loc {
+                line: step * 2,
+                col: 9,
+            },
+            any_of: any_of.to_vec(),
+        }
+    }
+
+    #[test]
+    fn each_missing_program_once_at_its_first_step() {
+        let mut needs: Vec<HostNeed> = (3..12)
+            .map(|s| need(s, &[("mkfs.xfs", "xfsprogs")]))
+            .collect();
+        needs.push(need(4, &[("mkfs.ext4", "e2fsprogs")]));
+        needs.push(need(
+            5,
+            &[("xorriso", "xorriso"), ("genisoimage", "genisoimage")],
+        ));
+        needs.push(need(6, &[("blkid", "util-linux")]));
+        needs.push(need(7, &[("blkid", "util-linux")]));
+        let found = |p: &str| p == "mkfs.ext4" || p == "genisoimage";
+        let d: Vec<String> = missing_on_host(&needs, found)
+            .iter()
+            .map(|d| d.render("s.vmdb"))
+            .collect();
+        assert_eq!(
+            d,
+            [
+                "s.vmdb:6:9: step 3 (mkfs): key 'mkfs': mkfs.xfs not found (install xfsprogs); steps 4, 5, 6, 7, 8 and 3 more need it too",
+                "s.vmdb:12:9: step 6 (mkfs): key 'mkfs': blkid not found (install util-linux); step 7 needs it too",
+            ]
+        );
+        let d = missing_on_host(&needs[9..11], |_| false);
+        assert_eq!(
+            d[1].msg,
+            "none of xorriso, genisoimage found (install xorriso or genisoimage)"
+        );
+        // Programs of one package that one step needs: one problem.
+        let lvm = |p| HostNeed {
+            kind: "vgcreate",
+            key: "vgcreate".into(),
+            ..need(6, &[(p, "lvm2")])
+        };
+        let needs = [lvm("pvcreate"), lvm("vgcreate"), lvm("vgchange")];
+        let d = missing_on_host(&needs, |_| false);
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            d[0].msg,
+            "pvcreate, vgcreate and vgchange not found (install lvm2)"
+        );
+    }
+
+    #[test]
+    fn unquoted_variables_in_shell_text_are_warned_about() {
+        let raw = crate::spec::load(
+            "steps:\n  - chroot: /\n    shell: |\n      true\n      echo \"{{ h }}\" {{ h | quote }}\n  - echo: \"{{ h }}\"\n",
+        )
+        .unwrap();
+        let mut vars = BTreeMap::new();
+        vars.insert("h".to_string(), "x".to_string());
+        let mut plan = crate::plugins::testing::plan_with_root();
+        validate(
+            &raw.steps,
+            &Renderer::new(vars),
+            crate::plugins::ALL,
+            &mut plan,
+        )
+        .unwrap();
+        let w: Vec<String> = plan.warnings.iter().map(|d| d.render("s.vmdb")).collect();
+        assert_eq!(
+            w,
+            [
+                "s.vmdb:5:13: step 1 (chroot): key 'shell': warning: {{ h }} goes into the shell script unquoted: a value with quotes or ';' would run commands; write {{ h | quote }} (one shell word: put no quotes around it)"
+            ]
         );
     }
 }

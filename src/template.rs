@@ -1,4 +1,9 @@
 //! minijinja rendering of spec strings. Unlike vmdb2, an undefined variable is an error.
+//!
+//! A variable's value is text from the command line (a CI system's branch name, a
+//! user's input): in a shell script it must go through the `quote` filter, which makes
+//! it one shell word, or quotes in it end the script's quoting and the rest runs as
+//! commands. `unquoted` finds the expressions of a script that do not.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +21,7 @@ impl Renderer {
         // Spec values are not HTML.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         env.set_keep_trailing_newline(true);
+        env.add_filter("quote", |v: minijinja::Value| shell_quote(&v.to_string()));
         Renderer { env, vars }
     }
 
@@ -76,6 +82,57 @@ impl Renderer {
             Err(e) => Err(format!("template error: {}", detail(&e))),
         }
     }
+}
+
+/// `s` as one POSIX shell word: in single quotes, each `'` written as `'\''`.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The name of the filter that makes a value one shell word.
+pub const QUOTE_FILTER: &str = "quote";
+
+/// The expressions of `{{ ... }}` in `text` whose last filter is not `quote`, with
+/// where each starts in `text`: in a shell script, their values would be parsed by
+/// the shell.
+pub fn unquoted(text: &str) -> Vec<(usize, String)> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        let at = text.len() - rest.len() + start;
+        let inner = &rest[start + 2..];
+        let Some(end) = closing_braces(inner) else {
+            break;
+        };
+        // `{{-` and `-}}` (and `+`) only control whitespace.
+        let expr = inner[..end].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        let quoted = expr
+            .strip_suffix(QUOTE_FILTER)
+            .is_some_and(|before| before.trim_end().ends_with('|'));
+        if !quoted {
+            found.push((at, expr.to_string()));
+        }
+        rest = &inner[end + 2..];
+    }
+    found
+}
+
+/// Where the `}}` that closes an expression is, skipping string literals.
+fn closing_braces(s: &str) -> Option<usize> {
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        match quote {
+            Some(_) if escaped => escaped = false,
+            Some(_) if c == '\\' => escaped = true,
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None if s[i..].starts_with("}}") => return Some(i),
+            None => {}
+        }
+    }
+    None
 }
 
 fn detail(e: &minijinja::Error) -> String {
@@ -144,5 +201,40 @@ mod tests {
                 .unwrap_err()
                 .starts_with("bad template")
         );
+    }
+
+    #[test]
+    fn quote_makes_one_shell_word() {
+        let mut v = BTreeMap::new();
+        v.insert(
+            "h".to_string(),
+            r#"x"; touch /tmp/INJECTED; echo "'y"#.to_string(),
+        );
+        let r = Renderer::new(v);
+        assert_eq!(
+            r.render("echo {{ h | quote }}").unwrap(),
+            r#"echo 'x"; touch /tmp/INJECTED; echo "'\''y'"#
+        );
+        assert_eq!(r.render("{{ 'a b' | quote }}").unwrap(), "'a b'");
+        assert_eq!(r.render("{{ '' | quote }}").unwrap(), "''");
+        assert_eq!(r.render("{{ 42 | quote }}").unwrap(), "'42'");
+    }
+
+    #[test]
+    fn finds_expressions_without_quote() {
+        let exprs = |t: &str| unquoted(t).into_iter().map(|(_, e)| e).collect::<Vec<_>>();
+        assert_eq!(
+            unquoted("echo \"{{ hostname }}\" > /etc/hostname"),
+            [(6, "hostname".to_string())]
+        );
+        assert_eq!(
+            exprs("a {{ x|quote }} {{- y | default('z') | quote -}} {{ u | unquote }}"),
+            ["u | unquote"]
+        );
+        assert_eq!(
+            exprs("{{ a | default('}}') }} {{ b | quote }}"),
+            ["a | default('}}')"]
+        );
+        assert!(unquoted("{% if a %}echo hi{% endif %} ${HOME}").is_empty());
     }
 }

@@ -240,3 +240,140 @@ fn validate_of_a_bad_spec_exits_2() {
          vmdb: tag-misspelt.vmdb: 1 problem found; nothing was built\n"
     );
 }
+
+/// The alias bomb of the corpus, validated with 1 GiB of address space and a minute of
+/// CPU at most (the old loader took the machine's memory): refused with its message,
+/// and the peak memory the kernel measured for that one process stays small.
+#[test]
+fn an_alias_bomb_is_refused_in_little_memory() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = vmdb();
+    cmd.current_dir(corpus_dir())
+        .args(["validate", "yaml-alias-bomb.vmdb"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = |res, n| {
+                let l = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(res, &l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            };
+            limit(libc::RLIMIT_AS, 1 << 30)?;
+            limit(libc::RLIMIT_CPU, 60)
+        })
+    };
+    // Reaped by wait4 below, which also reports its resource use.
+    #[allow(clippy::zombie_processes)]
+    let mut child = cmd.spawn().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    // wait4: this child's own resource use (not that of other tests' children).
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 2,
+        "status {status:#x}: {stderr}"
+    );
+    assert_eq!(
+        stderr,
+        "yaml-alias-bomb.vmdb:8:7: bad YAML: the aliases expand to more than 100000 values or 16 MiB of text (an alias bomb?); write the values out instead\n\
+         vmdb: yaml-alias-bomb.vmdb: 1 problem found; nothing was built\n"
+    );
+    let peak_kib = usage.ru_maxrss;
+    eprintln!("peak RSS of vmdb validate on the alias bomb: {peak_kib} KiB");
+    assert!(peak_kib < 100 * 1024, "peak RSS {peak_kib} KiB");
+}
+
+/// `--variable output=X` would make the spec write X while the build makes, checks and
+/// renames its own output: refused as a usage error, as are `image` and
+/// `rootfs_tarball`, and a matrix axis of those names.
+#[test]
+fn variables_that_options_set_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = write(d.path(), "good.vmdb", GOOD);
+    let s = spec.to_string_lossy().into_owned();
+    let out = d.path().join("out.img").to_string_lossy().into_owned();
+    let other = d.path().join("other.img").to_string_lossy().into_owned();
+    for (args, name, option) in [
+        (
+            vec![&s[..], "--output", &out, "--variable"],
+            "output",
+            "--output",
+        ),
+        (vec!["validate", &s, "--variable"], "output", "--output"),
+        (
+            vec![&s[..], "--image", &out, "--variable"],
+            "image",
+            "--image",
+        ),
+        (
+            vec![&s[..], "--output", &out, "--variable"],
+            "rootfs_tarball",
+            "--rootfs-tarball",
+        ),
+        (
+            vec![&s[..], "--output", &out, "--matrix"],
+            "output",
+            "--output",
+        ),
+    ] {
+        let value = format!("{name}={other}");
+        let mut a = args.clone();
+        a.push(&value);
+        let r = run(&a);
+        assert_eq!(r.code, 2, "{a:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(&format!(
+                "the variable '{name}' is set by {option}: use {option} instead"
+            )),
+            "{a:?}: {}",
+            r.stderr
+        );
+        assert_eq!(listing(d.path()), vec!["good.vmdb"], "{a:?}");
+    }
+}
+
+/// Every error about an undefined tag listed every tag defined so far: with thousands
+/// of both, validation wrote gigabytes (quadratic). The list is short now, whatever
+/// the number of tags.
+#[test]
+fn errors_stay_short_with_thousands_of_tags() {
+    let n = 3000;
+    let mut text = String::from("steps:\n  - kpartx: /dev/vdz\n    tags: [");
+    text.push_str(
+        &(0..n)
+            .map(|i| format!("t{i}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    text.push_str("]\n");
+    for i in 0..n {
+        text.push_str(&format!("  - mkfs: ext4\n    partition: nope{i}\n"));
+    }
+    let d = tempfile::tempdir().unwrap();
+    let spec = write(d.path(), "tags.vmdb", &text);
+    let r = run(&["validate", &spec.to_string_lossy()]);
+    assert_eq!(r.code, 2);
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), n + 1);
+    assert!(
+        lines[0].ends_with(
+            ": step 2 (mkfs): key 'partition': tag 'nope0' is not defined by an earlier step \
+             (defined so far: 't0', 't1', 't10', 't100', 't1000', 't1001', 't1002', 't1003', \
+             't1004', 't1005' and 2990 more)"
+        ),
+        "{}",
+        lines[0]
+    );
+    assert!(lines.iter().all(|l| l.len() < 400), "a long line");
+}

@@ -603,3 +603,42 @@ fn devices_are_held_while_the_build_writes_them() {
         assert!(!exclusive_open_is_busy(dev), "{dev} is still held");
     }
 }
+
+/// With a PATH without the sbin directories (`su` without `-`, some sudo setups),
+/// mkfs.ext4 and blkid (in /usr/sbin) were not found when the mkfs step ran: vmdb now
+/// looks there too, and gives the programs it runs that PATH.
+#[test]
+fn programs_in_sbin_are_run_without_sbin_in_path() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let spec = write(
+        d.path(),
+        "sbin.vmdb",
+        &format!(
+            "{SMALL_SPEC}  - shell: printf %s \"$PATH\" > \"$ROOT/path\"\n    root-fs: root\n"
+        ),
+    );
+    let img = d.path().join("sbin.img");
+    let r = to_run(
+        vmdb()
+            .env("PATH", "/usr/bin:/bin")
+            .args([
+                &spec.to_string_lossy()[..],
+                "--output",
+                &img.to_string_lossy(),
+                "--no-cache",
+            ])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    wait_clean(d.path(), 5).unwrap();
+    let (_, parts) = partitions(&img);
+    let (start, size) = part_range(&parts[0]);
+    let root = d.path().join("root.part");
+    extract(&img, start, size, &root);
+    assert_eq!(
+        tool("debugfs", &["-R", "cat /path", &root.to_string_lossy()]),
+        "/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+    );
+}

@@ -108,6 +108,7 @@ fn every_example_validates() {
         } else {
             plan_with_disk(dir.path())
         };
+        plan.rootfs_tarball = Some("rootfs.tar.zst".into());
         let steps =
             validate(&raw.steps, &renderer, vmdb::plugins::ALL, &mut plan).unwrap_or_else(|d| {
                 panic!(
@@ -118,6 +119,42 @@ fn every_example_validates() {
         assert!(
             steps.iter().any(|s| s.kind == name),
             "plugins/{name}.md example has no {name} step"
+        );
+        assert!(
+            plan.warnings.is_empty(),
+            "plugins/{name}.md example: {:?}",
+            plan.warnings
+                .iter()
+                .map(|d| d.render("example"))
+                .collect::<Vec<_>>()
+        );
+        check_host_programs(name, &page(name), &plan);
+    }
+}
+
+/// The programs the example's steps declare are named on their pages, and this host
+/// has them (one of them, where any will do), so that a declaration cannot name a
+/// program no package has. Not the device-mapper steps' on a host without
+/// device-mapper: they cannot run there.
+fn check_host_programs(name: &str, page: &str, plan: &Plan) {
+    let dm = std::fs::read_to_string("/proc/misc")
+        .is_ok_and(|s| s.lines().any(|l| l.ends_with(" device-mapper")));
+    for need in &plan.host_needs {
+        if need.kind == name {
+            for (program, _) in &need.any_of {
+                assert!(
+                    page.contains(&format!("`{program}`")),
+                    "plugins/{name}.md does not name the host program {program}"
+                );
+            }
+        }
+        if !dm && ["cryptsetup", "vgcreate", "lvcreate", "lvscan"].contains(&need.kind) {
+            continue;
+        }
+        assert!(
+            need.any_of.iter().any(|(p, _)| vmdb::cmd::host_has(p)),
+            "plugins/{name}.md example: {:?} is not on this host",
+            need.any_of
         );
     }
 }

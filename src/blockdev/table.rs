@@ -31,7 +31,19 @@ pub enum LabelKind {
     Gpt,
 }
 
+/// The last sector an msdos partition table can address (32-bit sector numbers).
+pub const MBR_LAST_SECTOR: u64 = u32::MAX as u64;
+
 impl LabelKind {
+    /// How many partitions a table of this kind holds: an MBR's four primary
+    /// entries, or the 128 entries of the GPT array vmdb writes.
+    pub fn max_partitions(self) -> usize {
+        match self {
+            LabelKind::Msdos => 4,
+            LabelKind::Gpt => 128,
+        }
+    }
+
     /// Accepts the names parted accepts for `mklabel`, plus "mbr".
     pub fn parse(s: &str) -> Option<LabelKind> {
         match s.trim().to_ascii_lowercase().as_str() {
@@ -562,16 +574,20 @@ fn read_mbr(file: &mut File) -> Result<mbrman::MBR> {
     mbrman::MBR::read_from(file, SECTOR as u32).context("cannot read MBR")
 }
 
-fn add_mbr_partition(path: &Path, part: &NewPartition) -> Result<u32> {
-    match part.part_type.to_ascii_lowercase().as_str() {
-        "primary" => {}
+/// The msdos partition types vmdb makes: primary only.
+pub fn check_msdos_type(part_type: &str) -> Result<()> {
+    match part_type.to_ascii_lowercase().as_str() {
+        "primary" => Ok(()),
         "extended" | "logical" => bail!(
-            "{} partitions are not supported; use primary partitions (at most 4) \
-             or a gpt label",
-            part.part_type
+            "{part_type} partitions are not supported; use primary partitions (at most 4) \
+             or a gpt label"
         ),
         other => bail!("unknown msdos partition type {other:?}; expected primary"),
     }
+}
+
+fn add_mbr_partition(path: &Path, part: &NewPartition) -> Result<u32> {
+    check_msdos_type(part.part_type)?;
     let total = total_sectors(path)?;
     let mut file = open_rw(path)?;
     let mut mbr = read_mbr(&mut file)?;
@@ -594,7 +610,7 @@ fn add_mbr_partition(path: &Path, part: &NewPartition) -> Result<u32> {
             part.end_sector
         );
     }
-    if part.end_sector > u64::from(u32::MAX) {
+    if part.end_sector > MBR_LAST_SECTOR {
         bail!("an msdos partition table cannot address sectors past 2 TiB; use gpt");
     }
     check_overlap(

@@ -72,10 +72,13 @@ pub fn vars_file(extra: &BTreeMap<String, String>, rootfs_tarball: Option<&Path>
     serde_json::Value::Object(vars).to_string()
 }
 
+/// The program that runs the playbook.
+const PLAYBOOK: &str = "ansible-playbook";
+
 /// ansible-playbook's command line.
 pub fn argv(inventory: &Path, tags: &[String], vars: &Path, playbook: &Path) -> Vec<String> {
     let mut v: Vec<String> = vec![
-        "ansible-playbook".into(),
+        PLAYBOOK.into(),
         "-c".into(),
         "chroot".into(),
         "-i".into(),
@@ -103,6 +106,9 @@ impl Plugin for Ansible {
     fn check(&self, c: &mut Check) {
         let tag = c.step.arg().to_string();
         chroot::check_mounted_tag(c, "ansible", &tag);
+        c.needs("ansible", PLAYBOOK, "ansible");
+        // Ansible's chroot connection runs it.
+        chroot::needs_chroot(c);
         for key in ["playbook", "config_file"] {
             if let Some(p) = c.step.opt_str(key) {
                 if !spec_file(&c.plan.spec_dir, p).is_file() {

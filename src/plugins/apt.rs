@@ -152,6 +152,7 @@ impl Plugin for Apt {
         if let Ok(tag) = step.str("tag") {
             chroot::check_mounted_tag(c, "tag", tag);
         }
+        chroot::needs_chroot(c);
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {

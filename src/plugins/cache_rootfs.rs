@@ -53,6 +53,17 @@ impl Compression {
         }
     }
 
+    /// The programs that (de)compress it, any one of which will do, with their Debian
+    /// packages: what `program` (and unpack-rootfs) may pick.
+    pub fn programs(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Compression::None | Compression::Unknown => &[],
+            Compression::Gzip => &[("pigz", "pigz"), ("gzip", "gzip")],
+            Compression::Zstd => &[("zstd", "zstd")],
+            Compression::Xz => &[("xz", "xz-utils")],
+        }
+    }
+
     /// The program tar pipes through (`--use-compress-program`), if any; `pigz` says
     /// whether pigz is installed. Fixed strings: nothing from the spec goes in here.
     pub fn program(self, pigz: bool) -> Option<&'static str> {
@@ -63,6 +74,20 @@ impl Compression {
             Compression::Zstd => Some("zstd -T0"),
             Compression::Xz => Some("xz -T0"),
         }
+    }
+}
+
+/// Validation: the step packs or unpacks the --rootfs-tarball, if there is one, with
+/// tar and the program its name asks for.
+pub fn needs_tar(c: &mut Check) {
+    let Some(tarball) = c.plan.rootfs_tarball.clone() else {
+        return;
+    };
+    let key = c.step.kind;
+    c.needs(key, "tar", "tar");
+    let programs = Compression::for_path(&tarball).programs();
+    if !programs.is_empty() {
+        c.needs_one_of(key, programs);
     }
 }
 
@@ -116,6 +141,7 @@ impl Plugin for CacheRootfs {
     fn check(&self, c: &mut Check) {
         let tag = c.step.arg();
         image::check_mounted_tag(c, "cache-rootfs", tag);
+        needs_tar(c);
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
@@ -166,6 +192,54 @@ impl Plugin for CacheRootfs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What packing and unpacking run is among what validation asks the host for.
+    #[test]
+    fn the_programs_run_are_the_programs_declared() {
+        for c in [
+            Compression::None,
+            Compression::Gzip,
+            Compression::Zstd,
+            Compression::Xz,
+            Compression::Unknown,
+        ] {
+            for pigz in [true, false] {
+                let run = c.program(pigz).map(|p| p.split(' ').next().unwrap_or(p));
+                let declared: Vec<&str> = c.programs().iter().map(|(p, _)| *p).collect();
+                match run {
+                    Some(p) => assert!(declared.contains(&p), "{c:?}: {p} not in {declared:?}"),
+                    None => assert!(declared.is_empty(), "{c:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tar_and_the_compressor_are_needed_for_a_tarball() {
+        let needs = |tarball: Option<&str>| {
+            let raw = crate::spec::load("steps:\n  - cache-rootfs: /\n").unwrap();
+            let mut plan = crate::plugins::testing::plan_with_root();
+            plan.rootfs_tarball = tarball.map(Into::into);
+            let r = crate::template::Renderer::new(Default::default());
+            crate::step::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan).unwrap();
+            plan.host_needs
+                .iter()
+                .map(|n| n.any_of.clone())
+                .collect::<Vec<_>>()
+        };
+        assert!(needs(None).is_empty());
+        assert_eq!(
+            needs(Some("/c/r.tar.zst")),
+            [vec![("tar", "tar")], vec![("zstd", "zstd")]]
+        );
+        assert_eq!(
+            needs(Some("r.tgz")),
+            [
+                vec![("tar", "tar")],
+                vec![("pigz", "pigz"), ("gzip", "gzip")]
+            ]
+        );
+    }
 
     #[test]
     fn compression_by_file_name() {

@@ -35,6 +35,11 @@ impl Plugin for Chroot {
     fn check(&self, c: &mut Check) {
         let tag = c.step.arg();
         image::check_mounted_tag(c, "chroot", tag);
+        image::needs_chroot(c);
+    }
+
+    fn shell_keys(&self) -> &'static [&'static str] {
+        &["shell"]
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {

@@ -59,6 +59,9 @@ pub fn default_meta_data(user_data: &str) -> String {
     format!("instance-id: vmdb-{:016x}\n", h.finish())
 }
 
+/// The programs that write ISO 9660 images, in the order they are tried.
+const ISO_TOOLS: &[(&str, &str)] = &[("xorriso", "xorriso"), ("genisoimage", "genisoimage")];
+
 /// The program that writes ISO 9660 images: xorriso, or else genisoimage.
 fn iso_tool() -> Result<Cmd> {
     if crate::app::in_path("xorriso") {
@@ -108,6 +111,14 @@ impl Plugin for CloudInitSeed {
     fn check(&self, c: &mut Check) {
         if c.step.arg().is_empty() {
             c.err("cloud-init-seed", "the path of the seed file is empty");
+        }
+        match c.step.opt_str("format").unwrap_or("iso") {
+            "iso" => c.needs_one_of("format", ISO_TOOLS),
+            "vfat" => {
+                c.needs("format", "mkfs.fat", "dosfstools");
+                c.needs("format", "mcopy", "mtools");
+            }
+            _ => {}
         }
         let f = c.step.opt_str("format").unwrap_or("iso");
         if f != "iso" && f != "vfat" {

@@ -10,6 +10,7 @@ use crate::build::Build;
 use crate::cmd::Cmd;
 use crate::devmapper;
 use crate::plan::PlanTag;
+use crate::plugins::shell::SH;
 use crate::state::Tag;
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
@@ -97,8 +98,16 @@ impl Plugin for Cryptsetup {
         &SPEC
     }
 
+    fn shell_keys(&self) -> &'static [&'static str] {
+        &["key-cmd"]
+    }
+
     fn check(&self, c: &mut Check) {
         devmapper::check_host(c);
+        c.needs("cryptsetup", "cryptsetup", "cryptsetup-bin");
+        if c.step.has("key-cmd") {
+            c.needs("key-cmd", SH.0, SH.1);
+        }
         let under = c.step.arg().to_string();
         c.use_tag("cryptsetup", &under);
         match (c.step.opt_str("key-file"), c.step.has("key-cmd")) {
@@ -144,7 +153,7 @@ impl Plugin for Cryptsetup {
         let key: PathBuf = match step.opt_str("key-file") {
             Some(f) => b.spec_path(f),
             None => {
-                let out = Cmd::new("sh").arg("-ec").arg(step.str("key-cmd")?).run()?;
+                let out = Cmd::new(SH.0).arg("-ec").arg(step.str("key-cmd")?).run()?;
                 let Some(line) = out.lines().next().filter(|l| !l.is_empty()) else {
                     bail!("key-cmd printed no passphrase");
                 };

@@ -213,6 +213,11 @@ pub fn check_step(c: &mut Check) {
             format!("unknown tool '{other}': use 'auto', 'debootstrap' or 'mmdebstrap'"),
         ),
     }
+    if uses_mmdebstrap(step) {
+        c.needs(kind, "mmdebstrap", "mmdebstrap");
+    } else {
+        c.needs(kind, "debootstrap", "debootstrap");
+    }
     if let Some(ca) = step.opt_str("tls_ca_certs") {
         let p = c.plan.spec_dir.join(ca);
         if !p.is_file() {

@@ -96,6 +96,21 @@ impl Plugin for Grub {
         if let Some(dev) = c.step.opt_str("image-dev").map(str::to_string) {
             super::check_device(c, "image-dev", &dev);
         }
+        match fw.as_str() {
+            "bios" => {
+                c.needs("grub", "grub-install", "grub2-common");
+                c.needs("grub", BIOS_MODULES, "grub-pc-bin");
+            }
+            "uefi" => {
+                c.needs("grub", "grub-mkimage", "grub-common");
+                // An ESP that is not mounted is written with mtools.
+                let efi = c.step.opt_str("efi").unwrap_or_default();
+                if c.plan.tags.get(efi).is_some_and(|t| !t.mounted) {
+                    c.needs("efi", "mcopy", "mtools");
+                }
+            }
+            _ => {}
+        }
         if let Some(con) = c.step.opt_str("console") {
             if con != "serial" {
                 let con = con.to_string();
@@ -164,6 +179,9 @@ impl Plugin for Grub {
     }
 }
 
+/// GRUB's BIOS modules, which grub-install copies into the image.
+const BIOS_MODULES: &str = "/usr/lib/grub/i386-pc";
+
 fn install_bios(b: &mut Build, disk: &Path, root_dir: &Path, boot_fs: &str) -> Result<()> {
     let dev = b.disk_device(disk)?;
     let modules = format!("part_msdos part_gpt {}", grub_fs_module(boot_fs));
@@ -177,7 +195,7 @@ fn install_bios(b: &mut Build, disk: &Path, root_dir: &Path, boot_fs: &str) -> R
         .arg("--no-floppy")
         .arg(&dev)
         .run()
-        .context("installing GRUB for BIOS (is grub-pc-bin installed on the host?)")?;
+        .context("installing GRUB for BIOS")?;
     Ok(())
 }
 

@@ -33,6 +33,10 @@ impl Plugin for Kpartx {
     fn check(&self, c: &mut Check) {
         let disk = c.step.arg().to_string();
         super::check_device(c, "kpartx", &disk);
+        if c.step.has("tags") {
+            // It reads the filesystems of the tagged partitions.
+            c.needs("tags", "blkid", "util-linux");
+        }
         for tag in c.step.list("tags") {
             // What filesystem the partition holds is only known when it is read.
             let t = PlanTag {

@@ -113,6 +113,9 @@ impl Plugin for Lvcreate {
 
     fn check(&self, c: &mut Check) {
         devmapper::check_host(c);
+        // lvcreate, and lvchange in the teardown.
+        c.needs("lvcreate", "lvcreate", "lvm2");
+        c.needs("lvcreate", "lvchange", "lvm2");
         let vg = c.step.arg().to_string();
         if !c.plan.volume_groups.contains(&vg) && !c.plan.unchecked.contains(&"vgcreate") {
             c.err(

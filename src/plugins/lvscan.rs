@@ -51,6 +51,8 @@ impl Plugin for Lvscan {
 
     fn check(&self, c: &mut Check) {
         devmapper::check_host(c);
+        c.needs("lvscan", "vgscan", "lvm2");
+        c.needs("lvscan", "vgchange", "lvm2");
         let vg = c.step.arg().to_string();
         if !valid_lvm_name(&vg) {
             c.err("lvscan", format!("'{vg}' is not a volume group name"));

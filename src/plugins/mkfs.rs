@@ -12,6 +12,20 @@ const TYPES: &[&str] = &[
     "ext2", "ext3", "ext4", "vfat", "fat", "xfs", "btrfs", "swap",
 ];
 
+/// The program that makes a filesystem of a type, and the Debian package with it.
+fn program(fs: &str) -> Option<(&'static str, &'static str)> {
+    Some(match fs {
+        "ext2" => ("mkfs.ext2", "e2fsprogs"),
+        "ext3" => ("mkfs.ext3", "e2fsprogs"),
+        "ext4" => ("mkfs.ext4", "e2fsprogs"),
+        "vfat" | "fat" => ("mkfs.vfat", "dosfstools"),
+        "xfs" => ("mkfs.xfs", "xfsprogs"),
+        "btrfs" => ("mkfs.btrfs", "btrfs-progs"),
+        "swap" => ("mkswap", "util-linux"),
+        _ => return None,
+    })
+}
+
 static SPEC: StepSpec = StepSpec {
     name: "mkfs",
     value: Kind::Str,
@@ -35,6 +49,10 @@ impl Plugin for Mkfs {
 
     fn check(&self, c: &mut Check) {
         let fs = c.step.arg().to_string();
+        if let Some((prog, package)) = program(&fs) {
+            c.needs("mkfs", prog, package);
+            c.needs("mkfs", "blkid", "util-linux");
+        }
         if !TYPES.contains(&fs.as_str()) {
             c.err(
                 "mkfs",
@@ -76,16 +94,16 @@ impl Plugin for Mkfs {
             .unwrap_or("")
             .split_whitespace()
             .collect();
+        let (prog, _) = program(fs).context("validated")?;
+        let cmd = Cmd::new(prog);
         let cmd = match fs {
-            "swap" => Cmd::new("mkswap").args(label.map(|l| ["-L", l]).into_iter().flatten()),
-            "vfat" | "fat" => {
-                Cmd::new("mkfs.vfat").args(label.map(|l| ["-n", l]).into_iter().flatten())
-            }
+            "swap" => cmd.args(label.map(|l| ["-L", l]).into_iter().flatten()),
+            "vfat" | "fat" => cmd.args(label.map(|l| ["-n", l]).into_iter().flatten()),
             // -f: the partition may hold an old filesystem from a reused image.
-            "xfs" | "btrfs" => Cmd::new(format!("mkfs.{fs}"))
+            "xfs" | "btrfs" => cmd
                 .arg("-f")
                 .args(label.map(|l| ["-L", l]).into_iter().flatten()),
-            _ => Cmd::new(format!("mkfs.{fs}"))
+            _ => cmd
                 .arg("-F")
                 .args(label.map(|l| ["-L", l]).into_iter().flatten()),
         };
@@ -141,5 +159,21 @@ mod tests {
                 "key 'label': label 'MUCHTOOLONGLABEL' is longer than 11 characters, the most vfat allows"
             ]
         );
+    }
+
+    #[test]
+    fn every_type_declares_its_program() {
+        for fs in super::TYPES {
+            let raw =
+                crate::spec::load(&format!("steps:\n  - mkfs: {fs}\n    partition: /\n")).unwrap();
+            let mut plan = crate::plugins::testing::plan_with_root();
+            let r = crate::template::Renderer::new(Default::default());
+            crate::step::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan).unwrap();
+            let needs: Vec<_> = plan.host_needs.iter().map(|n| n.any_of[0]).collect();
+            let (prog, package) = super::program(fs).unwrap();
+            assert_eq!(needs, [(prog, package), ("blkid", "util-linux")], "{fs}");
+            assert_eq!(plan.host_needs[0].loc.line, 2);
+        }
+        assert_eq!(super::program("xfs"), Some(("mkfs.xfs", "xfsprogs")));
     }
 }

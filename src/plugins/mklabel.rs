@@ -41,6 +41,7 @@ impl Plugin for Mklabel {
         let disk = c.plan.disks.entry(dev).or_default();
         disk.label = Some(kind);
         disk.parts.clear();
+        disk.made_by.clear();
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {

@@ -53,51 +53,15 @@ impl Plugin for Mkpart {
         }
         let device = step.opt_str("device").unwrap_or_default().to_string();
         super::check_device(c, "device", &device);
-        let disk = c.plan.disks.get(&device).cloned();
-        match disk.as_ref().and_then(|d| d.label) {
+        match c.plan.disks.get(&device).and_then(|d| d.label) {
             None if c.plan.unchecked.contains(&"mklabel") => {}
             None => c.err(
                 "device",
                 format!("'{device}' has no partition table from an earlier mklabel step"),
             ),
-            Some(LabelKind::Msdos)
-                if step.arg() != "primary"
-                    && step.arg() != "logical"
-                    && step.arg() != "extended" =>
-            {
-                let got = step.arg().to_string();
-                c.err(
-                    "mkpart",
-                    format!("'{got}' is not an msdos partition type: expected primary"),
-                );
-            }
             Some(kind) => {
-                if let (true, Some(size)) = (positions_ok, disk.as_ref().and_then(|d| d.size)) {
-                    match table::resolve_range(size, kind, start, end) {
-                        Err(e) => c.err("end", format!("{e:#}")),
-                        Ok((first, last)) => {
-                            let clash = disk
-                                .as_ref()
-                                .map(|d| {
-                                    d.parts
-                                        .iter()
-                                        .find(|(s, e, _)| first <= *e && *s <= last)
-                                        .copied()
-                                })
-                                .unwrap_or(None);
-                            if let Some((s, e, by)) = clash {
-                                c.err(
-                                    "start",
-                                    format!(
-                                        "partition at sectors {first}-{last} overlaps the one made by step {by} (sectors {s}-{e})"
-                                    ),
-                                );
-                            } else if let Some(d) = c.plan.disks.get_mut(&device) {
-                                d.parts.push((first, last, step.index));
-                            }
-                        }
-                    }
-                }
+                let range = positions_ok.then_some((start, end));
+                check_partition(c, &device, kind, range);
             }
         }
         if let Some(tag) = step.opt_str("tag") {
@@ -149,6 +113,76 @@ impl Plugin for Mkpart {
     }
 }
 
+/// Whether the table on `device` has room for the partition and, when the disk's size
+/// is known, whether it fits there: what the run would find, found before anything
+/// runs. `range` is the step's start and end, if they parse.
+fn check_partition(c: &mut Check, device: &str, kind: LabelKind, range: Option<(&str, &str)>) {
+    if kind == LabelKind::Msdos {
+        if let Err(e) = table::check_msdos_type(c.step.arg()) {
+            c.err("mkpart", format!("{e:#}"));
+            return;
+        }
+    }
+    let Some(disk) = c.plan.disks.get_mut(device) else {
+        return;
+    };
+    let max = kind.max_partitions();
+    if let (Some(first), Some(last), true) = (
+        disk.made_by.first(),
+        disk.made_by.last(),
+        disk.made_by.len() >= max,
+    ) {
+        let (first, last) = (*first, *last);
+        let msg = match kind {
+            LabelKind::Msdos => format!(
+                "an msdos partition table holds at most {max} primary partitions, and steps \
+                 {first} to {last} make them already; use a gpt label for more"
+            ),
+            LabelKind::Gpt => format!(
+                "a GPT holds at most {max} partitions, and steps {first} to {last} make \
+                 them already"
+            ),
+        };
+        c.err("mkpart", msg);
+        return;
+    }
+    disk.made_by.push(c.step.index);
+    let (Some((start, end)), Some(size)) = (range, disk.size) else {
+        return;
+    };
+    let (first, last) = match table::resolve_range(size, kind, start, end) {
+        Ok(r) => r,
+        Err(e) => {
+            c.err("end", format!("{e:#}"));
+            return;
+        }
+    };
+    if kind == LabelKind::Msdos && last > table::MBR_LAST_SECTOR {
+        c.err(
+            "end",
+            format!(
+                "the partition ends at sector {last}, past the 2 TiB an msdos partition \
+                 table can address; use a gpt label"
+            ),
+        );
+        return;
+    }
+    // At most max_partitions() of them: this search stays short.
+    match disk
+        .parts
+        .iter()
+        .find(|(s, e, _)| first <= *e && *s <= last)
+    {
+        Some((s, e, by)) => {
+            let msg = format!(
+                "partition at sectors {first}-{last} overlaps the one made by step {by} (sectors {s}-{e})"
+            );
+            c.err("start", msg);
+        }
+        None => disk.parts.push((first, last, c.step.index)),
+    }
+}
+
 fn display(p: &Path) -> String {
     p.display().to_string()
 }
@@ -196,5 +230,70 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.len(), 1);
         assert!(e[0].starts_with("key 'end': "), "{e:?}");
+    }
+
+    #[test]
+    fn a_fifth_msdos_partition_is_found_before_running() {
+        let mut steps_yaml = vec![
+            "mkimg: d.img\nsize: 1G".to_string(),
+            "mklabel: msdos\ndevice: d.img".to_string(),
+        ];
+        for i in 0..5 {
+            steps_yaml.push(format!(
+                "mkpart: primary\ndevice: d.img\nstart: {}M\nend: {}M",
+                i * 100 + 1,
+                i * 100 + 100
+            ));
+        }
+        let refs: Vec<&str> = steps_yaml.iter().map(String::as_str).collect();
+        assert_eq!(
+            steps(&refs).unwrap_err(),
+            [
+                "key 'mkpart': an msdos partition table holds at most 4 primary partitions, and steps 3 to 6 make them already; use a gpt label for more"
+            ]
+        );
+        // A new label starts a new table.
+        steps_yaml.insert(6, "mklabel: msdos\ndevice: d.img".into());
+        let refs: Vec<&str> = steps_yaml.iter().map(String::as_str).collect();
+        assert!(steps(&refs).is_ok());
+    }
+
+    #[test]
+    fn a_129th_gpt_partition_is_found_before_running() {
+        // On a device of unknown size too: the count does not need the places.
+        let mut steps_yaml = vec!["mklabel: gpt\ndevice: /dev/vdz".to_string()];
+        for i in 0..129 {
+            steps_yaml.push(format!(
+                "mkpart: p{i}\ndevice: /dev/vdz\nstart: {}MiB\nend: {}MiB",
+                i + 1,
+                i + 2
+            ));
+        }
+        let refs: Vec<&str> = steps_yaml.iter().map(String::as_str).collect();
+        assert_eq!(
+            steps(&refs).unwrap_err(),
+            [
+                "key 'mkpart': a GPT holds at most 128 partitions, and steps 2 to 129 make them already"
+            ]
+        );
+        assert!(steps(&refs[..129]).is_ok());
+    }
+
+    #[test]
+    fn logical_partitions_and_msdos_past_2_tib_are_refused() {
+        let e = steps(&[
+            "mkimg: d.img\nsize: 3T",
+            "mklabel: msdos\ndevice: d.img",
+            "mkpart: logical\ndevice: d.img\nstart: 0%\nend: 10%",
+            "mkpart: primary\ndevice: d.img\nstart: 10%\nend: 100%",
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e,
+            [
+                "key 'mkpart': logical partitions are not supported; use primary partitions (at most 4) or a gpt label",
+                "key 'end': the partition ends at sector 6442450943, past the 2 TiB an msdos partition table can address; use a gpt label"
+            ]
+        );
     }
 }

@@ -89,9 +89,18 @@ impl Plugin for Mount {
                 );
             }
         }
-        if let Some(t) = c.plan.tags.get_mut(&tag) {
-            t.mounted = true;
+        let fs = c.plan.tags.get(&tag).and_then(|t| t.fs_type.clone());
+        if matches!(fs.as_deref(), Some("vfat" | "fat")) {
+            // FAT is not mounted but staged: mtools copy its files out and back in.
+            c.needs("mount", "mdir", "mtools");
+            c.needs("mount", "mcopy", "mtools");
         }
+        if c.step.bool("zerofree")
+            && fs.is_some_and(|fs| zerofree_argv(&fs, Path::new("")).is_some())
+        {
+            c.needs("zerofree", ZEROFREE, ZEROFREE);
+        }
+        c.plan.mount(&tag);
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
@@ -204,10 +213,13 @@ impl Plugin for Mount {
 
 const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
 
+/// The program (and its Debian package).
+const ZEROFREE: &str = "zerofree";
+
 /// zerofree's command line for a filesystem, if zerofree handles its type.
 pub fn zerofree_argv(fs_type: &str, dev: &Path) -> Option<Vec<String>> {
     matches!(fs_type, "ext2" | "ext3" | "ext4")
-        .then(|| vec!["zerofree".into(), "-v".into(), dev.display().to_string()])
+        .then(|| vec![ZEROFREE.into(), "-v".into(), dev.display().to_string()])
 }
 
 /// Remove the image's /etc/resolv.conf when it is a plain file with the build host's

@@ -21,11 +21,18 @@ static SPEC: StepSpec = StepSpec {
               mount point of a filesystem.",
 };
 
+/// The shell that runs the script, and its Debian package.
+pub const SH: (&str, &str) = ("sh", "dash");
+
 impl Plugin for Shell {
     fn spec(&self) -> &'static StepSpec {
         &SPEC
     }
+    fn shell_keys(&self) -> &'static [&'static str] {
+        &["shell"]
+    }
     fn check(&self, c: &mut Check) {
+        c.needs("shell", SH.0, SH.1);
         let Some(tag) = c.step.opt_str("root-fs") else {
             return;
         };
@@ -38,7 +45,7 @@ impl Plugin for Shell {
     }
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let root = b.state.mount_point(step.str("root-fs")?)?;
-        let mut cmd = Cmd::new("sh").arg("-ec").arg(step.arg()).env("ROOT", root);
+        let mut cmd = Cmd::new(SH.0).arg("-ec").arg(step.arg()).env("ROOT", root);
         if !b.opts.spec_dir.as_os_str().is_empty() {
             cmd = cmd.cwd(&b.opts.spec_dir);
         }
@@ -109,5 +116,37 @@ mod tests {
                 "spec:2:10: step 1 (shell): key 'root-fs': tag 'rootfs' is not mounted by an earlier step (add a mount step)"
             ]
         );
+    }
+
+    /// A variable with quotes and a command in it, as a CI system might pass a branch
+    /// name: through `quote` it is text, whatever quotes it holds.
+    #[test]
+    fn a_quoted_variable_runs_no_command() {
+        let (mut b, root) = test_build_with_root();
+        let marker = root.path().join("INJECTED");
+        for value in [
+            format!("x\"; touch {}; echo \"", marker.display()),
+            format!("x'; touch {}; echo '", marker.display()),
+            format!("$(touch {})", marker.display()),
+        ] {
+            let mut vars = std::collections::BTreeMap::new();
+            vars.insert("hostname".to_string(), value.clone());
+            let node = crate::spec::parse_yaml(
+                "shell: printf %s {{ hostname | quote }} > \"$ROOT/hostname\"\nroot-fs: /",
+            )
+            .unwrap();
+            let renderer = crate::template::Renderer::new(vars);
+            let mut plan = plan_with_root();
+            let s = crate::step::validate(&[node], &renderer, crate::plugins::ALL, &mut plan)
+                .unwrap()
+                .remove(0);
+            assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+            Shell.run(&s, &mut b).unwrap();
+            assert!(!marker.exists(), "{value} ran a command");
+            assert_eq!(
+                fs::read_to_string(root.path().join("hostname")).unwrap(),
+                value
+            );
+        }
     }
 }

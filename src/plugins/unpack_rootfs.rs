@@ -9,7 +9,7 @@ use crate::build::Build;
 use crate::chroot as image;
 use crate::cmd::Cmd;
 use crate::log;
-use crate::plugins::cache_rootfs::{Compression, TAR_KEEP, have_pigz, mounted_virtuals};
+use crate::plugins::cache_rootfs::{Compression, TAR_KEEP, have_pigz, mounted_virtuals, needs_tar};
 use crate::step::{Check, Kind, Plugin, Step, StepSpec};
 
 pub struct UnpackRootfs;
@@ -54,6 +54,7 @@ impl Plugin for UnpackRootfs {
     fn check(&self, c: &mut Check) {
         let tag = c.step.arg();
         image::check_mounted_tag(c, "unpack-rootfs", tag);
+        needs_tar(c);
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {

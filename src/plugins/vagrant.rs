@@ -119,6 +119,8 @@ impl Plugin for Vagrant {
     fn check(&self, c: &mut Check) {
         let tag = c.step.arg().to_string();
         image::check_mounted_tag(c, "vagrant", &tag);
+        image::needs_chroot(c);
+        c.needs("vagrant", "dpkg-query", "dpkg");
         let user = c.step.opt_str("user").unwrap_or("vagrant").to_string();
         if !valid_user(&user) {
             c.err(

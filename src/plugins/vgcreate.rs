@@ -78,6 +78,10 @@ impl Plugin for Vgcreate {
 
     fn check(&self, c: &mut Check) {
         devmapper::check_host(c);
+        // pvcreate and vgcreate, and vgchange in the teardown.
+        for prog in ["pvcreate", "vgcreate", "vgchange"] {
+            c.needs("vgcreate", prog, "lvm2");
+        }
         let vg = c.step.arg().to_string();
         if !valid_lvm_name(&vg) {
             c.err(
