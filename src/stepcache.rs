@@ -625,7 +625,7 @@ fn step_inputs(
             // link in a list of names): what cannot be read is left out, and said so.
             if let Err(e) = file(&name, &path, items) {
                 crate::log::info(&format!(
-                    "vmdb: warning: step {} ({}) names {name}, which the step cache cannot                      watch: {e:#}",
+                    "vmdb: warning: step {} ({}) names {name}, which the step cache cannot watch: {e:#}",
                     s.index, s.kind
                 ));
             }
