@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use nix::mount::MsFlags;
 
 use crate::cmd::Cmd;
-use crate::state::in_image;
+use crate::image_root::ImageRoot;
 
 /// Where binfmt_misc is mounted.
 pub const BINFMT_MISC: &str = "/proc/sys/fs/binfmt_misc";
@@ -75,13 +75,10 @@ pub fn host_arch() -> Result<String> {
 /// Debian architecture of the system installed in `root`, from dpkg's status of
 /// base-files; None when there is none (nothing installed yet).
 pub fn image_arch(root: &Path) -> Result<Option<String>> {
-    let path = in_image(root, "/var/lib/dpkg/status")?;
-    let status = match std::fs::read_to_string(&path) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    let Some(status) = ImageRoot::open(root)?.read("/var/lib/dpkg/status")? else {
+        return Ok(None);
     };
-    Ok(arch_in_status(&status))
+    Ok(arch_in_status(&String::from_utf8_lossy(&status)))
 }
 
 fn arch_in_status(status: &str) -> Option<String> {

@@ -12,6 +12,7 @@ use nix::mount::MsFlags;
 
 use crate::build::Build;
 use crate::cmd::Cmd;
+use crate::image_root::ImageRoot;
 use crate::mount;
 use crate::plan::PlanTag;
 use crate::step::Check;
@@ -89,15 +90,14 @@ pub fn check_mounted_tag(c: &mut Check, key: &str, tag: &str) {
 /// under `owner`. Something already there (mounted by the virtual-filesystems step or
 /// by hand) is used as it is and left alone.
 pub fn mount_vfs(b: &mut Build, root: &Path, set: &[Vfs], owner: &str) -> Result<()> {
+    let img = ImageRoot::open(root)?;
     for v in set {
-        let target = root.join(v.path);
+        // Where the image's own links lead, inside it (mount(2) would follow them on
+        // the host).
+        let target = img.mount_point(v.path)?;
         let present = mount::mounts_below(root)?;
         if present.contains(&target) {
             continue;
-        }
-        if !target.is_dir() {
-            std::fs::create_dir_all(&target)
-                .with_context(|| format!("creating {}", target.display()))?;
         }
         let src = Path::new(v.fstype);
         let flags = MsFlags::MS_NOSUID
@@ -154,51 +154,45 @@ const POLICY_RC_D: &str = "#!/bin/sh\n# Written by vmdb while it runs programs i
 
 /// Write usr/sbin/policy-rc.d (exit 101) unless the image has one already, tell dpkg
 /// not to fsync, and put vmdb's update-initramfs stand-in in usr/local/sbin, while vmdb
-/// runs programs in the image.
+/// runs programs in the image. Each file is noted (with the image's root) for
+/// `allow_services` to remove.
 pub fn forbid_services(b: &mut Build, root: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let sbin = root.join("usr/sbin");
-    // Not through a symbolic link, which could lead out of the image.
-    let is_dir = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
-    if !is_dir(&root.join("usr")) || !is_dir(&sbin) {
+    let img = ImageRoot::open(root)?;
+    if !img.is_dir("usr/sbin")? {
         return Ok(());
     }
-    let f = sbin.join("policy-rc.d");
-    if std::fs::symlink_metadata(&f).is_err() {
-        b.state.notes.insert(format!("{POLICY}{}", f.display()));
-        std::fs::write(&f, POLICY_RC_D).with_context(|| format!("writing {}", f.display()))?;
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("making {} executable", f.display()))?;
-    }
+    let notes = &mut b.state.notes;
+    let mut add = |dir: &str, file: &str, text: &str, mode: u32| -> Result<bool> {
+        // Only where the directory is there and the file is not (the image's own stays).
+        let path = format!("{dir}/{file}");
+        if !img.is_dir(dir)? || img.kind_nofollow(&path)?.is_some() {
+            return Ok(false);
+        }
+        notes.insert(policy_note(&img, &path));
+        img.write_file(&path, &mut text.as_bytes(), mode, None)?;
+        Ok(true)
+    };
+    add("usr/sbin", "policy-rc.d", POLICY_RC_D, 0o755)?;
     // The image is a throw-away tree until the build ends (unmounting flushes it), so
     // dpkg need not fsync every file it unpacks: a kernel package installs much faster.
-    let dpkg_cfg = root.join("etc/dpkg/dpkg.cfg.d");
-    let f = dpkg_cfg.join("vmdb-unsafe-io");
-    if is_dir(&dpkg_cfg) && std::fs::symlink_metadata(&f).is_err() {
-        b.state.notes.insert(format!("{POLICY}{}", f.display()));
-        std::fs::write(&f, UNSAFE_IO).with_context(|| format!("writing {}", f.display()))?;
-    }
+    add("etc/dpkg/dpkg.cfg.d", "vmdb-unsafe-io", UNSAFE_IO, 0o644)?;
     // The kernel's initramfs is made once per apt run instead of twice (see the file).
-    let local_sbin = root.join("usr/local/sbin");
-    let f = local_sbin.join("update-initramfs");
-    if is_dir(&local_sbin) && std::fs::symlink_metadata(&f).is_err() {
-        b.state.notes.insert(format!("{POLICY}{}", f.display()));
-        b.state.notes.insert(format!(
-            "{POLICY}{}",
-            root.join(INITRAMFS_PENDING).display()
-        ));
-        std::fs::write(&f, UPDATE_INITRAMFS).with_context(|| format!("writing {}", f.display()))?;
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("making {} executable", f.display()))?;
+    if add(
+        "usr/local/sbin",
+        "update-initramfs",
+        UPDATE_INITRAMFS,
+        0o755,
+    )? {
         // apt runs dpkg, and so the maintainer scripts, with a PATH of its own.
-        let apt_conf = root.join("etc/apt/apt.conf.d");
-        let f = apt_conf.join("00vmdb-dpkg-path");
-        if is_dir(&apt_conf) && std::fs::symlink_metadata(&f).is_err() {
-            b.state.notes.insert(format!("{POLICY}{}", f.display()));
-            std::fs::write(&f, DPKG_PATH).with_context(|| format!("writing {}", f.display()))?;
-        }
+        add("etc/apt/apt.conf.d", "00vmdb-dpkg-path", DPKG_PATH, 0o644)?;
+        b.state.notes.insert(policy_note(&img, INITRAMFS_PENDING));
     }
     Ok(())
+}
+
+/// The note of a file vmdb wrote in the image: `PATH:ROOT` (vmdb's paths have no ':').
+fn policy_note(img: &ImageRoot, path: &str) -> String {
+    format!("{POLICY}{path}:{}", img.host_root().display())
 }
 
 const DPKG_PATH: &str = "// Written by vmdb for the duration of the build.\nDPkg::Path \"/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin\";\n";
@@ -218,11 +212,16 @@ pub fn allow_services(b: &mut Build) -> Result<()> {
         .cloned()
         .collect();
     for flag in ours {
-        let f = Path::new(&flag[POLICY.len()..]);
-        match std::fs::remove_file(f) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", f.display())),
+        let Some((path, root)) = flag[POLICY.len()..].split_once(':') else {
+            continue;
+        };
+        match ImageRoot::open(Path::new(root)) {
+            Ok(img) => {
+                img.remove_file(path)?;
+            }
+            // The image is not there any more: nothing left to remove.
+            Err(_) if !Path::new(root).exists() => {}
+            Err(e) => return Err(e),
         }
         b.state.notes.remove(&flag);
     }
@@ -241,7 +240,7 @@ pub fn enter(b: &mut Build, root: &Path, owner: &str) -> Result<()> {
 /// End a step's programs in the image that all went well: make the initramfs the
 /// stand-in deferred and no trigger made, then `leave`.
 pub fn finish(b: &mut Build, root: &Path, owner: &str) -> Result<()> {
-    if root.join(INITRAMFS_PENDING).exists() {
+    if ImageRoot::open(root)?.exists(INITRAMFS_PENDING)? {
         command(root, &["/usr/local/sbin/update-initramfs", "--vmdb-finish"])
             .run()
             .context("making the initramfs deferred by vmdb")?;

@@ -13,6 +13,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::build::Options;
+use crate::image_root::ImageRoot;
+use rustix::fs::FileType;
+
+/// apt's package directory in the image.
+const ARCHIVES: &str = "/var/cache/apt/archives";
 
 /// The cache directory, created if needed; None when caching is off.
 pub fn dir(opts: &Options) -> Option<PathBuf> {
@@ -29,29 +34,21 @@ pub fn dir(opts: &Options) -> Option<PathBuf> {
     }
 }
 
-fn debs(dir: &Path) -> Vec<(std::ffi::OsString, u64)> {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".deb"))
-        .filter_map(|e| Some((e.file_name(), e.metadata().ok()?.len())))
-        .collect()
-}
-
 /// Copy the cached packages named in `wanted` (file names, as apt names them) that the
 /// image's archive directory lacks into it. Only those: the cache holds every suite's
 /// and architecture's packages, and what is copied is written into the image.
 pub fn seed(cache: &Path, root: &Path, wanted: &[String]) -> Result<usize> {
-    let archives = root.join("var/cache/apt/archives");
-    if !archives.is_dir() {
+    // The image's side is resolved inside the image: its links never lead to the host.
+    let img = ImageRoot::open(root)?;
+    let archives = Path::new(ARCHIVES);
+    if !img.is_dir(archives)? {
         return Ok(0);
     }
     let mut n = 0;
     for name in wanted {
         let (src, dest) = (cache.join(name), archives.join(name));
-        if src.is_file() && !dest.exists() {
-            std::fs::copy(&src, &dest)
+        if src.is_file() && !img.exists(&dest)? {
+            img.copy_in(&src, &dest, 0o644)
                 .with_context(|| format!("copying {name} from the package cache"))?;
             n += 1;
         }
@@ -62,9 +59,15 @@ pub fn seed(cache: &Path, root: &Path, wanted: &[String]) -> Result<usize> {
 /// Copy the packages in the image's archive directory that the cache lacks into it
 /// (under a temporary name, renamed into place, so a reader never sees half a file).
 pub fn collect(cache: &Path, root: &Path) -> Result<usize> {
-    let archives = root.join("var/cache/apt/archives");
+    let img = ImageRoot::open(root)?;
+    let archives = Path::new(ARCHIVES);
     let mut n = 0;
-    for (name, _) in debs(&archives) {
+    let in_image = img.read_dir(archives)?.unwrap_or_default().into_iter();
+    let debs = in_image.filter(|e| e.kind == FileType::RegularFile);
+    for name in debs
+        .map(|e| e.name)
+        .filter(|n| n.to_string_lossy().ends_with(".deb"))
+    {
         let dest = cache.join(&name);
         if dest.exists() {
             continue;
@@ -74,7 +77,7 @@ pub fn collect(cache: &Path, root: &Path) -> Result<usize> {
             name.to_string_lossy(),
             std::process::id()
         ));
-        std::fs::copy(archives.join(&name), &tmp)
+        img.copy_out(archives.join(&name), &tmp)
             .with_context(|| format!("copying {} to the package cache", name.to_string_lossy()))?;
         std::fs::rename(&tmp, &dest)?;
         n += 1;

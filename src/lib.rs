@@ -12,6 +12,7 @@ pub mod cmd;
 pub mod debcache;
 pub mod devmapper;
 pub mod fat;
+pub mod image_root;
 pub mod inflight;
 pub mod log;
 pub mod matrix;

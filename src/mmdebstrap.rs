@@ -10,8 +10,9 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
+use crate::image_root::ImageRoot;
 use crate::plugins::debootstrap::Args;
 
 /// The hook directory that merges /usr where the suite has usr-is-merged, as
@@ -101,25 +102,21 @@ pub fn argv(a: &Args, cache: bool) -> Vec<String> {
 /// automatically-installed marks, and (when vmdb kept them for its cache) the packages
 /// and apt's binary caches.
 pub fn tidy(root: &Path) -> Result<()> {
-    let remove = |p: &Path| match std::fs::remove_file(p) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", p.display()))
-        }
-        _ => Ok(()),
-    };
-    let opt = root.join("etc/dpkg/dpkg.cfg.d/99mmdebstrap");
-    if std::fs::read_to_string(&opt).is_ok_and(|t| t.trim() == "force-unsafe-io") {
-        remove(&opt)?;
+    let img = ImageRoot::open(root)?;
+    let opt = "/etc/dpkg/dpkg.cfg.d/99mmdebstrap";
+    if img
+        .read(opt)?
+        .is_some_and(|t| String::from_utf8_lossy(&t).trim() == "force-unsafe-io")
+    {
+        img.remove_file(opt)?;
     }
-    remove(&root.join("var/lib/apt/extended_states"))?;
-    let cache = root.join("var/cache/apt");
-    remove(&cache.join("pkgcache.bin"))?;
-    remove(&cache.join("srcpkgcache.bin"))?;
-    if let Ok(d) = std::fs::read_dir(cache.join("archives")) {
-        for e in d.flatten() {
-            if e.file_name().to_string_lossy().ends_with(".deb") {
-                remove(&e.path())?;
-            }
+    img.remove_file("/var/lib/apt/extended_states")?;
+    img.remove_file("/var/cache/apt/pkgcache.bin")?;
+    img.remove_file("/var/cache/apt/srcpkgcache.bin")?;
+    let archives = Path::new("/var/cache/apt/archives");
+    for e in img.read_dir(archives)?.unwrap_or_default() {
+        if e.name.to_string_lossy().ends_with(".deb") {
+            img.remove_file(archives.join(&e.name))?;
         }
     }
     Ok(())

@@ -293,10 +293,12 @@ impl Build {
 /// The packages installed in the image whose root is at `root` (from its dpkg
 /// database; dpkg-query of the host reads it, nothing runs in the image).
 pub fn installed_packages(root: &Path) -> Result<Option<Vec<Package>>> {
-    let admindir = root.join("var/lib/dpkg");
-    if !admindir.join("status").is_file() {
+    // Where the image's dpkg database is, inside the image (not through its links).
+    let img = crate::image_root::ImageRoot::open(root)?;
+    if !img.is_file("/var/lib/dpkg/status")? {
         return Ok(None);
     }
+    let admindir = img.host_path("/var/lib/dpkg")?;
     let out = Cmd::new("dpkg-query")
         .arg(format!("--admindir={}", admindir.display()))
         .args([

@@ -642,3 +642,135 @@ fn programs_in_sbin_are_run_without_sbin_in_path() {
         "/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
     );
 }
+
+/// An image whose tree has links of its own (made by a shell step): Debian's absolute
+/// /var/run -> /run, and links naming a directory of the host, absolutely and
+/// relatively (climbing above the root). Every file step, fstab and a mount below the
+/// root resolve them as the image would: what they write lands in the image, where
+/// its links lead there, and nothing on the host changes.
+const LINKS_SPEC: &str = r#"
+steps:
+  - mkimg: "{{ output }}"
+    size: 200M
+  - mklabel: gpt
+    device: "{{ output }}"
+  - mkpart: primary
+    device: "{{ output }}"
+    start: 1M
+    end: 33M
+    fs-type: fat32
+    tag: efi
+  - mkpart: primary
+    device: "{{ output }}"
+    start: 33M
+    end: 100%
+    tag: root
+  - kpartx: "{{ output }}"
+  - mkfs: vfat
+    partition: efi
+  - mkfs: ext4
+    partition: root
+  - mount: root
+  - shell: |
+      mkdir -p "$ROOT/run" "$ROOT/var" "$ROOT/srv/app" "$ROOT/CANARY"
+      ln -s /run "$ROOT/var/run"
+      ln -s CANARY "$ROOT/var/lock"
+      ln -s UPCANARY "$ROOT/var/spool"
+      ln -s CANARY "$ROOT/etc"
+      ln -s CANARY "$ROOT/boot"
+      ln -s CANARY "$ROOT/opt"
+      ln -s UPCANARY "$ROOT/srv/app/sub"
+    root-fs: root
+  - mount: efi
+    mount-on: root
+    dirname: /boot/efi
+  - create-dir: /var/run/RUNDIR
+  - create-file: /var/lock/created
+    contents: "created in the image\n"
+  - copy-file: /var/spool/copied
+    src: input.txt
+  - copy-dir: /opt
+    src: tree
+  - copy-dir: /srv/app
+    src: tree
+  - create-file: /boot/efi/EFI/hello.txt
+    contents: "on the ESP\n"
+  - fstab: root
+"#;
+
+#[test]
+fn links_in_the_image_never_lead_to_the_host() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(d.path()).unwrap();
+    let canary = base.join("canary");
+    std::fs::create_dir(&canary).unwrap();
+    write(&canary, "file", "host");
+    let run_dir = format!("vmdb-imagepaths-test-{}", std::process::id());
+    let host_run_dir = Path::new("/run").join(&run_dir);
+    let c = canary.display().to_string();
+    let up = format!("{}{}", "../".repeat(12), &c[1..]);
+    let spec_text = LINKS_SPEC
+        .replace("UPCANARY", &up)
+        .replace("CANARY", &c)
+        .replace("RUNDIR", &run_dir);
+    let spec = write(&base, "links.vmdb", &spec_text);
+    write(&base, "input.txt", "copied in\n");
+    std::fs::create_dir_all(base.join("tree/sub")).unwrap();
+    write(&base, "tree/top.txt", "top\n");
+    write(&base, "tree/sub/deep.txt", "deep\n");
+    let img = base.join("links.img");
+    let r = run(&[&spec.to_string_lossy(), "--output", &img.to_string_lossy()]);
+    let leaked_run_dir = host_run_dir.exists();
+    let _ = std::fs::remove_dir(&host_run_dir);
+    wait_clean(&base, 5).unwrap();
+
+    // Nothing on the host changed.
+    assert!(!leaked_run_dir, "created {}", host_run_dir.display());
+    assert_eq!(listing(&canary), ["file"], "written through a link");
+    assert_eq!(std::fs::read(canary.join("file")).unwrap(), b"host");
+    assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+
+    // Everything is in the image, where its links lead.
+    let (_, parts) = partitions(&img);
+    let (esp, root) = (base.join("esp.part"), base.join("root.part"));
+    let (s, n) = part_range(&parts[0]);
+    extract(&img, s, n, &esp);
+    let (s, n) = part_range(&parts[1]);
+    extract(&img, s, n, &root);
+    let rs = root.to_string_lossy();
+    tool("e2fsck", &["-fn", &rs]);
+    let cat = |p: &str| tool("debugfs", &["-R", &format!("cat {p}"), &rs]);
+    let stat = |p: &str| tool("debugfs", &["-R", &format!("stat {p}"), &rs]);
+    assert!(stat("/var/run").contains("Type: symlink"));
+    assert!(stat(&format!("/run/{run_dir}")).contains("Type: directory"));
+    assert_eq!(cat(&format!("{c}/created")), "created in the image\n");
+    assert_eq!(cat(&format!("{c}/copied")), "copied in\n");
+    assert_eq!(cat(&format!("{c}/top.txt")), "top\n");
+    assert_eq!(cat(&format!("{c}/sub/deep.txt")), "deep\n");
+    assert_eq!(cat("/srv/app/top.txt"), "top\n");
+    assert!(stat("/srv/app/sub").contains("Type: symlink"));
+    assert_eq!(cat(&format!("{c}/deep.txt")), "deep\n");
+    // The ESP was mounted where /boot/efi is in the image; the file is in its FAT.
+    assert!(stat(&format!("{c}/efi")).contains("Type: directory"));
+    let es = esp.to_string_lossy();
+    let mtype = std::process::Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-i", &es, "::/EFI/hello.txt"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&mtype.stdout), "on the ESP\n");
+    let uuid = |f: &str| {
+        tool("blkid", &["-p", "-s", "UUID", "-o", "value", f])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        cat(&format!("{c}/fstab")),
+        format!(
+            "UUID={} / ext4 errors=remount-ro 0 1\nUUID={} /boot/efi vfat umask=0077 0 2\n",
+            uuid(&rs),
+            uuid(&es)
+        )
+    );
+}

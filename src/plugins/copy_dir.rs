@@ -1,15 +1,15 @@
 //! `copy-dir`: copy a directory tree from the host (relative to the spec) into the image.
 
 use std::fs;
-use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
 use crate::build::Build;
+use crate::image_root::ImageRoot;
 use crate::plugins::create_dir::{
-    Owner, check_image_path, check_owner, check_root_mounted, make_parents, set_owner_mode, target,
+    Owner, check_image_path, check_owner, check_root_mounted, target,
 };
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
@@ -61,58 +61,27 @@ impl Plugin for CopyDir {
     }
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let src = source(&b.opts.spec_dir, step.str("src")?);
-        let (dest, owner) = target(step, b)?;
+        let (img, owner) = target(step, b)?;
         let meta = fs::metadata(&src)
             .with_context(|| format!("cannot read source directory {}", src.display()))?;
         if !meta.is_dir() {
             bail!("source {} is not a directory", src.display());
         }
-        make_parents(&dest)?;
-        let created = ensure_dir(&dest, meta.mode() & 0o7777)?;
-        copy_tree(&src, &dest, owner)?;
+        let dest = Path::new(step.arg());
+        let (dir, created) = img.create_dir_all(dest, meta.mode() & 0o7777)?;
+        copy_tree(&img, &src, dest, owner)?;
         let perm = step.int("perm").map(|m| m as u32);
         let perm = perm.or(created.then_some(meta.mode() & 0o7777));
-        set_owner_mode(&dest, owner, perm)
+        img.set_owner_mode(&dir, dest, Some(owner.ids()), perm)
     }
 }
 
-/// Make `dir` a directory (an existing one, or a symlink to one, is used as it is).
-/// Returns whether it was created.
-fn ensure_dir(dir: &Path, mode: u32) -> Result<bool> {
-    match fs::metadata(dir) {
-        Ok(m) if m.is_dir() => return Ok(false),
-        Ok(_) => bail!("cannot copy into {}: it is not a directory", dir.display()),
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("examining {}", dir.display())),
-    }
-    if fs::symlink_metadata(dir).is_ok() {
-        // A dangling symlink: replace it rather than create its target outside.
-        fs::remove_file(dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    fs::DirBuilder::new()
-        .mode(mode)
-        .create(dir)
-        .with_context(|| format!("creating directory {}", dir.display()))?;
-    Ok(true)
-}
-
-/// Remove a file or symlink at `path` if there is one; a directory is an error.
-fn clear(path: &Path) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => bail!(
-            "cannot copy over {}: it is a directory in the image",
-            path.display()
-        ),
-        Ok(_) => fs::remove_file(path).with_context(|| format!("removing {}", path.display())),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("examining {}", path.display())),
-    }
-}
-
-/// Copy the entries of `src` into the directory `dest`: files and directories keep their
-/// modes, symlinks are copied as symlinks, and every created entry gets `owner`.
-/// Directories that already exist in the image are merged into and keep mode and owner.
-fn copy_tree(src: &Path, dest: &Path, owner: Owner) -> Result<()> {
+/// Copy the entries of `src` into the image's directory `dest`: files and directories
+/// keep their modes, symlinks are copied as symlinks, and every created entry gets
+/// `owner`. Directories that already exist in the image (or symlinks to directories in
+/// it) are merged into and keep mode and owner; files and symlinks in the way are
+/// replaced. Every path is resolved inside the image (see src/image_root.rs).
+fn copy_tree(img: &ImageRoot, src: &Path, dest: &Path, owner: Owner) -> Result<()> {
     let mut entries = fs::read_dir(src)
         .with_context(|| format!("reading directory {}", src.display()))?
         .collect::<std::io::Result<Vec<_>>>()
@@ -126,22 +95,20 @@ fn copy_tree(src: &Path, dest: &Path, owner: Owner) -> Result<()> {
         let ft = m.file_type();
         let mode = m.mode() & 0o7777;
         if ft.is_dir() {
-            if ensure_dir(&to, mode)? {
-                set_owner_mode(&to, owner, Some(mode))?;
+            let (dir, created) = img.create_dir_all(&to, mode)?;
+            if created {
+                img.set_owner_mode(&dir, &to, Some(owner.ids()), Some(mode))?;
             }
-            copy_tree(&from, &to, owner)?;
+            copy_tree(img, &from, &to, owner)?;
         } else if ft.is_symlink() {
             let link =
                 fs::read_link(&from).with_context(|| format!("reading link {}", from.display()))?;
-            clear(&to)?;
-            std::os::unix::fs::symlink(&link, &to)
-                .with_context(|| format!("creating symlink {}", to.display()))?;
-            set_owner_mode(&to, owner, None)?;
+            img.symlink(&link, &to)?;
+            img.lchown(&to, owner.uid, owner.gid)?;
         } else if ft.is_file() {
-            clear(&to)?;
-            fs::copy(&from, &to)
-                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-            set_owner_mode(&to, owner, Some(mode))?;
+            let mut f =
+                fs::File::open(&from).with_context(|| format!("reading {}", from.display()))?;
+            img.write_file(&to, &mut f, mode, Some(owner.ids()))?;
         } else {
             bail!(
                 "cannot copy {}: not a file, directory or symlink",
@@ -156,7 +123,9 @@ fn copy_tree(src: &Path, dest: &Path, owner: Owner) -> Result<()> {
 mod tests {
     use super::*;
     use crate::plugins::test_build_with_root;
-    use crate::plugins::testing::{is_root, plan_with_root, step_errors, validate_step};
+    use crate::plugins::testing::{
+        Canary, is_root, own_ids, plan_with_root, plant_link, step_errors, validate_step,
+    };
     use std::os::unix::fs::PermissionsExt;
 
     fn chmod(p: &Path, mode: u32) {
@@ -248,6 +217,47 @@ mod tests {
         let m = fs::symlink_metadata(dest.join("sub/b.txt")).unwrap();
         assert!(m.is_file());
         assert_eq!(m.mode() & 0o7777, 0o600);
+    }
+
+    #[test]
+    fn links_lead_where_the_image_sees_them_never_to_the_host() {
+        let canary = Canary::new();
+        let spec_dir = source_tree();
+        let (mut b, root) = test_build_with_root();
+        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        let r = root.path();
+        let inside = canary.inside(r);
+        let to_canary = canary.path.display().to_string();
+        // A link in a parent of the destination, and the destination itself a link.
+        plant_link(r, "usr/local", &to_canary);
+        plant_link(r, "srv", &canary.escaping());
+        // Links inside the destination, where the copied tree has a directory.
+        fs::create_dir_all(r.join("etc/app")).unwrap();
+        plant_link(r, "etc/app/sub", &to_canary);
+        plant_link(r, "home/sub", &canary.escaping());
+        for dest in ["/usr/local/app", "/srv", "/etc/app", "/home"] {
+            let yaml = format!("copy-dir: {dest}\nsrc: overlay\n{}", own_ids());
+            CopyDir.run(&step(&yaml, spec_dir.path()), &mut b).unwrap();
+        }
+        canary.assert_untouched();
+        // Each lands where the image's links lead, inside the image.
+        assert_eq!(
+            fs::read(inside.join("app/sub/b.txt")).unwrap(),
+            [0u8, 1, 2, 255]
+        );
+        assert_eq!(
+            fs::read(inside.join("a.sh")).unwrap(),
+            b"#!/bin/sh\necho a\n"
+        );
+        assert_eq!(fs::read(inside.join("b.txt")).unwrap(), [0u8, 1, 2, 255]);
+        assert_eq!(
+            fs::read(r.join("etc/app/a.sh")).unwrap(),
+            b"#!/bin/sh\necho a\n"
+        );
+        assert_eq!(
+            fs::read(r.join("home/a.sh")).unwrap(),
+            b"#!/bin/sh\necho a\n"
+        );
     }
 
     #[test]

@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 
 use crate::build::Build;
 use crate::plugins::create_dir::{check_image_path, check_owner, check_root_mounted, mode, target};
-use crate::plugins::create_file::write_file;
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct CopyFile;
@@ -53,10 +52,10 @@ impl Plugin for CopyFile {
     }
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let src = source(&b.opts.spec_dir, step.str("src")?);
-        let (path, owner) = target(step, b)?;
+        let (img, owner) = target(step, b)?;
         let mut f = std::fs::File::open(&src)
             .with_context(|| format!("cannot read source file {}", src.display()))?;
-        write_file(&path, &mut f, owner, mode(step, "perm"))
+        img.write_file(step.arg(), &mut f, mode(step, "perm"), Some(owner.ids()))
     }
 }
 
@@ -64,7 +63,9 @@ impl Plugin for CopyFile {
 mod tests {
     use super::*;
     use crate::plugins::test_build_with_root;
-    use crate::plugins::testing::{is_root, plan_with_root, step_errors, validate_step};
+    use crate::plugins::testing::{
+        Canary, is_root, own_ids, plan_with_root, plant_link, step_errors, validate_step,
+    };
     use std::fs;
     use std::os::unix::fs::MetadataExt;
 
@@ -103,6 +104,35 @@ mod tests {
         let m = fs::metadata(root.path().join("blob")).unwrap();
         assert_eq!(m.mode() & 0o7777, 0o644);
         assert_eq!((m.uid(), m.gid()), (0, 0));
+    }
+
+    #[test]
+    fn links_lead_where_the_image_sees_them_never_to_the_host() {
+        let canary = Canary::new();
+        let spec_dir = tempfile::tempdir().unwrap();
+        fs::write(spec_dir.path().join("src"), "from the spec").unwrap();
+        let mut plan = plan_with_root();
+        plan.spec_dir = spec_dir.path().to_path_buf();
+        let (mut b, root) = test_build_with_root();
+        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        let r = root.path();
+        let inside = canary.inside(r);
+        plant_link(r, "var/run", &canary.path.display().to_string());
+        plant_link(r, "opt", &canary.escaping());
+        plant_link(
+            r,
+            "etc/issue",
+            &canary.path.join("file").display().to_string(),
+        );
+        for dest in ["/var/run/a", "/opt/b", "/etc/issue"] {
+            let yaml = format!("copy-file: {dest}\nsrc: src\n{}", own_ids());
+            let step = validate_step(&yaml, &mut plan).unwrap();
+            CopyFile.run(&step, &mut b).unwrap();
+        }
+        canary.assert_untouched();
+        assert_eq!(fs::read(inside.join("a")).unwrap(), b"from the spec");
+        assert_eq!(fs::read(inside.join("b")).unwrap(), b"from the spec");
+        assert_eq!(fs::read(r.join("etc/issue")).unwrap(), b"from the spec");
     }
 
     #[test]

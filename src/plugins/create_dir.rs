@@ -1,17 +1,13 @@
 //! `create-dir`: make a directory in the image, with its missing parents.
 //!
 //! Also holds what the file steps (create-file, copy-file, copy-dir) share: checking that
-//! a root filesystem is mounted, owner and mode keys, and making missing parents.
+//! a root filesystem is mounted, owner and mode keys, and the image they write into
+//! (paths resolved inside it, see src/image_root.rs).
 
-use std::fs;
-use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::build::Build;
-use crate::state::in_image;
+use crate::image_root::{ImageRoot, check_path};
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct CreateDir;
@@ -43,25 +39,10 @@ impl Plugin for CreateDir {
         check_root_mounted(c);
     }
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
-        let (path, owner) = target(step, b)?;
+        let (img, owner) = target(step, b)?;
         let mode = mode(step, "perm");
-        make_parents(&path)?;
-        match fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => bail!(
-                "cannot create directory {}: {} exists and is not a directory",
-                step.arg(),
-                path.display()
-            ),
-            Err(e) if e.kind() == ErrorKind::NotFound => fs::DirBuilder::new()
-                .mode(mode)
-                .create(&path)
-                .with_context(|| format!("creating directory {}", path.display()))?,
-            Err(e) => {
-                return Err(e).with_context(|| format!("examining {}", path.display()));
-            }
-        }
-        set_owner_mode(&path, owner, Some(mode))
+        let (dir, _) = img.create_dir_all(step.arg(), mode)?;
+        img.set_owner_mode(&dir, step.arg(), Some(owner.ids()), Some(mode))
     }
 }
 
@@ -83,6 +64,10 @@ impl Owner {
             gid: id("gid")?,
         })
     }
+
+    pub(crate) fn ids(self) -> (u32, u32) {
+        (self.uid, self.gid)
+    }
 }
 
 /// A Mode key's value (validation guarantees it fits in 0o7777).
@@ -90,11 +75,10 @@ pub(crate) fn mode(step: &Step, key: &str) -> u32 {
     step.int(key).unwrap_or(0) as u32
 }
 
-/// The host path of the step's image path, and the owner to give it.
-pub(crate) fn target(step: &Step, b: &Build) -> Result<(PathBuf, Owner)> {
-    let root = b.state.root_dir()?;
-    let path = in_image(root, step.arg())?;
-    Ok((path, Owner::of(step)?))
+/// The image the step writes into (its root filesystem), and the owner to give.
+pub(crate) fn target(step: &Step, b: &Build) -> Result<(ImageRoot, Owner)> {
+    let img = ImageRoot::open(b.state.root_dir()?)?;
+    Ok((img, Owner::of(step)?))
 }
 
 /// The step's value must be a usable path in the image.
@@ -103,7 +87,7 @@ pub(crate) fn check_image_path(c: &mut Check) {
     let kind = c.step.kind;
     if arg.trim().is_empty() {
         c.err(kind, "expected a path in the image, found an empty string");
-    } else if let Err(e) = in_image(Path::new("/"), arg) {
+    } else if let Err(e) = check_path(arg) {
         c.err(kind, e.to_string());
     }
 }
@@ -133,57 +117,13 @@ pub(crate) fn check_root_mounted(c: &mut Check) {
     }
 }
 
-/// Create the missing parent directories of `path`, each with mode 0755 owned by root.
-pub(crate) fn make_parents(path: &Path) -> Result<()> {
-    let mut missing = Vec::new();
-    for dir in path.ancestors().skip(1) {
-        match fs::metadata(dir) {
-            Ok(m) if m.is_dir() => break,
-            Ok(_) => bail!(
-                "cannot create {}: {} is not a directory",
-                path.display(),
-                dir.display()
-            ),
-            Err(e) if e.kind() == ErrorKind::NotFound => missing.push(dir),
-            Err(e) => return Err(e).with_context(|| format!("examining {}", dir.display())),
-        }
-    }
-    for dir in missing.into_iter().rev() {
-        fs::DirBuilder::new()
-            .mode(0o755)
-            .create(dir)
-            .with_context(|| format!("creating directory {}", dir.display()))?;
-        // The umask may have taken bits away.
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("setting the mode of {}", dir.display()))?;
-    }
-    Ok(())
-}
-
-/// Give `path` (not following a symlink) an owner, then a mode (after chown, which
-/// would clear set-id bits). Symlinks have no mode of their own.
-pub(crate) fn set_owner_mode(path: &Path, owner: Owner, mode: Option<u32>) -> Result<()> {
-    std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid)).with_context(|| {
-        format!(
-            "changing the owner of {} to {}:{}",
-            path.display(),
-            owner.uid,
-            owner.gid
-        )
-    })?;
-    if let Some(mode) = mode {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("setting the mode of {} to {mode:04o}", path.display()))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugins::testing::{is_root, step_errors};
+    use crate::plugins::testing::{Canary, is_root, own_ids, plant_link, step_errors};
     use crate::plugins::{test_build_with_root, test_step};
-    use std::os::unix::fs::MetadataExt;
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn run(yaml: &str, b: &mut Build) -> Result<()> {
         CreateDir.run(&test_step(yaml), b)
@@ -231,10 +171,48 @@ mod tests {
     fn a_file_in_the_way_is_an_error() {
         let (mut b, root) = test_build_with_root();
         fs::write(root.path().join("etc"), "x").unwrap();
-        let e = run("create-dir: /etc", &mut b).unwrap_err().to_string();
-        assert!(e.contains("exists and is not a directory"), "{e}");
-        let e = run("create-dir: /etc/x", &mut b).unwrap_err().to_string();
-        assert!(e.ends_with("etc is not a directory"), "{e}");
+        let e = run("create-dir: /etc", &mut b).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot create the directory /etc in the image: /etc exists and is not a directory"
+        );
+        let e = run("create-dir: /etc/x", &mut b).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot create the directory /etc/x in the image: /etc is not a directory"
+        );
+    }
+
+    #[test]
+    fn links_lead_where_the_image_sees_them_never_to_the_host() {
+        let canary = Canary::new();
+        let (mut b, root) = test_build_with_root();
+        let r = root.path();
+        let inside = canary.inside(r);
+        // Absolute, as Debian's /var/run -> /run, and relative, climbing out.
+        plant_link(r, "var/run", &canary.path.display().to_string());
+        plant_link(r, "var/lock", &canary.escaping());
+        // The last component, a link to the host's directory.
+        plant_link(r, "srv", &canary.path.display().to_string());
+        let mode_before = fs::metadata(&canary.path).unwrap().mode();
+        let results: Vec<Result<()>> = ["/var/run/a", "/var/lock/b/c", "/srv"]
+            .iter()
+            .map(|dir| {
+                run(
+                    &format!("create-dir: {dir}\nperm: 0700\n{}", own_ids()),
+                    &mut b,
+                )
+            })
+            .collect();
+        canary.assert_untouched();
+        for r in results {
+            r.unwrap();
+        }
+        assert!(inside.join("a").is_dir());
+        assert!(inside.join("b/c").is_dir());
+        // /srv leads to the canary's path in the image, which got the mode.
+        assert_eq!(fs::metadata(&inside).unwrap().mode() & 0o7777, 0o700);
+        assert_eq!(fs::metadata(&canary.path).unwrap().mode(), mode_before);
     }
 
     #[test]

@@ -1,17 +1,9 @@
 //! `create-file`: write a file with given contents into the image.
 
-use std::fs;
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
-
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 
 use crate::build::Build;
-use crate::plugins::create_dir::{
-    Owner, check_image_path, check_owner, check_root_mounted, make_parents, mode, set_owner_mode,
-    target,
-};
+use crate::plugins::create_dir::{check_image_path, check_owner, check_root_mounted, mode, target};
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct CreateFile;
@@ -44,44 +36,26 @@ impl Plugin for CreateFile {
         check_root_mounted(c);
     }
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
-        let (path, owner) = target(step, b)?;
+        let (img, owner) = target(step, b)?;
         let mut contents = step.str("contents")?.as_bytes();
-        write_file(&path, &mut contents, owner, mode(step, "perm"))
+        // A symlink at the path is replaced, never followed (see ImageRoot::write_file).
+        img.write_file(
+            step.arg(),
+            &mut contents,
+            mode(step, "perm"),
+            Some(owner.ids()),
+        )
     }
-}
-
-/// Write a regular file at `path` (creating missing parents), replacing whatever file or
-/// symlink is there: a symlink in the image is never followed out to the host.
-pub(crate) fn write_file(path: &Path, data: &mut dyn Read, owner: Owner, mode: u32) -> Result<()> {
-    make_parents(path)?;
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => bail!("cannot write {}: it is a directory", path.display()),
-        Ok(m) if m.file_type().is_symlink() => fs::remove_file(path)
-            .with_context(|| format!("removing the symlink {}", path.display()))?,
-        Ok(_) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("examining {}", path.display())),
-    }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    std::io::copy(data, &mut f).with_context(|| format!("writing {}", path.display()))?;
-    f.flush()
-        .with_context(|| format!("writing {}", path.display()))?;
-    drop(f);
-    set_owner_mode(path, owner, Some(mode))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugins::testing::{is_root, plan_with_root, step_errors};
+    use crate::plugins::testing::{
+        Canary, is_root, own_ids, plan_with_root, plant_link, step_errors,
+    };
     use crate::plugins::{test_build_with_root, test_step};
+    use std::fs;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn run(yaml: &str, b: &mut Build) -> Result<()> {
@@ -161,10 +135,74 @@ mod tests {
     fn a_directory_in_the_way_is_an_error() {
         let (mut b, root) = test_build_with_root();
         fs::create_dir(root.path().join("d")).unwrap();
-        let e = run("create-file: /d\ncontents: x", &mut b)
-            .unwrap_err()
-            .to_string();
-        assert!(e.ends_with("/d: it is a directory"), "{e}");
+        let e = run("create-file: /d\ncontents: x", &mut b).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot write /d in the image: it is a directory"
+        );
+    }
+
+    #[test]
+    fn links_lead_where_the_image_sees_them_never_to_the_host() {
+        let canary = Canary::new();
+        let (mut b, root) = test_build_with_root();
+        let r = root.path();
+        let inside = canary.inside(r);
+        // Absolute, as Debian's /var/lock -> /run/lock, and relative, climbing out.
+        plant_link(r, "var/lock", &canary.path.display().to_string());
+        plant_link(r, "var/tmp", &canary.escaping());
+        // The last component, a link to the host's file.
+        plant_link(
+            r,
+            "etc/motd",
+            &canary.path.join("file").display().to_string(),
+        );
+        for (file, text) in [
+            ("/var/lock/a", "A"),
+            ("/var/tmp/b/c", "C"),
+            ("/etc/motd", "M"),
+        ] {
+            let yaml = format!("create-file: {file}\ncontents: {text}\n{}", own_ids());
+            run(&yaml, &mut b).unwrap();
+        }
+        canary.assert_untouched();
+        assert_eq!(fs::read(inside.join("a")).unwrap(), b"A");
+        assert_eq!(fs::read(inside.join("b/c")).unwrap(), b"C");
+        assert_eq!(fs::read(r.join("etc/motd")).unwrap(), b"M");
+        assert!(fs::symlink_metadata(r.join("etc/motd")).unwrap().is_file());
+    }
+
+    #[test]
+    fn host_filesystems_mounted_in_the_image_are_refused() {
+        // A build mounts the host's /dev in the image (virtual-filesystems, chroot
+        // steps); here the image's /dev is a link to the host's, which in the image
+        // leads to its own /dev: bind-mount the host's there.
+        if !is_root("create-file host_filesystems_mounted_in_the_image_are_refused") {
+            return;
+        }
+        let (mut b, root) = test_build_with_root();
+        let r = std::fs::canonicalize(root.path()).unwrap();
+        let _guard = crate::chroot::testing::Unmounter(r.clone());
+        fs::create_dir(r.join("dev")).unwrap();
+        nix::mount::mount(
+            Some("/dev"),
+            &r.join("dev"),
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let r = run("create-file: /dev/vmdb-test-file\ncontents: x", &mut b);
+        let leaked = std::path::Path::new("/dev/vmdb-test-file");
+        let wrote_on_the_host = leaked.exists();
+        let _ = fs::remove_file(leaked);
+        assert!(!wrote_on_the_host, "wrote in the host's /dev");
+        let e = r.unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot write /dev/vmdb-test-file in the image: \
+             /dev/vmdb-test-file is in the host's /dev (mounted in the image)"
+        );
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! `fstab`: write the image's /etc/fstab from the mounted filesystems, by UUID.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::build::Build;
-use crate::state::{Tag, in_image};
+use crate::image_root::ImageRoot;
+use crate::state::Tag;
 use crate::step::{Check, Kind, Plugin, Step, StepSpec};
 
 pub struct Fstab;
@@ -32,12 +33,9 @@ impl Plugin for Fstab {
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
-        let root = b.state.mount_point(step.arg())?.to_path_buf();
+        let img = ImageRoot::open(b.state.mount_point(step.arg())?)?;
         let text = fstab_text(&b.state.tags);
-        let path = in_image(&root, "/etc/fstab")?;
-        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        img.write_file("/etc/fstab", &mut text.as_bytes(), 0o644, None)
     }
 }
 
@@ -78,6 +76,7 @@ pub fn fstab_text(tags: &[Tag]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plugins::testing::{Canary, plant_link, test_build_with_root, test_step};
 
     fn tag(name: &str, fs: &str, uuid: &str, target: Option<&str>) -> Tag {
         Tag {
@@ -103,5 +102,40 @@ mod tests {
              UUID=AB12-CD34 /boot/efi vfat umask=0077 0 2\n\
              UUID=2222 none swap sw 0 0\n"
         );
+    }
+
+    #[test]
+    fn written_inside_the_image_whatever_its_etc_links_to() {
+        for absolute in [true, false] {
+            let canary = Canary::new();
+            let (mut b, root) = test_build_with_root();
+            let r = root.path();
+            let inside = canary.inside(r);
+            let target = match absolute {
+                true => canary.path.display().to_string(),
+                false => canary.escaping(),
+            };
+            plant_link(r, "etc", &target);
+            b.state.tag_mut("/").unwrap().fs_uuid = Some("1111".into());
+            Fstab.run(&test_step("fstab: /"), &mut b).unwrap();
+            canary.assert_untouched();
+            assert_eq!(
+                std::fs::read_to_string(inside.join("fstab")).unwrap(),
+                "UUID=1111 / ext4 errors=remount-ro 0 1\n"
+            );
+        }
+    }
+
+    #[test]
+    fn a_link_at_etc_fstab_is_replaced() {
+        let canary = Canary::new();
+        let (mut b, root) = test_build_with_root();
+        let host_file = canary.path.join("file").display().to_string();
+        plant_link(root.path(), "etc/fstab", &host_file);
+        Fstab.run(&test_step("fstab: /"), &mut b).unwrap();
+        canary.assert_untouched();
+        let f = root.path().join("etc/fstab");
+        assert!(std::fs::symlink_metadata(&f).unwrap().is_file());
+        assert_eq!(std::fs::read(&f).unwrap(), b"\n");
     }
 }

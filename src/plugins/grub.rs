@@ -17,7 +17,8 @@ use anyhow::{Context, Result, bail};
 use crate::blockdev::table;
 use crate::build::Build;
 use crate::cmd::Cmd;
-use crate::state::{Tag, in_image};
+use crate::image_root::ImageRoot;
+use crate::state::Tag;
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Grub;
@@ -149,13 +150,12 @@ impl Plugin for Grub {
             .fs_type
             .clone()
             .unwrap_or_else(|| "ext4".into());
-        let kernel = latest_kernel(&in_image(&root_dir, "/boot")?)?;
+        let img = ImageRoot::open(&root_dir)?;
+        let kernel = latest_kernel(&img)?;
         let arch = crate::binfmt::image_arch(&root_dir)?.unwrap_or_default();
         let params = kernel_params(step, &root_uuid, &arch);
         let cfg = grub_cfg(&kernel, boot_prefix, &boot_uuid, &params, step);
-        let grub_dir = in_image(&root_dir, "/boot/grub")?;
-        std::fs::create_dir_all(&grub_dir)?;
-        std::fs::write(grub_dir.join("grub.cfg"), cfg).context("writing grub.cfg")?;
+        img.write_file("/boot/grub/grub.cfg", &mut cfg.as_bytes(), 0o644, None)?;
 
         let disk = match step.opt_str("image-dev") {
             Some(d) => PathBuf::from(d),
@@ -165,7 +165,7 @@ impl Plugin for Grub {
                 .context("the root filesystem is not on a partition of a disk")?,
         };
         match step.arg() {
-            "bios" => install_bios(b, &disk, &root_dir, &boot_fs),
+            "bios" => install_bios(b, &disk, &img, &boot_fs),
             _ => {
                 let efi = b.state.tag(step.str("efi")?)?.clone();
                 install_uefi(b, &efi, &root_dir, &boot_uuid, boot_prefix, &boot_fs)
@@ -182,21 +182,50 @@ impl Plugin for Grub {
 /// GRUB's BIOS modules, which grub-install copies into the image.
 const BIOS_MODULES: &str = "/usr/lib/grub/i386-pc";
 
-fn install_bios(b: &mut Build, disk: &Path, root_dir: &Path, boot_fs: &str) -> Result<()> {
+fn install_bios(b: &mut Build, disk: &Path, img: &ImageRoot, boot_fs: &str) -> Result<()> {
+    let boot_dir = boot_dir_for_grub_install(img)?;
     let dev = b.disk_device(disk)?;
     let modules = format!("part_msdos part_gpt {}", grub_fs_module(boot_fs));
     Cmd::new("grub-install")
         .arg("--target=i386-pc")
-        .arg(format!(
-            "--boot-directory={}",
-            in_image(root_dir, "/boot")?.display()
-        ))
+        .arg(format!("--boot-directory={}", boot_dir.display()))
         .arg(format!("--modules={modules}"))
         .arg("--no-floppy")
         .arg(&dev)
         .run()
         .context("installing GRUB for BIOS")?;
     Ok(())
+}
+
+/// The host path of the image's /boot for grub-install, which runs on the host and
+/// writes below /boot/grub following links as the host sees them: there must be none.
+fn boot_dir_for_grub_install(img: &ImageRoot) -> Result<PathBuf> {
+    use rustix::fs::FileType;
+    img.create_dir_all("/boot/grub", 0o755)?;
+    let grub = PathBuf::from("/boot/grub");
+    if img.kind_nofollow(&grub)? != Some(FileType::Directory) {
+        return Err(link_refused(&grub));
+    }
+    let mut dirs = vec![grub];
+    while let Some(dir) = dirs.pop() {
+        for e in img.read_dir(&dir)?.unwrap_or_default() {
+            let p = dir.join(&e.name);
+            match e.kind {
+                FileType::Symlink => return Err(link_refused(&p)),
+                FileType::Directory => dirs.push(p),
+                _ => {}
+            }
+        }
+    }
+    img.host_path("/boot")
+}
+
+fn link_refused(p: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot install GRUB: {} in the image is a symbolic link, which grub-install \
+         would follow on the host",
+        p.display()
+    )
 }
 
 fn install_uefi(
@@ -215,7 +244,8 @@ fn install_uefi(
         "arm64" => ("arm64-efi", "BOOTAA64.EFI", "grub-efi-arm64-bin"),
         other => bail!("no UEFI GRUB platform known for architecture '{other}'"),
     };
-    let lib = match efi_modules(root_dir, platform, pkg) {
+    let img = ImageRoot::open(root_dir)?;
+    let lib = match efi_modules(&img, platform, pkg) {
         Ok(lib) => lib,
         Err(_) => {
             // As vmdb2 does: install GRUB for the image's platform in the image.
@@ -223,16 +253,18 @@ fn install_uefi(
                 "  the host has no GRUB modules for {platform}: installing {pkg} in the image"
             ));
             crate::plugins::apt::install(b, root_dir, &[pkg.to_string()], false, true, APT_OWNER)?;
-            efi_modules(root_dir, platform, pkg)?
+            efi_modules(&img, platform, pkg)?
         }
     };
     // Modules beside grub.cfg, so that insmod works after the early config hands over.
-    let mod_dir = in_image(root_dir, &format!("/boot/grub/{platform}"))?;
-    std::fs::create_dir_all(&mod_dir)?;
+    let mod_dir = PathBuf::from(format!("/boot/grub/{platform}"));
+    img.create_dir_all(&mod_dir, 0o755)?;
     for e in std::fs::read_dir(&lib)?.flatten() {
         let p = e.path();
         if matches!(p.extension().and_then(|x| x.to_str()), Some("mod" | "lst")) {
-            std::fs::copy(&p, mod_dir.join(e.file_name()))?;
+            let mut f =
+                std::fs::File::open(&p).with_context(|| format!("reading {}", p.display()))?;
+            img.write_file(mod_dir.join(e.file_name()), &mut f, 0o644, None)?;
         }
     }
     let scratch = b.scratch_dir("grub-")?;
@@ -282,9 +314,11 @@ fn install_uefi(
     // Into the ESP: through its mount point if it has one, else straight into the FAT.
     match &efi.mount_point {
         Some(point) => {
-            let dest = point.join("EFI/BOOT");
-            std::fs::create_dir_all(&dest)?;
-            std::fs::copy(boot_dir.join(loader), dest.join(loader))?;
+            let src = boot_dir.join(loader);
+            let mut f =
+                std::fs::File::open(&src).with_context(|| format!("reading {}", src.display()))?;
+            let esp = ImageRoot::open(point)?;
+            esp.write_file(format!("/EFI/BOOT/{loader}"), &mut f, 0o644, None)?;
         }
         None => {
             let disk = efi.disk.clone().context("the EFI tag is not a partition")?;
@@ -303,17 +337,15 @@ fn install_uefi(
 /// The directory of GRUB's modules for `platform`: the host's, else the image's. Debian
 /// builds grub-efi-arm64-bin for arm64 only, so an amd64 host cannot install it; an
 /// arm64 image can (and the host's grub-mkimage makes images for every platform).
-fn efi_modules(root_dir: &Path, platform: &str, pkg: &str) -> Result<PathBuf> {
+fn efi_modules(img: &ImageRoot, platform: &str, pkg: &str) -> Result<PathBuf> {
     let host = PathBuf::from("/usr/lib/grub").join(platform);
     if host.join("kernel.img").is_file() {
         return Ok(host);
     }
-    let image = in_image(root_dir, &format!("/usr/lib/grub/{platform}"))?;
-    if image.join("kernel.img").is_file() {
-        crate::log::verbose(&format!(
-            "  using the image's GRUB modules in /usr/lib/grub/{platform}"
-        ));
-        return Ok(image);
+    let image = format!("/usr/lib/grub/{platform}");
+    if img.is_file(format!("{image}/kernel.img"))? {
+        crate::log::verbose(&format!("  using the image's GRUB modules in {image}"));
+        return img.host_path(&image);
     }
     bail!(
         "GRUB's {platform} modules are neither on the host ({}) nor in the image: install \
@@ -346,13 +378,14 @@ fn image_arch(root: &Path) -> Result<String> {
         .context("base-files is not in the image's dpkg status (is Debian installed in it?)")
 }
 
-/// The newest vmlinuz-VERSION in `boot`, as (kernel file, initrd file if any).
-fn latest_kernel(boot: &Path) -> Result<(String, Option<String>)> {
-    let mut versions: Vec<String> = std::fs::read_dir(boot)
-        .with_context(|| format!("reading {}", boot.display()))?
-        .flatten()
+/// The newest vmlinuz-VERSION in the image's /boot, as (kernel file, initrd file if any).
+fn latest_kernel(img: &ImageRoot) -> Result<(String, Option<String>)> {
+    let mut versions: Vec<String> = img
+        .read_dir("/boot")?
+        .unwrap_or_default()
+        .into_iter()
         .filter_map(|e| {
-            e.file_name()
+            e.name
                 .to_str()
                 .and_then(|n| n.strip_prefix("vmlinuz-"))
                 .map(str::to_string)
@@ -365,7 +398,7 @@ fn latest_kernel(boot: &Path) -> Result<(String, Option<String>)> {
         );
     };
     let initrd = format!("initrd.img-{v}");
-    let initrd = boot.join(&initrd).exists().then_some(initrd);
+    let initrd = img.exists(format!("/boot/{initrd}"))?.then_some(initrd);
     Ok((format!("vmlinuz-{v}"), initrd))
 }
 
@@ -435,16 +468,17 @@ mod tests {
     #[test]
     fn newest_kernel_wins() {
         let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("boot")).unwrap();
         for f in [
             "vmlinuz-6.1.0-9-amd64",
             "vmlinuz-6.1.0-10-amd64",
             "initrd.img-6.1.0-10-amd64",
             "config-6.1.0-10-amd64",
         ] {
-            std::fs::write(d.path().join(f), b"").unwrap();
+            std::fs::write(d.path().join("boot").join(f), b"").unwrap();
         }
         assert_eq!(
-            latest_kernel(d.path()).unwrap(),
+            latest_kernel(&ImageRoot::open(d.path()).unwrap()).unwrap(),
             (
                 "vmlinuz-6.1.0-10-amd64".to_string(),
                 Some("initrd.img-6.1.0-10-amd64".to_string())
@@ -452,7 +486,7 @@ mod tests {
         );
         let empty = tempfile::tempdir().unwrap();
         assert!(
-            latest_kernel(empty.path())
+            latest_kernel(&ImageRoot::open(empty.path()).unwrap())
                 .unwrap_err()
                 .to_string()
                 .contains("no kernel in /boot")
@@ -504,7 +538,8 @@ mod tests {
     #[test]
     fn efi_modules_from_the_image_when_the_host_has_none() {
         let d = tempfile::tempdir().unwrap();
-        let e = efi_modules(d.path(), "no-such-efi", "grub-efi-nope-bin")
+        let img = ImageRoot::open(d.path()).unwrap();
+        let e = efi_modules(&img, "no-such-efi", "grub-efi-nope-bin")
             .unwrap_err()
             .to_string();
         assert_eq!(
@@ -513,13 +548,72 @@ mod tests {
              nor in the image: install grub-efi-nope-bin on the host, or in the image (an apt \
              step before this one)"
         );
-        let lib = d.path().join("usr/lib/grub/no-such-efi");
+        let lib = img.host_root().join("usr/lib/grub/no-such-efi");
         std::fs::create_dir_all(&lib).unwrap();
         std::fs::write(lib.join("kernel.img"), b"").unwrap();
         assert_eq!(
-            efi_modules(d.path(), "no-such-efi", "grub-efi-nope-bin").unwrap(),
+            efi_modules(&img, "no-such-efi", "grub-efi-nope-bin").unwrap(),
             lib
         );
+    }
+
+    /// A build whose root (a temporary directory) has a kernel in /boot and a UUID; its
+    /// disk does not exist, so nothing reaches grub-install.
+    fn build_with_kernel() -> (Build, tempfile::TempDir) {
+        let (mut b, root) = crate::plugins::testing::test_build_with_root();
+        let t = b.state.tag_mut("/").unwrap();
+        t.fs_uuid = Some("1234".into());
+        t.disk = Some(root.path().join("no-such-disk.img"));
+        (b, root)
+    }
+
+    #[test]
+    fn grub_cfg_goes_where_the_images_links_lead() {
+        use crate::plugins::testing::{Canary, plant_link, test_step};
+        let step = test_step("grub: bios\ntag: /");
+        // /boot itself a link to the host's canary (which has no kernel): in the image
+        // it leads to the canary's path there, which has one.
+        let canary = Canary::new();
+        let (mut b, root) = build_with_kernel();
+        let inside = canary.inside(root.path());
+        std::fs::write(inside.join("vmlinuz-6.1.0-10-amd64"), b"").unwrap();
+        plant_link(root.path(), "boot", &canary.path.display().to_string());
+        let e = Grub.run(&step, &mut b).unwrap_err();
+        canary.assert_untouched();
+        let cfg = std::fs::read_to_string(inside.join("grub/grub.cfg")).unwrap();
+        assert!(
+            cfg.contains("    linux /boot/vmlinuz-6.1.0-10-amd64 root=UUID=1234 ro"),
+            "{cfg}"
+        );
+        // It went on to grub-install's disk, which is missing.
+        assert!(format!("{e:#}").contains("no-such-disk.img"), "{e:#}");
+
+        // /boot/grub a link: grub.cfg goes inside the image, and grub-install, which
+        // would follow the link on the host, is not run.
+        let canary = Canary::new();
+        let (mut b, root) = build_with_kernel();
+        let inside = canary.inside(root.path());
+        std::fs::create_dir(root.path().join("boot")).unwrap();
+        std::fs::write(root.path().join("boot/vmlinuz-6.1"), b"").unwrap();
+        plant_link(root.path(), "boot/grub", &canary.path.display().to_string());
+        let e = Grub.run(&step, &mut b).unwrap_err();
+        canary.assert_untouched();
+        assert!(inside.join("grub.cfg").is_file());
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot install GRUB: /boot/grub in the image is a symbolic link, which \
+             grub-install would follow on the host"
+        );
+        // A link below /boot/grub likewise.
+        std::fs::remove_file(root.path().join("boot/grub")).unwrap();
+        plant_link(root.path(), "boot/grub/fonts", &canary.escaping());
+        let e = Grub.run(&step, &mut b).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot install GRUB: /boot/grub/fonts in the image is a symbolic link, which \
+             grub-install would follow on the host"
+        );
+        canary.assert_untouched();
     }
 
     #[test]

@@ -12,6 +12,7 @@ use nix::mount::MsFlags;
 
 use crate::build::Build;
 use crate::cmd::Cmd;
+use crate::image_root::ImageRoot;
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::{fat, mount};
 
@@ -110,9 +111,8 @@ impl Plugin for Mount {
             Some(on) => {
                 let base = b.state.mount_point(on)?.to_path_buf();
                 let dir = dirname.unwrap_or("/");
-                let point = crate::state::in_image(&base, dir)?;
-                std::fs::create_dir_all(&point)
-                    .with_context(|| format!("creating mount point {}", point.display()))?;
+                // Made and found inside the image: its links are the image's own.
+                let point = ImageRoot::open(&base)?.mount_point(dir)?;
                 let on_target = b
                     .state
                     .tag(on)?
@@ -227,20 +227,18 @@ pub fn zerofree_argv(fs_type: &str, dev: &Path) -> Option<Vec<String>> {
 /// ship in the image. A symbolic link or a file of the image's own is left alone.
 /// Returns whether it removed the file.
 pub fn drop_host_resolv_conf(root: &Path, host: &Path) -> Result<bool> {
-    let f = root.join("etc/resolv.conf");
-    let Ok(meta) = std::fs::symlink_metadata(&f) else {
-        return Ok(false);
-    };
-    if !meta.is_file() {
+    const RESOLV_CONF: &str = "/etc/resolv.conf";
+    let img = ImageRoot::open(root)?;
+    if img.kind_nofollow(RESOLV_CONF)? != Some(rustix::fs::FileType::RegularFile) {
         return Ok(false);
     }
     let Ok(host_text) = std::fs::read(host) else {
         return Ok(false);
     };
-    if std::fs::read(&f).with_context(|| format!("reading {}", f.display()))? != host_text {
+    if img.read(RESOLV_CONF)? != Some(host_text) {
         return Ok(false);
     }
-    std::fs::remove_file(&f).with_context(|| format!("removing {}", f.display()))?;
+    img.remove_file(RESOLV_CONF)?;
     crate::log::verbose("  removed the build host's /etc/resolv.conf from the image");
     Ok(true)
 }
@@ -313,6 +311,28 @@ mod tests {
         std::fs::copy(&host, &f).unwrap();
         assert!(drop_host_resolv_conf(&root, &host).unwrap());
         assert!(!f.exists());
+    }
+
+    #[test]
+    fn the_hosts_resolv_conf_is_never_removed_through_a_link() {
+        use crate::plugins::testing::{Canary, plant_link};
+        // The host's /etc, with its resolv.conf; the image's /etc a link to it.
+        let canary = Canary::new();
+        let host = canary.path.join("resolv.conf");
+        std::fs::write(&host, "nameserver 192.0.2.53\n").unwrap();
+        let before = canary.snapshot();
+        for target in [canary.path.display().to_string(), canary.escaping()] {
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path();
+            let inside = canary.inside(root);
+            plant_link(root, "etc", &target);
+            // Where /etc leads in the image, a copy of the host's: removed there only.
+            std::fs::copy(&host, inside.join("resolv.conf")).unwrap();
+            let removed = drop_host_resolv_conf(root, &host);
+            assert_eq!(canary.snapshot(), before, "etc -> {target}");
+            assert!(removed.unwrap());
+            assert!(!inside.join("resolv.conf").exists());
+        }
     }
 
     #[test]

@@ -9,13 +9,11 @@
 //! disables itself. Everything it needs is in a default Debian system (fdisk,
 //! util-linux, e2fsprogs): no network at first boot.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::build::Build;
 use crate::chroot;
+use crate::image_root::ImageRoot;
 use crate::step::{Check, Kind, Plugin, Step, StepSpec};
 
 pub struct ResizeRootfs;
@@ -103,38 +101,25 @@ fn grower(fs: &str) -> Option<(&'static [&'static str], &'static str)> {
 }
 
 /// The packages the image lacks for the first-boot resize (empty: nothing missing).
-pub fn missing_packages(root: &Path, fs: &str) -> Vec<&'static str> {
+pub fn missing_packages(img: &ImageRoot, fs: &str) -> Result<Vec<&'static str>> {
     let mut missing = Vec::new();
-    let present = |paths: &[&str]| paths.iter().any(|p| root.join(p).exists());
     for (paths, pkg) in NEEDS.iter().copied().chain(grower(fs)) {
-        if !present(paths) && !missing.contains(&pkg) {
+        let mut present = false;
+        for p in paths {
+            present |= img.exists(p)?;
+        }
+        if !present && !missing.contains(&pkg) {
             missing.push(pkg);
         }
     }
-    missing
+    Ok(missing)
 }
 
-fn write(root: &Path, path: &str, text: &str, mode: u32) -> Result<()> {
-    let f = crate::state::in_image(root, path)?;
-    let dir = f.parent().expect("an absolute path has a parent");
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(&f, text).with_context(|| format!("writing {}", f.display()))?;
-    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting the mode of {}", f.display()))
-}
-
-/// Install the script and the unit below `root`, and enable the unit.
-pub fn install(root: &Path) -> Result<()> {
-    write(root, SCRIPT, SCRIPT_TEXT, 0o755)?;
-    write(root, UNIT, UNIT_TEXT, 0o644)?;
-    let link = crate::state::in_image(root, WANTS_LINK)?;
-    let dir = link.parent().expect("an absolute path has a parent");
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    if std::fs::symlink_metadata(&link).is_ok() {
-        std::fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?;
-    }
-    std::os::unix::fs::symlink(UNIT, &link)
-        .with_context(|| format!("enabling the unit: {}", link.display()))
+/// Install the script and the unit in the image, and enable the unit.
+pub fn install(img: &ImageRoot) -> Result<()> {
+    img.write_file(SCRIPT, &mut SCRIPT_TEXT.as_bytes(), 0o755, None)?;
+    img.write_file(UNIT, &mut UNIT_TEXT.as_bytes(), 0o644, None)?;
+    img.symlink(std::path::Path::new(UNIT), WANTS_LINK)
 }
 
 impl Plugin for ResizeRootfs {
@@ -168,21 +153,26 @@ impl Plugin for ResizeRootfs {
             .fs_type
             .clone()
             .unwrap_or_else(|| "ext4".into());
-        let missing = missing_packages(&root, &fs);
+        let img = ImageRoot::open(&root)?;
+        let missing = missing_packages(&img, &fs)?;
         if !missing.is_empty() {
             bail!(
                 "the image lacks what resize-rootfs needs at first boot: install {} (an apt step before this one)",
                 missing.join(", ")
             );
         }
-        install(&root)
+        install(&img)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugins::testing::{check_errors, test_build_with_root, test_step};
+    use crate::plugins::testing::{
+        Canary, check_errors, plant_link, test_build_with_root, test_step,
+    };
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
 
     fn touch(root: &Path, p: &str) {
         let f = root.join(p);
@@ -220,7 +210,7 @@ mod tests {
     fn lists_what_the_image_lacks() {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(
-            missing_packages(d.path(), "ext4"),
+            missing_packages(&ImageRoot::open(d.path()).unwrap(), "ext4").unwrap(),
             ["fdisk", "util-linux", "systemd", "e2fsprogs"]
         );
         for p in [
@@ -233,8 +223,9 @@ mod tests {
         ] {
             touch(d.path(), p);
         }
-        assert!(missing_packages(d.path(), "ext4").is_empty());
-        assert_eq!(missing_packages(d.path(), "xfs"), ["xfsprogs"]);
+        let img = ImageRoot::open(d.path()).unwrap();
+        assert!(missing_packages(&img, "ext4").unwrap().is_empty());
+        assert_eq!(missing_packages(&img, "xfs").unwrap(), ["xfsprogs"]);
     }
 
     #[test]
@@ -286,6 +277,45 @@ mod tests {
         );
         // The unit runs the script the step wrote.
         assert!(UNIT_TEXT.contains(&format!("ExecStart={SCRIPT}\n")));
+    }
+
+    #[test]
+    fn writes_inside_the_image_whatever_its_links() {
+        let canary = Canary::new();
+        let (mut b, root) = test_build_with_root();
+        let r = root.path();
+        for p in [
+            "usr/sbin/sfdisk",
+            "usr/bin/partx",
+            "usr/bin/lsblk",
+            "usr/bin/findmnt",
+            "usr/bin/systemctl",
+            "usr/sbin/resize2fs",
+        ] {
+            touch(r, p);
+        }
+        let inside = canary.inside(r);
+        plant_link(r, "usr/local", &canary.escaping());
+        plant_link(r, "etc/systemd", &canary.path.display().to_string());
+        ResizeRootfs
+            .run(&test_step("resize-rootfs: /"), &mut b)
+            .unwrap();
+        canary.assert_untouched();
+        assert_eq!(
+            std::fs::read_to_string(inside.join("sbin/resize-rootfs")).unwrap(),
+            SCRIPT_TEXT
+        );
+        assert_eq!(
+            std::fs::read_to_string(inside.join("system/resize-rootfs.service")).unwrap(),
+            UNIT_TEXT
+        );
+        assert!(
+            std::fs::symlink_metadata(
+                inside.join("system/local-fs.target.wants/resize-rootfs.service")
+            )
+            .unwrap()
+            .is_symlink()
+        );
     }
 
     #[test]

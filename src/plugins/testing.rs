@@ -131,3 +131,92 @@ pub fn run_step(yaml_step: &str) -> anyhow::Result<Build> {
     p.run(&s[0], &mut b)?;
     Ok(b)
 }
+
+/// A directory on the host that hostile links in a test image point at: no step may
+/// write, create or remove anything in it. It starts with one file ("file": "host").
+pub(crate) struct Canary {
+    _dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+}
+
+impl Canary {
+    pub(crate) fn new() -> Canary {
+        let dir = tempfile::Builder::new()
+            .prefix("vmdb-canary-")
+            .tempdir()
+            .expect("a temporary directory");
+        let path = std::fs::canonicalize(dir.path()).expect("a canonical path");
+        std::fs::write(path.join("file"), "host").expect("writing the canary");
+        Canary { _dir: dir, path }
+    }
+
+    /// The canary's path inside the image at `root` (made there): where an absolute
+    /// link naming the canary leads for a program running in the image.
+    pub(crate) fn inside(&self, root: &std::path::Path) -> std::path::PathBuf {
+        let p = root.join(self.path.strip_prefix("/").expect("an absolute path"));
+        std::fs::create_dir_all(&p).expect("making the canary's path in the image");
+        p
+    }
+
+    /// A relative link target that climbs far above any root, then names the canary.
+    pub(crate) fn escaping(&self) -> String {
+        format!("{}{}", "../".repeat(30), self.path.display())
+    }
+
+    /// Everything below the canary: (relative path, contents of files).
+    pub(crate) fn snapshot(&self) -> Vec<(std::path::PathBuf, Option<Vec<u8>>)> {
+        fn walk(
+            base: &std::path::Path,
+            dir: &std::path::Path,
+            out: &mut Vec<(std::path::PathBuf, Option<Vec<u8>>)>,
+        ) {
+            let mut entries: Vec<_> = std::fs::read_dir(dir)
+                .expect("reading the canary")
+                .map(|e| e.expect("an entry").path())
+                .collect();
+            entries.sort();
+            for p in entries {
+                let rel = p
+                    .strip_prefix(base)
+                    .expect("below the canary")
+                    .to_path_buf();
+                let m = std::fs::symlink_metadata(&p).expect("an entry");
+                if m.is_dir() {
+                    out.push((rel, None));
+                    walk(base, &p, out);
+                } else {
+                    out.push((rel, Some(std::fs::read(&p).unwrap_or_default())));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.path, &self.path, &mut out);
+        out
+    }
+
+    /// The canary holds its one file and nothing else.
+    pub(crate) fn assert_untouched(&self) {
+        assert_eq!(
+            self.snapshot(),
+            [("file".into(), Some(b"host".to_vec()))],
+            "something was written on the host through a link in the image"
+        );
+    }
+}
+
+/// Make `link` (a path relative to the image's root) a symbolic link to `target`.
+pub(crate) fn plant_link(root: &std::path::Path, link: &str, target: &str) {
+    let l = root.join(link);
+    std::fs::create_dir_all(l.parent().expect("a parent")).expect("making the link's parent");
+    std::os::unix::fs::symlink(target, &l).expect("planting a link");
+}
+
+/// A step's `uid:` and `gid:` keys for the user running the tests (chown to oneself
+/// works without root).
+pub(crate) fn own_ids() -> String {
+    format!(
+        "uid: {}\ngid: {}",
+        nix::unistd::geteuid(),
+        nix::unistd::getegid()
+    )
+}

@@ -212,4 +212,65 @@ mod tests {
             "x\n"
         );
     }
+
+    /// The step cache restores, and unpack-rootfs unpacks, with GNU tar into a tree
+    /// that may hold links already. Safe, because tar replaces a link in the target
+    /// where the archive has a directory or a file (and vmdb's archives, made from a
+    /// tree with ".", list every directory before what is in it), and it never follows
+    /// a link the archive itself made (such links are made last, after the rest).
+    #[test]
+    fn unpacking_never_follows_links_out_of_the_image() {
+        use crate::plugins::testing::{Canary, plant_link};
+        let canary = Canary::new();
+        let d = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(d.path()).unwrap();
+        let src = base.join("src");
+        std::fs::create_dir_all(src.join("var/run")).unwrap();
+        std::fs::create_dir_all(src.join("etc")).unwrap();
+        std::fs::write(src.join("var/run/x"), "x").unwrap();
+        std::fs::write(src.join("etc/hostname"), "box\n").unwrap();
+        // The archive's own link to the host, as Debian's /var/lock -> /run/lock.
+        plant_link(&src, "var/lock", &canary.path.display().to_string());
+        let t = base.join("r.tar");
+        let mut b = testing::build(&src, Some(&t));
+        CacheRootfs
+            .run(&testing::step("steps:\n  - cache-rootfs: /\n"), &mut b)
+            .unwrap();
+        // A target with links where the archive has a directory and a file.
+        let dst = base.join("dst");
+        plant_link(&dst, "var/run", &canary.path.display().to_string());
+        plant_link(&dst, "etc", &canary.escaping());
+        let mut b = testing::build(&dst, Some(&t));
+        UnpackRootfs
+            .run(&testing::step("steps:\n  - unpack-rootfs: /\n"), &mut b)
+            .unwrap();
+        canary.assert_untouched();
+        assert_eq!(std::fs::read(dst.join("var/run/x")).unwrap(), b"x");
+        assert_eq!(std::fs::read(dst.join("etc/hostname")).unwrap(), b"box\n");
+        assert_eq!(
+            std::fs::read_link(dst.join("var/lock")).unwrap(),
+            canary.path
+        );
+
+        // A hostile archive: a link to the host, then a file below it.
+        let evil = base.join("evil");
+        plant_link(&evil, "l", &canary.path.display().to_string());
+        let tar = |args: &[&str]| crate::cmd::Cmd::new("tar").args(args).cwd(&evil).run();
+        tar(&["--create", "--file=../evil.tar", "./l"]).unwrap();
+        std::fs::remove_file(evil.join("l")).unwrap();
+        std::fs::create_dir(evil.join("l")).unwrap();
+        std::fs::write(evil.join("l/x"), "x").unwrap();
+        tar(&["--append", "--file=../evil.tar", "./l/x"]).unwrap();
+        let dst = base.join("dst2");
+        std::fs::create_dir(&dst).unwrap();
+        let mut b = testing::build(&dst, Some(&base.join("evil.tar")));
+        let e = UnpackRootfs
+            .run(&testing::step("steps:\n  - unpack-rootfs: /\n"), &mut b)
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("./l/x: Cannot open: Not a directory"),
+            "{e:#}"
+        );
+        canary.assert_untouched();
+    }
 }

@@ -3,11 +3,12 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::build::Build;
 use crate::chroot as image;
 use crate::cmd::Cmd;
+use crate::image_root::ImageRoot;
 use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Vagrant;
@@ -68,7 +69,12 @@ ExecStartPre=/usr/sbin/sshd -t
 
 /// Which of `NEEDED` the image's dpkg database does not list as installed.
 pub fn missing_packages(root: &Path) -> Result<Vec<&'static str>> {
-    let admindir = root.join("var/lib/dpkg");
+    // Where the image's dpkg database is, inside the image (not through its links).
+    let img = ImageRoot::open(root)?;
+    let admindir = match img.is_dir("/var/lib/dpkg")? {
+        true => img.host_path("/var/lib/dpkg")?,
+        false => return Ok(NEEDED.to_vec()),
+    };
     let mut missing = Vec::new();
     for p in NEEDED {
         let status = Cmd::new("dpkg-query")
@@ -89,18 +95,10 @@ pub fn sudoers(user: &str) -> String {
     )
 }
 
-fn write_mode(path: &Path, text: &str, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    // Never through a symbolic link planted in the image.
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
-        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
-    }
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {}", path.display()))
+/// Write a file of the box's configuration in the image (a symbolic link there is
+/// replaced, not followed).
+fn write_mode(img: &ImageRoot, path: &str, text: &str, mode: u32) -> Result<()> {
+    img.write_file(path, &mut text.as_bytes(), mode, None)
 }
 
 fn valid_user(u: &str) -> bool {
@@ -173,18 +171,23 @@ impl Plugin for Vagrant {
         if !home.starts_with('/') {
             bail!("user {user} has no home directory");
         }
-        let ssh = crate::state::in_image(&root, &format!("{home}/.ssh"))?;
-        std::fs::create_dir_all(&ssh).with_context(|| format!("creating {}", ssh.display()))?;
-        write_mode(&ssh.join("authorized_keys"), INSECURE_KEYS, 0o600)?;
-        run(&["chmod", "0700", &format!("{home}/.ssh")])?;
-        run(&[
-            "chown",
-            "-R",
-            &format!("{user}:{user}"),
-            &format!("{home}/.ssh"),
-        ])?;
-        let sudo = crate::state::in_image(&root, &format!("/etc/sudoers.d/{user}"))?;
-        write_mode(&sudo, &sudoers(&user), 0o440)?;
+        let img = ImageRoot::open(&root)?;
+        let ssh = format!("{home}/.ssh");
+        img.create_dir_all(&ssh, 0o700)?;
+        write_mode(
+            &img,
+            &format!("{ssh}/authorized_keys"),
+            INSECURE_KEYS,
+            0o600,
+        )?;
+        run(&["chmod", "0700", &ssh])?;
+        run(&["chown", "-R", &format!("{user}:{user}"), &ssh])?;
+        write_mode(
+            &img,
+            &format!("/etc/sudoers.d/{user}"),
+            &sudoers(&user),
+            0o440,
+        )?;
         run(&[
             "visudo",
             "-c",
@@ -194,23 +197,23 @@ impl Plugin for Vagrant {
         ])?;
         // Vagrant connects by address: no reverse lookup that stalls without DNS.
         write_mode(
-            &root.join("etc/ssh/sshd_config.d/vagrant.conf"),
+            &img,
+            "/etc/ssh/sshd_config.d/vagrant.conf",
             "# Written by vmdb's vagrant step.\nUseDNS no\n",
             0o644,
         )?;
         if step.bool("new-host-keys") {
-            for e in std::fs::read_dir(root.join("etc/ssh"))?.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
+            for e in img.read_dir("/etc/ssh")?.unwrap_or_default() {
+                let n = e.name.to_string_lossy();
                 if n.starts_with("ssh_host_") && n.contains("_key") {
-                    std::fs::remove_file(e.path())
-                        .with_context(|| format!("removing {}", e.path().display()))?;
+                    img.remove_file(format!("/etc/ssh/{n}"))?;
                 }
             }
-            write_mode(&root.join(HOST_KEYS_DROPIN), HOST_KEYS, 0o644)?;
+            write_mode(&img, HOST_KEYS_DROPIN, HOST_KEYS, 0o644)?;
         }
         run(&["systemctl", "enable", "ssh.service"])?;
         if step.bool("network") {
-            write_mode(&root.join(NETWORK_FILE), NETWORK, 0o644)?;
+            write_mode(&img, NETWORK_FILE, NETWORK, 0o644)?;
             run(&["systemctl", "enable", "systemd-networkd.service"])?;
         }
         image::finish(b, &root, OWNER)

@@ -43,7 +43,7 @@ impl Plugin for VirtualFilesystems {
 mod tests {
     use super::*;
     use crate::chroot::testing;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
     #[test]
     fn mounts_until_teardown() {
@@ -73,5 +73,57 @@ mod tests {
         VirtualFilesystems.teardown(&s, &mut b).unwrap();
         assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
         assert!(b.state.notes.is_empty());
+    }
+
+    #[test]
+    fn chroot_setup_stays_in_the_image() {
+        use crate::plugins::testing::{Canary, plant_link};
+        if !testing::is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(d.path()).unwrap().join("root");
+        std::fs::create_dir_all(root.join("usr/sbin")).unwrap();
+        let files = Canary::new();
+        let mounts = Canary::new();
+        let _guard = testing::Unmounter(root.clone());
+        let _host_guard = testing::Unmounter(mounts.path.clone());
+        // The image's /etc and /usr/local lead to a host directory that has what vmdb
+        // writes into, absolutely and relatively; its /proc to another.
+        for dir in ["dpkg/dpkg.cfg.d", "apt/apt.conf.d", "sbin"] {
+            std::fs::create_dir_all(files.path.join(dir)).unwrap();
+            std::fs::create_dir_all(files.inside(&root).join(dir)).unwrap();
+        }
+        plant_link(&root, "etc", &files.path.display().to_string());
+        plant_link(&root, "usr/local", &files.escaping());
+        plant_link(&root, "proc", &mounts.path.display().to_string());
+        let inside = files.inside(&root);
+        let proc_inside = mounts.inside(&root);
+        let before = files.snapshot();
+        let mut b = testing::build(&root, None);
+        crate::chroot::enter(&mut b, &root, "chroot").unwrap();
+        let mounted = crate::mount::mounts_below(Path::new("/")).unwrap();
+        assert!(
+            !mounted.contains(&mounts.path),
+            "mounted on the host's directory"
+        );
+        assert!(mounted.contains(&proc_inside));
+        assert!(proc_inside.join("self").exists());
+        mounts.assert_untouched();
+        assert_eq!(files.snapshot(), before);
+        for f in [
+            "dpkg/dpkg.cfg.d/vmdb-unsafe-io",
+            "apt/apt.conf.d/00vmdb-dpkg-path",
+            "sbin/update-initramfs",
+        ] {
+            assert!(inside.join(f).is_file(), "{f}");
+        }
+        assert!(root.join("usr/sbin/policy-rc.d").is_file());
+        crate::chroot::leave(&mut b, "chroot").unwrap();
+        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        assert!(b.state.notes.is_empty());
+        assert_eq!(files.snapshot(), before);
+        assert!(!inside.join("sbin/update-initramfs").exists());
+        assert!(!root.join("usr/sbin/policy-rc.d").exists());
     }
 }
