@@ -251,11 +251,14 @@ fn save(c: &Cache, key: &str, step: &Step, b: &Build) {
     let Ok(root) = b.state.root_dir() else { return };
     let t = Instant::now();
     match c.save(key, root, &b.state.flags, &b.opts.spec_name, step) {
-        Ok(m) => log::info(&format!(
+        Ok(stepcache::Saved::New(m)) => log::info(&format!(
             "  saved the image tree in the step cache ({:.0} MB, {:.1}s)",
             m.size as f64 / 1e6,
             t.elapsed().as_secs_f64()
         )),
+        Ok(stepcache::Saved::Existing(_)) => log::info(
+            "  the step cache has this image tree already (another build saved it meanwhile)",
+        ),
         Err(e) => log::info(&format!(
             "vmdb: warning: could not save to the step cache: {e:#}"
         )),
