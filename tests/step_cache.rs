@@ -659,3 +659,66 @@ steps:
         "{list}"
     );
 }
+
+/// A cache-rootfs pack that was killed leaves its temporary beside the tarball: the
+/// next build's cache-rootfs step removes it once it is unlocked and a minute old (and
+/// leaves other files alone).
+#[test]
+fn the_leftover_of_a_killed_rootfs_pack_is_removed_by_the_next_one() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    write(
+        d.path(),
+        "spec.vmdb",
+        r#"
+steps:
+  - mkimg: "{{ output }}"
+    size: 64M
+  - mklabel: gpt
+    device: "{{ output }}"
+  - mkpart: root
+    device: "{{ output }}"
+    start: 0%
+    end: 100%
+    tag: /
+  - mkfs: ext4
+    partition: /
+  - mount: /
+  - create-file: /hello
+    contents: "hello\n"
+  - cache-rootfs: /
+"#,
+    );
+    let tarballs = d.path().join("tarballs");
+    std::fs::create_dir(&tarballs).unwrap();
+    let old = write(&tarballs, ".root.tar.zst.Xk3q9Z.partial", "killed");
+    let recent = write(&tarballs, ".root.tar.zst.Ab12Cd.partial", "in progress");
+    let other = write(&tarballs, ".other.tar.zst.Xk3q9Z.partial", "not ours");
+    for p in [&old, &other] {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))
+            .unwrap();
+    }
+    let r = run(&[
+        &d.path().join("spec.vmdb").to_string_lossy(),
+        "--output",
+        &d.path().join("x.img").to_string_lossy(),
+        "--no-cache",
+        "--rootfs-tarball",
+        &tarballs.join("root.tar.zst").to_string_lossy(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        listing(&tarballs),
+        [
+            ".other.tar.zst.Xk3q9Z.partial",
+            ".root.tar.zst.Ab12Cd.partial",
+            "root.tar.zst"
+        ]
+    );
+    assert!(recent.exists());
+    wait_clean(d.path(), 5).unwrap();
+}

@@ -123,14 +123,6 @@ impl Plugin for CacheRootfs {
             log::verbose("  no --rootfs-tarball given: nothing to cache");
             return Ok(());
         };
-        if tarball.exists() {
-            log::info(&format!(
-                "  {} exists already: left as it is",
-                tarball.display()
-            ));
-            return Ok(());
-        }
-        let root = image::tag_dir(b, step.arg())?;
         let dir = match tarball.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -139,13 +131,29 @@ impl Plugin for CacheRootfs {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // What a pack that was killed left: unlocked, and older than a minute.
+        let prefix = format!(".{name}.");
+        crate::cachefile::remove_orphans_named(&dir, |n| {
+            n.starts_with(&prefix) && n.ends_with(".partial")
+        });
+        if tarball.exists() {
+            log::info(&format!(
+                "  {} exists already: left as it is",
+                tarball.display()
+            ));
+            return Ok(());
+        }
+        let root = image::tag_dir(b, step.arg())?;
         // Written under a temporary name beside it and renamed when complete, so a
-        // failed pack never leaves a tarball a later build would trust.
+        // failed pack never leaves a tarball a later build would trust; locked while
+        // written, so that only a killed pack's is taken for a leftover.
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
+            .prefix(&prefix)
             .suffix(".partial")
             .tempfile_in(&dir)
             .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        crate::cachefile::lock(tmp.as_file())
+            .with_context(|| format!("locking {}", tmp.path().display()))?;
         let prog = Compression::for_path(&tarball).program(have_pigz());
         let mounted = mounted_virtuals(&root)?;
         let t = Instant::now();
