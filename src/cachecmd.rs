@@ -4,6 +4,7 @@ use std::path::Path;
 
 use crate::cli::{CacheAction, CacheArgs};
 use crate::stepcache::Cache;
+use crate::{cachefile, debcache};
 
 pub fn main(a: &CacheArgs) -> i32 {
     match run(a) {
@@ -33,13 +34,26 @@ fn run(a: &CacheArgs) -> anyhow::Result<()> {
                     m.spec
                 );
             }
+            let packages: u64 = debcache::debs_in(&debs)
+                .iter()
+                .filter_map(|n| std::fs::metadata(debs.join(n)).ok())
+                .map(|m| m.len())
+                .sum();
             println!(
                 "{} saved image trees, {} in {}; package downloads {} in {}",
                 entries.len(),
                 mb(total),
                 a.cache_dir.join("steps").display(),
-                mb(dir_size(&debs)),
+                mb(packages),
                 debs.display()
+            );
+            let mut left = cache.leftovers();
+            left += cachefile::temporaries_usage(&debs);
+            println!(
+                "unfinished files: {}, {} (saves in progress, or left by interrupted ones: \
+                 'vmdb cache prune' removes those)",
+                left.files,
+                mb(left.bytes)
             );
         }
         CacheAction::Prune {
@@ -47,9 +61,20 @@ fn run(a: &CacheArgs) -> anyhow::Result<()> {
             older_than,
             packages,
         } => {
-            let gone = cache.prune(*max_size, *older_than)?;
-            let freed: u64 = gone.iter().map(|m| m.size).sum();
-            println!("removed {} saved image trees ({})", gone.len(), mb(freed));
+            let pruned = cache.prune(*max_size, *older_than)?;
+            let freed: u64 = pruned.entries.iter().map(|m| m.size).sum();
+            println!(
+                "removed {} saved image trees ({})",
+                pruned.entries.len(),
+                mb(freed)
+            );
+            let mut left = pruned.leftovers;
+            left += cachefile::remove_orphans(&debs);
+            println!(
+                "removed files left by interrupted saves: {} ({})",
+                left.files,
+                mb(left.bytes)
+            );
             if *packages && debs.is_dir() {
                 let size = dir_size(&debs);
                 std::fs::remove_dir_all(&debs)?;

@@ -29,6 +29,18 @@ pub enum Command {
     /// Boot an image in qemu, log in on the serial console, run a command, power off
     Boot(crate::boot::BootArgs),
     /// List or prune the step cache
+    ///
+    /// The cache directory holds the step cache (steps/: the image tree after expensive
+    /// steps, KEY.tar.zst with its record KEY.json) and the package cache (debs/: the
+    /// .deb files builds downloaded, each with the archive's SHA-256 in the extended
+    /// attribute user.vmdb.sha256). Builds may share it, at the same time too: every file
+    /// is written under a unique temporary name starting with a dot, locked while it is
+    /// written, and renamed into place when complete. Entries and packages are checked
+    /// against their checksums before use; a damaged one is removed, and the steps run or
+    /// the package is downloaded again. A build whose cache filesystem is full warns and
+    /// goes on without caching. Temporaries left by builds that were killed are counted by
+    /// `vmdb cache list` and removed by `vmdb cache prune` once no build holds them locked
+    /// and they are more than a minute old.
     Cache(CacheArgs),
 }
 
@@ -43,10 +55,12 @@ pub struct CacheArgs {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum CacheAction {
-    /// List the saved image trees, oldest first, and the package cache's size
+    /// List the saved image trees, oldest first, the package cache's size, and the
+    /// unfinished files: saves in progress and the leftovers of interrupted ones
     List,
     /// Remove saved image trees: older than --older-than, then the oldest until the rest
-    /// fit in --max-size; and leftovers of interrupted saves
+    /// fit in --max-size; and the leftovers of interrupted saves (temporaries that no build
+    /// holds locked, more than a minute old)
     Prune {
         /// Keep at most this much (e.g. 20G)
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]

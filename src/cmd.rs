@@ -107,6 +107,7 @@ pub struct Cmd {
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
     stdin: Option<Vec<u8>>,
+    stdin_file: Option<std::fs::File>,
     cwd: Option<OsString>,
 }
 
@@ -117,6 +118,7 @@ impl Cmd {
             args: Vec::new(),
             envs: Vec::new(),
             stdin: None,
+            stdin_file: None,
             cwd: None,
         }
     }
@@ -136,6 +138,11 @@ impl Cmd {
     }
     pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Cmd {
         self.stdin = Some(data.into());
+        self
+    }
+    /// Read stdin from an open file (from its current position).
+    pub fn stdin_file(mut self, f: std::fs::File) -> Cmd {
+        self.stdin_file = Some(f);
         self
     }
     pub fn cwd(mut self, dir: impl AsRef<Path>) -> Cmd {
@@ -185,10 +192,10 @@ impl Cmd {
         }
         c.args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
-            .stdin(if self.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
+            .stdin(match (&self.stdin, &self.stdin_file) {
+                (Some(_), _) => Stdio::piped(),
+                (None, Some(f)) => f.try_clone().context("duplicating stdin")?.into(),
+                (None, None) => Stdio::null(),
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

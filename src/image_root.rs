@@ -759,14 +759,24 @@ mod tests {
             "var/cache/apt/archives",
             &canary.path.display().to_string(),
         );
-        let wanted = ["a_1_amd64.deb".to_string()];
-        assert_eq!(crate::debcache::seed(&cache, &root, &wanted).unwrap(), 1);
+        let sum = |data: &[u8]| crate::stepcache::sha256_reader(&mut &data[..]).unwrap();
+        let wanted: crate::debcache::Sums = [("a_1_amd64.deb".to_string(), sum(b"a"))].into();
+        assert_eq!(crate::debcache::seed(&cache, &root, &wanted), 1);
         canary.assert_untouched();
         assert_eq!(std::fs::read(inside.join("a_1_amd64.deb")).unwrap(), b"a");
         // A "package" in the image that is a link to a host file is not collected.
         symlink(canary.path.join("file"), inside.join("evil_1_all.deb")).unwrap();
         std::fs::write(inside.join("b_1_amd64.deb"), "b").unwrap();
-        assert_eq!(crate::debcache::collect(&cache, &root).unwrap(), 1);
+        let sums: crate::debcache::Sums = [
+            ("b_1_amd64.deb".to_string(), sum(b"b")),
+            (
+                "evil_1_all.deb".to_string(),
+                sum(&std::fs::read(canary.path.join("file")).unwrap()),
+            ),
+        ]
+        .into();
+        let archives = crate::debcache::archives(&root).unwrap();
+        assert_eq!(crate::debcache::collect(&cache, &archives, &sums), 1);
         assert_eq!(std::fs::read(cache.join("b_1_amd64.deb")).unwrap(), b"b");
         assert!(!cache.join("evil_1_all.deb").exists());
     }

@@ -6,6 +6,7 @@ pub mod blockdev;
 pub mod boot;
 pub mod build;
 pub mod cachecmd;
+pub mod cachefile;
 pub mod chroot;
 pub mod cli;
 pub mod cmd;

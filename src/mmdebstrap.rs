@@ -19,8 +19,9 @@ use crate::plugins::debootstrap::Args;
 /// debootstrap does for such suites.
 const MERGED_USR_HOOKS: &str = "/usr/share/mmdebstrap/hooks/maybe-merged-usr";
 
-/// The environment variable naming the package cache the setup hook copies from.
-pub const DEBS_ENV: &str = "VMDB_PACKAGE_CACHE";
+/// The environment variable naming the file that lists (NUL-separated) the cached
+/// packages the setup hook copies in: checked by vmdb just before.
+pub const DEBS_ENV: &str = "VMDB_PACKAGE_LIST";
 
 /// Whether this host has mmdebstrap with the hooks vmdb relies on, and, for an
 /// architecture other than the host's own (i386 on amd64), the arch-test program
@@ -57,9 +58,9 @@ pub fn unsupported(variant_name: &str, exclude: bool, tls_ca_certs: bool) -> Opt
 }
 
 /// mmdebstrap's command line. With a package cache, the setup hook copies the cached
-/// packages of the architecture into the new tree's apt archive (apt checks each
-/// against the archive's checksums before it uses it) and the downloaded ones are left
-/// there for vmdb to collect.
+/// packages of the architecture that vmdb checked (apt would take them on their size
+/// alone) into the new tree's apt archive, and the downloaded ones are left there for
+/// vmdb to collect. A package that cannot be copied is downloaded instead.
 pub fn argv(a: &Args, cache: bool) -> Vec<String> {
     let mut v = vec![
         "mmdebstrap".to_string(),
@@ -87,10 +88,8 @@ pub fn argv(a: &Args, cache: bool) -> Vec<String> {
     v.push(format!("--skip={}", skip.join(",")));
     if cache {
         v.push(format!(
-            "--setup-hook=mkdir -p \"$1/var/cache/apt/archives\" && find \"${DEBS_ENV}\" \
-             -maxdepth 1 \\( -name '*_{}.deb' -o -name '*_all.deb' \\) \
-             -exec cp -t \"$1/var/cache/apt/archives\" {{}} +",
-            a.arch
+            "--setup-hook=mkdir -p \"$1/var/cache/apt/archives\" && \
+             {{ xargs -r -0 -a \"${DEBS_ENV}\" cp -t \"$1/var/cache/apt/archives\" -- || :; }}"
         ));
     }
     v.extend([a.suite.clone(), a.target.clone(), a.mirror.clone()]);
@@ -168,8 +167,11 @@ mod tests {
             "--skip=cleanup/apt/lists,essential/unlink,cleanup/apt/cache,download/empty"
         );
         assert!(cached[10].starts_with("--setup-hook=mkdir -p \"$1/var/cache/apt/archives\""));
-        assert!(cached[10].contains("\"$VMDB_PACKAGE_CACHE\""));
-        assert!(cached[10].contains("-name '*_amd64.deb' -o -name '*_all.deb'"));
+        assert_eq!(
+            cached[10],
+            "--setup-hook=mkdir -p \"$1/var/cache/apt/archives\" && \
+             { xargs -r -0 -a \"$VMDB_PACKAGE_LIST\" cp -t \"$1/var/cache/apt/archives\" -- || :; }"
+        );
     }
 
     #[test]

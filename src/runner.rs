@@ -251,6 +251,12 @@ fn save(c: &Cache, p: &stepcache::Plan, i: usize, step: &Step, b: &Build) {
     let Ok(root) = b.state.root_dir() else { return };
     let t = Instant::now();
     let inputs = p.inputs_upto(i);
+    // Entries are never changed once written, so --refresh makes way for the new one.
+    if b.opts.refresh {
+        if let Err(e) = c.remove(&p.keys[i]) {
+            log::warn(&format!("could not replace a step cache entry: {e:#}"));
+        }
+    }
     match c.save(
         &p.keys[i],
         root,
@@ -259,11 +265,14 @@ fn save(c: &Cache, p: &stepcache::Plan, i: usize, step: &Step, b: &Build) {
         step,
         inputs,
     ) {
-        Ok(m) => log::info(&format!(
+        Ok(stepcache::Saved::New(m)) => log::info(&format!(
             "  saved the image tree in the step cache ({:.0} MB, {:.1}s)",
             m.size as f64 / 1e6,
             t.elapsed().as_secs_f64()
         )),
+        Ok(stepcache::Saved::Existing(_)) => log::info(
+            "  the step cache has this image tree already (another build saved it meanwhile)",
+        ),
         Err(e) => log::info(&format!(
             "vmdb: warning: could not save to the step cache: {e:#}"
         )),

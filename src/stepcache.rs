@@ -11,21 +11,26 @@
 //! *Volatile* steps depend on this build's disk (fstab and grub write its UUIDs) or on
 //! the outside world (cache-rootfs): no state after one is ever cached or restored.
 //!
-//! An entry is KEY.tar.zst plus KEY.json, written under temporary names and renamed
-//! into place, the JSON last: an entry without it is incomplete and ignored. The JSON
-//! holds the archive's size and SHA-256, checked before the archive is used; entries
-//! are never changed once written.
+//! An entry is KEY.tar.zst plus KEY.json, written under unique temporary names and
+//! renamed into place together under the cache directory's lock, the JSON last: an
+//! entry without it is incomplete and ignored. The JSON holds the archive's size and
+//! SHA-256; before an entry is used its archive is checked against them and test-
+//! decompressed, and a bad entry is removed and a shallower one (or none) used. Entries
+//! are never changed once written: of two builds saving the same state, the first wins.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::build::Options;
+use crate::cachefile::{Temp, Usage, is_temporary, lock_dir, remove_orphans, temporaries_usage};
 use crate::cmd::Cmd;
 use crate::mirror::{self, Archive};
 use crate::plugins::cache_rootfs::{Compression, mounted_virtuals, pack_argv};
@@ -93,6 +98,45 @@ pub struct Meta {
 
 pub struct Cache {
     dir: PathBuf,
+    /// Archives checked by `verify`, kept open: `restore` unpacks the very file that was
+    /// checked, even if the entry is removed in between.
+    verified: Mutex<HashMap<String, File>>,
+}
+
+/// A cache entry whose archive does not match its record or does not decompress.
+#[derive(Debug)]
+pub struct Damaged(String, String);
+
+impl std::fmt::Display for Damaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "cache entry {} is damaged ({})", self.0, self.1)
+    }
+}
+
+impl std::error::Error for Damaged {}
+
+/// What `prune` removed.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    pub entries: Vec<Meta>,
+    /// Temporaries of saves that died, and halves of entries.
+    pub leftovers: Usage,
+}
+
+/// How a save went.
+#[derive(Debug)]
+pub enum Saved {
+    New(Meta),
+    /// Another build saved the same state first: its entry stays.
+    Existing(Meta),
+}
+
+impl Saved {
+    pub fn into_meta(self) -> Meta {
+        match self {
+            Saved::New(m) | Saved::Existing(m) => m,
+        }
+    }
 }
 
 impl Cache {
@@ -100,7 +144,10 @@ impl Cache {
         let dir = dir.join("steps");
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating the step cache {}", dir.display()))?;
-        Ok(Cache { dir })
+        Ok(Cache {
+            dir,
+            verified: Mutex::default(),
+        })
     }
 
     fn archive(&self, key: &str) -> PathBuf {
@@ -119,20 +166,47 @@ impl Cache {
         (meta.key == key && meta.size == size).then_some(meta)
     }
 
-    /// Check an entry's archive against its recorded checksum.
+    /// Check an entry before anything is unpacked: its archive's size and checksum
+    /// against the record, and that it decompresses (zstd checks its content checksum).
+    /// The record alone is not enough: a save that went wrong (two builds writing one
+    /// temporary file, as vmdb once did) records the checksum of a broken archive.
+    /// Errors other than [`Damaged`] (an interrupt) say nothing about the entry.
     pub fn verify(&self, meta: &Meta) -> Result<()> {
-        let got = sha256_file(&self.archive(&meta.key))?;
-        if got != meta.sha256 {
-            bail!(
-                "cache entry {} is damaged (checksum {got}, expected {})",
-                meta.key,
-                meta.sha256
-            );
+        let damaged = |why: String| anyhow::Error::new(Damaged(meta.key.clone(), why));
+        let path = self.archive(&meta.key);
+        let mut f = File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        let size = f.metadata()?.len();
+        if size != meta.size {
+            return Err(damaged(format!("{size} bytes, expected {}", meta.size)));
         }
+        let got = sha256_reader(&mut f).with_context(|| format!("reading {}", path.display()))?;
+        if got != meta.sha256 {
+            return Err(damaged(format!("checksum {got}, expected {}", meta.sha256)));
+        }
+        f.rewind()?;
+        let test = Cmd::new("zstd")
+            .args(["--test", "--quiet"])
+            .stdin_file(f.try_clone()?)
+            .run();
+        if let Err(e) = test {
+            // Stopped by a signal, or no zstd: nothing is known about the entry.
+            if crate::cmd::interrupted() || !crate::app::in_path("zstd") {
+                return Err(e.context(format!("checking step cache entry {}", meta.key)));
+            }
+            return Err(damaged(format!("it does not decompress: {e:#}")));
+        }
+        f.rewind()?;
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(meta.key.clone(), f);
         Ok(())
     }
 
     /// Store the tree at `root` as the state after `step`, whose key was made of `inputs`.
+    /// The archive and its record are written under temporary names and renamed into
+    /// place together, under the cache's lock; if another build saved the same state
+    /// meanwhile, its entry stays.
     pub fn save(
         &self,
         key: &str,
@@ -141,18 +215,20 @@ impl Cache {
         spec: &str,
         step: &Step,
         inputs: KeyInputs,
-    ) -> Result<Meta> {
-        let tmp = self.dir.join(format!(".{key}.{}.tmp", std::process::id()));
+    ) -> Result<Saved> {
+        if let Some(m) = self.lookup(key) {
+            return Ok(Saved::Existing(m));
+        }
+        let mut tmp = Temp::new(&self.dir, &format!("{key}.tar.zst"))?;
         let zstd = Compression::for_path(Path::new("x.tar.zst")).program(false);
         let virtuals = mounted_virtuals(root)?;
-        let r = Cmd::new("tar")
-            .args(pack_argv(root, &tmp, zstd, &virtuals))
-            .run();
-        if let Err(e) = r {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.context("packing the image tree for the step cache"));
-        }
-        let size = std::fs::metadata(&tmp)?.len();
+        Cmd::new("tar")
+            .args(pack_argv(root, tmp.path(), zstd, &virtuals))
+            .run()
+            .context("packing the image tree for the step cache")?;
+        let f = tmp.file();
+        let size = f.metadata()?.len();
+        let sha256 = sha256_reader(f)?;
         let meta = Meta {
             key: key.to_string(),
             created: SystemTime::now()
@@ -164,27 +240,65 @@ impl Cache {
             kind: step.kind.to_string(),
             flags: flags.iter().cloned().collect(),
             size,
-            sha256: sha256_file(&tmp)?,
+            sha256,
             inputs,
         };
-        std::fs::rename(&tmp, self.archive(key))?;
-        let tmp_meta = self
-            .dir
-            .join(format!(".{key}.{}.json.tmp", std::process::id()));
-        std::fs::write(&tmp_meta, serde_json::to_string_pretty(&meta)?)?;
-        std::fs::rename(&tmp_meta, self.meta_path(key))?;
-        Ok(meta)
+        let mut tmp_meta = Temp::new(&self.dir, &format!("{key}.json"))?;
+        tmp_meta
+            .file()
+            .write_all(serde_json::to_string_pretty(&meta)?.as_bytes())?;
+        let _lock = lock_dir(&self.dir)?;
+        if let Some(m) = self.lookup(key) {
+            return Ok(Saved::Existing(m));
+        }
+        tmp.persist(&self.archive(key))?;
+        if let Err(e) = tmp_meta.persist(&self.meta_path(key)) {
+            let _ = std::fs::remove_file(self.archive(key));
+            return Err(e);
+        }
+        Ok(Saved::New(meta))
     }
 
-    /// Unpack an entry (verified first) into `root`; returns the flags it recorded.
+    /// Unpack an entry (verified first, unless `verify` did already) into `root`;
+    /// returns the flags it recorded.
+    ///
+    /// If unpacking fails after the entry checked out, the cause is the image (its
+    /// filesystem full or failing) or a signal, not the entry: the entry is kept and
+    /// the build fails. Running the steps instead is no way out: the tree is half
+    /// written, and clearing it means deleting below mount points that may hold other
+    /// filesystems; steps run over a half-restored tree could make an image that
+    /// differs from one built without the cache.
     pub fn restore(&self, meta: &Meta, root: &Path) -> Result<BTreeSet<String>> {
-        self.verify(meta)?;
+        let checked = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&meta.key);
+        let f = match checked {
+            Some(f) => f,
+            None => {
+                self.verify(meta)?;
+                self.verified
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&meta.key)
+                    .context("a verified entry is kept open")?
+            }
+        };
         let zstd = Compression::for_path(Path::new("x.tar.zst")).program(false);
         let virtuals = mounted_virtuals(root)?;
         Cmd::new("tar")
-            .args(unpack_argv(root, &self.archive(&meta.key), zstd, &virtuals))
+            .args(unpack_argv(root, Path::new("-"), zstd, &virtuals))
+            .stdin_file(f)
             .run()
-            .context("unpacking a step cache entry")?;
+            .with_context(|| {
+                format!(
+                    "unpacking step cache entry {} into the image failed after the entry \
+                     checked out: the image is half-written, so the build stops (the entry \
+                     is kept; with --no-cache every step runs instead)",
+                    meta.key
+                )
+            })?;
         Ok(meta.flags.iter().cloned().collect())
     }
 
@@ -197,7 +311,7 @@ impl Cache {
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let key = name.strip_suffix(".json")?;
-                if key.starts_with('.') {
+                if is_temporary(key) {
                     return None;
                 }
                 self.lookup(key)
@@ -207,8 +321,38 @@ impl Cache {
         v
     }
 
+    /// Files that are not part of a complete entry: saves in progress, temporaries of
+    /// saves that died, archives without their record.
+    pub fn leftovers(&self) -> Usage {
+        let mut u = temporaries_usage(&self.dir);
+        for (_, size) in self.incomplete() {
+            u.add(size);
+        }
+        u
+    }
+
+    /// Archives and records (not temporaries) that do not make a complete entry.
+    fn incomplete(&self) -> Vec<(PathBuf, u64)> {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let key = name
+                    .strip_suffix(".tar.zst")
+                    .or_else(|| name.strip_suffix(".json"))?;
+                if is_temporary(key) || self.lookup(key).is_some() {
+                    return None;
+                }
+                Some((e.path(), e.metadata().ok()?.len()))
+            })
+            .collect()
+    }
+
     /// Remove an entry (its JSON first, so it is never seen half-removed).
     pub fn remove(&self, key: &str) -> Result<()> {
+        let _lock = lock_dir(&self.dir)?;
         let _ = std::fs::remove_file(self.meta_path(key));
         match std::fs::remove_file(self.archive(key)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -217,8 +361,8 @@ impl Cache {
     }
 
     /// Remove entries older than `max_age` seconds, then the oldest until the rest
-    /// fit in `max_size` bytes; also leftovers of interrupted saves. Returns what went.
-    pub fn prune(&self, max_size: Option<u64>, max_age: Option<u64>) -> Result<Vec<Meta>> {
+    /// fit in `max_size` bytes; also leftovers of saves that died.
+    pub fn prune(&self, max_size: Option<u64>, max_age: Option<u64>) -> Result<Pruned> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -243,33 +387,29 @@ impl Cache {
         for m in &gone {
             self.remove(&m.key)?;
         }
-        self.remove_orphans(&keep)?;
-        Ok(gone)
+        let leftovers = self.remove_orphans()?;
+        Ok(Pruned {
+            entries: gone,
+            leftovers,
+        })
     }
 
-    /// Archives without a JSON and temporary files of saves that did not finish.
-    fn remove_orphans(&self, keep: &[Meta]) -> Result<()> {
-        for e in std::fs::read_dir(&self.dir)?.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let orphan = if name.starts_with('.') {
-                // A save in progress has the PID of its vmdb in the name.
-                let pid = name.split('.').nth(2).and_then(|p| p.parse::<u32>().ok());
-                !pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
-            } else if let Some(key) = name.strip_suffix(".tar.zst") {
-                !keep.iter().any(|m| m.key == key) && self.lookup(key).is_none()
-            } else {
-                false
-            };
-            if orphan {
-                let _ = std::fs::remove_file(e.path());
+    /// Halves of entries and temporaries of saves that died. Under the lock: a save
+    /// renames its two files under it, so outside it a half entry is never in progress.
+    fn remove_orphans(&self) -> Result<Usage> {
+        let _lock = lock_dir(&self.dir)?;
+        let mut gone = remove_orphans(&self.dir);
+        for (p, size) in self.incomplete() {
+            if std::fs::remove_file(p).is_ok() {
+                gone.add(size);
             }
         }
-        Ok(())
+        Ok(gone)
     }
 }
 
-fn sha256_file(p: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+/// The SHA-256 of what is left to read in `f`.
+pub fn sha256_reader(f: &mut impl Read) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -885,9 +1025,13 @@ pub fn plan(steps: &[Step], opts: &Options, cache: &Cache) -> Result<Plan> {
                     restore = Some((i, meta));
                     break;
                 }
-                Err(e) => {
+                Err(e) if e.is::<Damaged>() => {
                     crate::log::info(&format!("vmdb: {e:#}: ignoring and removing it"));
                     let _ = cache.remove(&meta.key);
+                    upto = i;
+                }
+                Err(e) => {
+                    crate::log::warn(&format!("not using step cache entry {}: {e:#}", meta.key));
                     upto = i;
                 }
             }
@@ -1175,7 +1319,8 @@ mod tests {
                 &s[0],
                 KeyInputs::default(),
             )
-            .unwrap();
+            .unwrap()
+            .into_meta();
         assert_eq!(cache.lookup("k1"), Some(meta.clone()));
         assert_eq!(cache.list(), vec![meta.clone()]);
 
@@ -1224,7 +1369,8 @@ mod tests {
         for k in ["a", "b", "c"] {
             let mut m = cache
                 .save(k, &root, &BTreeSet::new(), "s", &s[0], KeyInputs::default())
-                .unwrap();
+                .unwrap()
+                .into_meta();
             // Distinct ages without waiting.
             m.created = metas.len() as u64 + 1;
             std::fs::write(cache.meta_path(k), serde_json::to_string(&m).unwrap()).unwrap();
@@ -1234,7 +1380,10 @@ mod tests {
             .prune(Some(metas[1].size + metas[2].size), None)
             .unwrap();
         assert_eq!(
-            gone.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+            gone.entries
+                .iter()
+                .map(|m| m.key.as_str())
+                .collect::<Vec<_>>(),
             ["a"]
         );
         assert_eq!(
@@ -1246,7 +1395,7 @@ mod tests {
             ["b", "c"]
         );
         let gone = cache.prune(None, Some(0)).unwrap();
-        assert_eq!(gone.len(), 2);
+        assert_eq!(gone.entries.len(), 2);
         assert!(cache.list().is_empty());
     }
 
@@ -1261,6 +1410,16 @@ mod tests {
                     .filter(|k| *k != "text")
                     .collect()
             })
+            .collect()
+    }
+
+    /// Files in the cache directory whose names start with a dot.
+    fn temporaries(cache: &Cache) -> Vec<String> {
+        std::fs::read_dir(&cache.dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
             .collect()
     }
 
@@ -1698,5 +1857,139 @@ mod tests {
             what_changed(&ours, 0, "spec", &entries).as_deref(),
             Some("step 4 (copy-file) changed: file b.txt differs")
         );
+    }
+
+    #[test]
+    fn saves_of_one_key_at_once_leave_one_sound_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let root = d.path().join("root");
+        tree(&root);
+        // Enough to keep tar busy for a while: both writers overlap.
+        let mut data = vec![0u8; 8 << 20];
+        let mut x: u32 = 1;
+        for b in data.iter_mut() {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            *b = (x >> 24) as u8;
+        }
+        std::fs::write(root.join("data"), &data).unwrap();
+        let s = steps(&["create-file: /etc/a\ncontents: a"]).unwrap();
+        let saved: Vec<Saved> = std::thread::scope(|sc| {
+            let t: Vec<_> = (0..2)
+                .map(|_| {
+                    sc.spawn(|| {
+                        cache.save(
+                            "k",
+                            &root,
+                            &BTreeSet::new(),
+                            "s",
+                            &s[0],
+                            KeyInputs::default(),
+                        )
+                    })
+                })
+                .collect();
+            t.into_iter().map(|t| t.join().unwrap().unwrap()).collect()
+        });
+        let new: Vec<&Meta> = saved
+            .iter()
+            .filter_map(|s| match s {
+                Saved::New(m) => Some(m),
+                Saved::Existing(_) => None,
+            })
+            .collect();
+        assert_eq!(new.len(), 1, "{saved:?}");
+        let meta = cache.lookup("k").unwrap();
+        assert_eq!(&meta, new[0]);
+        let out = d.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        cache.restore(&meta, &out).unwrap();
+        assert_eq!(std::fs::read(out.join("data")).unwrap(), data);
+        assert_eq!(temporaries(&cache), Vec::<String>::new());
+        assert_eq!(cache.leftovers(), Usage::default());
+    }
+
+    #[test]
+    fn an_archive_that_matches_its_record_but_does_not_decompress_is_damaged() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(d.path()).unwrap();
+        let root = d.path().join("root");
+        tree(&root);
+        let s = steps(&["create-file: /etc/a\ncontents: a"]).unwrap();
+        let mut meta = cache
+            .save(
+                "k",
+                &root,
+                &BTreeSet::new(),
+                "s",
+                &s[0],
+                KeyInputs::default(),
+            )
+            .unwrap()
+            .into_meta();
+        // What two writers of one temporary file made: a record of a broken archive.
+        let archive = cache.archive("k");
+        let mut bytes = std::fs::read(&archive).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 0x55;
+        bytes[n - 2] ^= 0x55;
+        std::fs::write(&archive, &bytes).unwrap();
+        meta.sha256 = sha256_reader(&mut bytes.as_slice()).unwrap();
+        std::fs::write(cache.meta_path("k"), serde_json::to_string(&meta).unwrap()).unwrap();
+        assert_eq!(cache.lookup("k"), Some(meta.clone()));
+        let e = cache.verify(&meta).unwrap_err();
+        assert!(e.is::<Damaged>());
+        let e = format!("{e:#}");
+        assert!(
+            e.starts_with("cache entry k is damaged (it does not decompress: command failed"),
+            "{e}"
+        );
+        let out = d.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        assert!(cache.restore(&meta, &out).is_err());
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn list_counts_and_prune_removes_leftovers() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(d.path()).unwrap();
+        // A SIGKILLed save of an older vmdb, a half entry, and a save in progress.
+        std::fs::write(cache.dir.join(".k.1.tmp"), vec![0u8; 1000]).unwrap();
+        std::fs::write(cache.dir.join("h.tar.zst"), vec![0u8; 10]).unwrap();
+        let mut busy = Temp::new(&cache.dir, "b.tar.zst").unwrap();
+        busy.file().write_all(&[0u8; 100]).unwrap();
+        for p in [cache.dir.join(".k.1.tmp"), busy.path().to_path_buf()] {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(SystemTime::now() - std::time::Duration::from_secs(3600))
+                .unwrap();
+        }
+        assert_eq!(
+            cache.leftovers(),
+            Usage {
+                files: 3,
+                bytes: 1110
+            }
+        );
+        let pruned = cache.prune(None, None).unwrap();
+        assert_eq!(
+            pruned.leftovers,
+            Usage {
+                files: 2,
+                bytes: 1010
+            }
+        );
+        assert_eq!(
+            cache.leftovers(),
+            Usage {
+                files: 1,
+                bytes: 100
+            }
+        );
+        drop(busy);
+        assert_eq!(cache.leftovers(), Usage::default());
     }
 }

@@ -213,3 +213,24 @@ fn pages_are_dated_when_asked() {
         );
     }
 }
+
+#[test]
+fn the_cache_page_and_readme_say_what_prune_removes() {
+    let d = tempfile::tempdir().unwrap();
+    docs::man_pages(d.path(), None).unwrap();
+    let page = std::fs::read_to_string(d.path().join("vmdb-cache.1")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    // Both say "a minute": the grace period of an unlocked temporary.
+    assert_eq!(vmdb::cachefile::GRACE.as_secs(), 60);
+    for (name, text) in [("vmdb-cache.1", page.as_str()), ("README.md", &readme)] {
+        let text = text.replace('\n', " ");
+        for words in [
+            "more than a minute old",
+            "user.vmdb.sha256",
+            "unique temporary name",
+        ] {
+            assert!(text.contains(words), "{name} does not say {words:?}");
+        }
+    }
+}

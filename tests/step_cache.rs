@@ -87,8 +87,8 @@ fn from_cache(r: &Run) -> Vec<String> {
         .collect()
 }
 
-/// Every file in the image's root filesystem: path → (mode, uid, gid, contents or link).
-fn tree(img: &Path) -> BTreeMap<String, String> {
+/// Run `f` on the image's root filesystem, mounted read-only.
+fn with_root<T>(img: &Path, f: impl FnOnce(&Path) -> T) -> T {
     let j: serde_json::Value =
         serde_json::from_str(&tool("sfdisk", &["-J", &img.to_string_lossy()])).unwrap();
     let start = j["partitiontable"]["partitions"][0]["start"]
@@ -113,18 +113,30 @@ fn tree(img: &Path) -> BTreeMap<String, String> {
         .status()
         .unwrap()
         .success();
-    let mut out = BTreeMap::new();
-    if mounted {
-        walk(mnt.path(), mnt.path(), &mut out);
+    let out = mounted.then(|| {
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(mnt.path())));
         let _ = std::process::Command::new("umount")
             .arg(mnt.path())
             .status();
-    }
+        out
+    });
     let _ = std::process::Command::new("losetup")
         .args(["-d", &dev])
         .status();
-    assert!(mounted, "mounting the image's root filesystem");
-    out
+    match out {
+        Some(Ok(v)) => v,
+        Some(Err(p)) => std::panic::resume_unwind(p),
+        None => panic!("mounting the image's root filesystem"),
+    }
+}
+
+/// Every file in the image's root filesystem: path → (mode, uid, gid, contents or link).
+fn tree(img: &Path) -> BTreeMap<String, String> {
+    with_root(img, |root| {
+        let mut out = BTreeMap::new();
+        walk(root, root, &mut out);
+        out
+    })
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
@@ -700,4 +712,300 @@ fn steps_that_fetch_follow_the_archive_and_offline_builds_say_so() {
         "100644 0:0 built\n"
     );
     wait_clean(d.path(), 5).unwrap();
+}
+
+/// The names in `dir` that start with a dot: temporaries.
+fn dot_files(dir: &Path) -> Vec<String> {
+    listing(dir)
+        .into_iter()
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+fn sha256_hex(p: &Path) -> String {
+    tool("sha256sum", &[&p.to_string_lossy()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Two builds of one spec sharing a cache save the same state at the same moment (a
+/// shell step makes them wait for each other, then leaves 100 MB for tar to pack). Each
+/// build is PID 1 of its own PID namespace: a temporary name made from the PID was the
+/// same for both, and the entry a mix of two archives. The first save wins; a third
+/// build restores a sound tree.
+#[test]
+fn builds_saving_the_same_state_at_once_leave_a_sound_entry() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    // Outside the spec's directory: a directory named in a script there is hashed into
+    // the step's key, and this one changes as the builds arrive.
+    let outside = tempfile::tempdir().unwrap();
+    let barrier = outside.path().join("barrier");
+    std::fs::create_dir(&barrier).unwrap();
+    write(
+        d.path(),
+        "spec.vmdb",
+        r#"
+steps:
+  - mkimg: "{{ output }}"
+    size: 512M
+  - mklabel: gpt
+    device: "{{ output }}"
+  - mkpart: root
+    device: "{{ output }}"
+    start: 0%
+    end: 100%
+    tag: /
+  - mkfs: ext4
+    partition: /
+  - mount: /
+  - shell: |
+      sleep 1.1
+      head -c 100M /dev/urandom > "$ROOT/data"
+      sha256sum < "$ROOT/data" | cut -d' ' -f1 > "$ROOT/data.sha256"
+      mktemp {{ barrier | quote }}/arrived.XXXXXX > /dev/null
+      while [ "$(ls {{ barrier | quote }} | wc -l)" -lt 2 ]; do sleep 0.02; done
+    root-fs: /
+"#,
+    );
+    let cache = d.path().join("cache");
+    let args = |img: &str| {
+        [
+            d.path().join("spec.vmdb").display().to_string(),
+            "--output".into(),
+            d.path().join(img).display().to_string(),
+            "--cache-dir".into(),
+            cache.display().to_string(),
+            "--variable".into(),
+            format!("barrier={}", barrier.display()),
+        ]
+    };
+    let start = |img: &str| {
+        vmdb()
+            .args(args(img))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start("a.img"), start("b.img"));
+    let runs = [a, b].map(|c| to_run(c.wait_with_output().unwrap()));
+    for r in &runs {
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    let third = to_run(vmdb().args(args("c.img")).output().unwrap());
+    assert_eq!(third.code, 0, "{}", third.stderr);
+    assert_eq!(from_cache(&third), ["6/6"], "{}", third.stderr);
+    assert!(!third.stderr.contains("damaged"), "{}", third.stderr);
+    with_root(&d.path().join("c.img"), |root| {
+        let recorded = std::fs::read_to_string(root.join("data.sha256")).unwrap();
+        assert_eq!(sha256_hex(&root.join("data")), recorded.trim());
+    });
+    let both = format!("{}{}", runs[0].stderr, runs[1].stderr);
+    assert_eq!(
+        both.matches("saved the image tree in the step cache")
+            .count(),
+        1,
+        "{both}"
+    );
+    assert_eq!(
+        both.matches("the step cache has this image tree already")
+            .count(),
+        1,
+        "{both}"
+    );
+    let steps = cache.join("steps");
+    assert_eq!(dot_files(&steps), Vec::<String>::new());
+    assert_eq!(
+        listing(&steps)
+            .iter()
+            .filter(|n| n.ends_with(".json"))
+            .count(),
+        1
+    );
+
+    wait_clean(d.path(), 5).unwrap();
+}
+
+/// An entry whose record matches its archive, but the archive does not decompress (what
+/// the race above made): the build says so, removes it, restores the shallower entry
+/// and runs the steps after it, which save a sound entry in its place.
+#[test]
+fn an_entry_whose_archive_does_not_decompress_is_removed_and_the_steps_run() {
+    need_root!();
+    let d = Dir::new();
+    let cache = d.p().join("cache");
+    d.build(&cache, "cold.img", &[]);
+    let steps = cache.join("steps");
+    let mut metas: Vec<serde_json::Value> = listing(&steps)
+        .iter()
+        .filter(|n| n.ends_with(".json"))
+        .map(|n| serde_json::from_str(&std::fs::read_to_string(steps.join(n)).unwrap()).unwrap())
+        .collect();
+    metas.sort_by_key(|m| m["step"].as_u64());
+    assert_eq!(metas.len(), 2);
+    let key = metas[1]["key"].as_str().unwrap().to_string();
+    let archive = steps.join(format!("{key}.tar.zst"));
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let n = bytes.len();
+    for i in [n / 3, n / 2, n - 3] {
+        bytes[i] ^= 0x5a;
+    }
+    std::fs::write(&archive, &bytes).unwrap();
+    let bad_sum = sha256_hex(&archive);
+    let mut meta = metas[1].clone();
+    meta["sha256"] = bad_sum.clone().into();
+    meta["size"] = n.into();
+    write(
+        &steps,
+        &format!("{key}.json"),
+        &serde_json::to_string_pretty(&meta).unwrap(),
+    );
+
+    let r = d.build(&cache, "after.img", &[]);
+    assert!(
+        r.stderr.contains(&format!(
+            "vmdb: cache entry {key} is damaged (it does not decompress: command failed"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains(": ignoring and removing it"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(from_cache(&r), ["6/10", "7/10"], "{}", r.stderr);
+    assert_eq!(
+        r.stderr
+            .matches("saved the image tree in the step cache")
+            .count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        tree(&d.p().join("after.img"))["srv/flavour"],
+        "100644 0:0 vanilla\n"
+    );
+    // In its place, a sound entry of the same state.
+    assert_ne!(sha256_hex(&archive), bad_sum);
+    let again = d.build(&cache, "again.img", &[]);
+    assert_eq!(
+        from_cache(&again),
+        ["6/10", "7/10", "8/10", "9/10"],
+        "{}",
+        again.stderr
+    );
+    wait_clean(d.p(), 5).unwrap();
+}
+
+/// A save killed half-way (SIGKILL of vmdb while tar writes the archive) leaves its
+/// temporary file: `cache list` counts it, and `cache prune` removes it once no one
+/// holds it and it is older than the grace period (a minute).
+#[test]
+fn the_temporary_of_a_killed_save_is_listed_and_pruned() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    write(
+        d.path(),
+        "spec.vmdb",
+        r#"
+steps:
+  - mkimg: "{{ output }}"
+    size: 1G
+  - mklabel: gpt
+    device: "{{ output }}"
+  - mkpart: root
+    device: "{{ output }}"
+    start: 0%
+    end: 100%
+    tag: /
+  - mkfs: ext4
+    partition: /
+  - mount: /
+  - shell: |
+      sleep 1.1
+      head -c 400M /dev/urandom > "$ROOT/data"
+    root-fs: /
+"#,
+    );
+    let cache = d.path().join("cache");
+    let steps = cache.join("steps");
+    let mut child = vmdb()
+        .args([
+            &d.path().join("spec.vmdb").to_string_lossy(),
+            "--output",
+            &d.path().join("x.img").to_string_lossy(),
+            "--cache-dir",
+            &cache.to_string_lossy(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        if steps.is_dir() && !dot_files(&steps).is_empty() {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the build ended");
+        assert!(t0.elapsed().as_secs() < 120, "no save started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_clean(d.path(), 10).unwrap();
+    let left = dot_files(&steps);
+    assert_eq!(left.len(), 1, "{left:?}");
+    let tmp = steps.join(&left[0]);
+    // Nothing writes it any more.
+    let size = std::fs::metadata(&tmp).unwrap().len();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(std::fs::metadata(&tmp).unwrap().len(), size);
+    assert!(size > 0);
+
+    let cmd = |args: &[&str]| {
+        let mut v = vec!["cache"];
+        v.extend_from_slice(args);
+        let cache_dir = cache.to_string_lossy().into_owned();
+        v.extend(["--cache-dir", &cache_dir]);
+        let r = to_run(vmdb().args(&v).output().unwrap());
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        r.stdout
+    };
+    let mb = format!("{:.1} MB", size as f64 / 1e6);
+    let list = cmd(&["list"]);
+    assert!(
+        list.contains(&format!("unfinished files: 1, {mb} (saves in progress")),
+        "{list}"
+    );
+    // Within the grace period it may be a save that has not locked its file yet.
+    let prune = cmd(&["prune"]);
+    assert!(
+        prune.contains("removed files left by interrupted saves: 0 (0.0 MB)"),
+        "{prune}"
+    );
+    assert!(tmp.exists());
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))
+        .unwrap();
+    let prune = cmd(&["prune"]);
+    assert!(
+        prune.contains(&format!(
+            "removed files left by interrupted saves: 1 ({mb})"
+        )),
+        "{prune}"
+    );
+    assert_eq!(listing(&steps), Vec::<String>::new());
+    assert!(
+        cmd(&["list"]).contains("unfinished files: 0, 0.0 MB"),
+        "{list}"
+    );
 }

@@ -45,17 +45,6 @@ pub fn install_argv(packages: &[String], recommends: bool) -> Vec<String> {
     v
 }
 
-/// The file names in `apt-get --print-uris` output: `'URI' FILE SIZE HASH` lines.
-fn package_files(print_uris: &str) -> Vec<String> {
-    print_uris
-        .lines()
-        .filter(|l| l.starts_with('\''))
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|f| f.ends_with(".deb"))
-        .map(String::from)
-        .collect()
-}
-
 /// The image's apt sources and architectures, to notice when a step changed them since
 /// the last update.
 fn sources_fingerprint(root: &Path) -> String {
@@ -112,17 +101,25 @@ pub fn install(
         b.state.notes.insert(updated);
     }
     let cache = crate::debcache::dir(&b.opts);
+    let mut wanted = crate::debcache::Sums::new();
     if let Some(c) = &cache {
+        // The packages apt will fetch, with the archive's checksums (SHA-256: apt shows
+        // MD5 unless asked): cached ones are checked against them on the way in and out.
         let mut ask = install_argv(packages, recommends);
-        ask.splice(1..1, ["-qq".to_string(), "--print-uris".to_string()]);
-        let wanted = package_files(&apt_get(root, &ask)?);
-        let n = crate::debcache::seed(c, root, &wanted)?;
+        ask.splice(
+            1..1,
+            ["-qq", "--print-uris", "-o", "Acquire::ForceHash=SHA256"].map(String::from),
+        );
+        wanted = crate::debcache::sums_from_print_uris(&apt_get(root, &ask)?);
+        let n = crate::debcache::seed(c, root, &wanted);
         crate::log::verbose(&format!("  {n} packages from the package cache"));
     }
     apt_get(root, &install_argv(packages, recommends))?;
     if let Some(c) = &cache {
-        let n = crate::debcache::collect(c, root)?;
-        crate::log::verbose(&format!("  {n} new packages into the package cache"));
+        if let Some(archives) = crate::debcache::archives(root) {
+            let n = crate::debcache::collect(c, &archives, &wanted);
+            crate::log::verbose(&format!("  {n} new packages into the package cache"));
+        }
     }
     if clean {
         apt_get(root, &["apt-get".into(), "clean".into()])?;
@@ -200,17 +197,6 @@ mod tests {
         )
         .unwrap();
         assert_ne!(sources_fingerprint(root), with_arch);
-    }
-
-    #[test]
-    fn package_files_from_print_uris() {
-        let out = "'http://m.example.org/debian/pool/main/h/hello/hello_2.10-3_amd64.deb' hello_2.10-3_amd64.deb 56024 SHA256:ab\n\
-                   'http://m.example.org/debian/pool/main/s/sed/sed_1%3a4.9_amd64.deb' sed_1%3a4.9_amd64.deb 1 SHA256:cd\n";
-        assert_eq!(
-            package_files(out),
-            ["hello_2.10-3_amd64.deb", "sed_1%3a4.9_amd64.deb"]
-        );
-        assert!(package_files("").is_empty());
     }
 
     #[test]

@@ -310,25 +310,37 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     mirror::check_suite_with(&args.mirror, &args.suite, ca.as_deref())?;
     let flag = format!("{RUNNING}{}", dir.display());
     b.state.notes.insert(flag.clone());
+    let cache = crate::debcache::dir(&b.opts);
     if uses_mmdebstrap(step) {
-        let cache = crate::debcache::dir(&b.opts);
         let mut cmd = Cmd::new("mmdebstrap").args(&mmdebstrap::argv(&args, cache.is_some())[1..]);
         if let Some(c) = &cache {
-            cmd = cmd.env(mmdebstrap::DEBS_ENV, c);
+            let list = b.scratch_dir("debs-")?.join("list");
+            let n = crate::debcache::list_for_bootstrap(c, &dir, &args.arch, &list)?;
+            crate::log::verbose(&format!("  {n} packages from the package cache"));
+            cmd = cmd.env(mmdebstrap::DEBS_ENV, &list);
         }
         cmd.run()?;
         if let Some(c) = &cache {
-            let n = crate::debcache::collect(c, &dir)?;
-            crate::log::verbose(&format!("  {n} new packages into the package cache"));
+            collect(c, &dir);
         }
         mmdebstrap::tidy(&dir)?;
         b.state.notes.remove(&flag);
         return Ok(());
     }
-    let mut argv = argv(&args);
-    if let Some(c) = crate::debcache::dir(&b.opts) {
-        argv.insert(1, format!("--cache-dir={}", c.display()));
+    // debootstrap gets no --cache-dir: it would download into the shared cache under
+    // the final names, in place. It finds the cached packages in the image instead,
+    // checks each against the archive's checksums and downloads what is missing or bad.
+    let seeded = match &cache {
+        Some(c) => crate::debcache::seed_bootstrap(c, &dir, &args.arch),
+        None => Vec::new(),
+    };
+    if !seeded.is_empty() {
+        crate::log::verbose(&format!(
+            "  {} packages from the package cache",
+            seeded.len()
+        ));
     }
+    let argv = argv(&args);
     let mut cmd = Cmd::new(&argv[0]).args(&argv[1..]);
     if let Some(ca) = &ca {
         let rc = b.scratch_dir("wgetrc-")?.join("wgetrc");
@@ -336,8 +348,23 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
         cmd = cmd.env("WGETRC", &rc).env("CURL_CA_BUNDLE", ca);
     }
     cmd.run()?;
+    if let Some(c) = &cache {
+        collect(c, &dir);
+        crate::debcache::unseed(&dir, &seeded)?;
+    }
     b.state.notes.remove(&flag);
     Ok(())
+}
+
+/// Cache the packages a bootstrap left in the image's apt archive, checked against the
+/// checksums in the apt lists it left.
+fn collect(cache: &Path, root: &Path) {
+    let Some(archives) = crate::debcache::archives(root) else {
+        return;
+    };
+    let sums = crate::debcache::sums_from_lists(root, &crate::debcache::debs_in(&archives));
+    let n = crate::debcache::collect(cache, &archives, &sums);
+    crate::log::verbose(&format!("  {n} new packages into the package cache"));
 }
 
 /// Only after a debootstrap that did not finish: it may have left its own mounts.
