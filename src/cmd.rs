@@ -109,6 +109,7 @@ pub struct Cmd {
     stdin: Option<Vec<u8>>,
     stdin_file: Option<std::fs::File>,
     cwd: Option<OsString>,
+    clear_env: bool,
 }
 
 impl Cmd {
@@ -120,6 +121,7 @@ impl Cmd {
             stdin: None,
             stdin_file: None,
             cwd: None,
+            clear_env: false,
         }
     }
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Cmd {
@@ -134,6 +136,12 @@ impl Cmd {
     pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Cmd {
         self.envs
             .push((k.as_ref().to_owned(), v.as_ref().to_owned()));
+        self
+    }
+    /// Start from an empty environment: the program gets only what `env` sets (and the
+    /// search PATH, unless `env` sets PATH).
+    pub fn env_clear(mut self) -> Cmd {
+        self.clear_env = true;
         self
     }
     pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Cmd {
@@ -186,6 +194,9 @@ impl Cmd {
             }),
         );
         let mut c = Command::new(&self.prog);
+        if self.clear_env {
+            c.env_clear();
+        }
         if !self.envs.iter().any(|(k, _)| k == "PATH") {
             // Also where `Command` looks the program up.
             c.env("PATH", search_path());
@@ -408,5 +419,25 @@ mod tests {
         assert!(find_program("sh").is_some());
         assert_eq!(find_program("no-such-program-vmdb"), None);
         assert_eq!(find_program("/bin/sh"), Some("/bin/sh".into()));
+    }
+
+    #[test]
+    fn env_clear_passes_only_what_is_set() {
+        let out = Cmd::new("/usr/bin/env")
+            .env_clear()
+            .env("ONLY", "this")
+            .run()
+            .unwrap();
+        // And the search path, unless PATH is set.
+        assert_eq!(
+            out,
+            format!("ONLY=this\nPATH={}\n", search_path().to_string_lossy())
+        );
+        let out = Cmd::new("/usr/bin/env")
+            .env_clear()
+            .env("PATH", "/nowhere")
+            .run()
+            .unwrap();
+        assert_eq!(out, "PATH=/nowhere\n");
     }
 }
