@@ -264,13 +264,127 @@ pub fn needs_chroot(c: &mut Check) {
     c.needs(key, CHROOT.0, CHROOT.1);
 }
 
-/// A command run inside the image.
+/// A command run inside the image, in the image's environment (`environment`).
 pub fn command<S: AsRef<std::ffi::OsStr>>(root: &Path, argv: &[S]) -> Cmd {
-    Cmd::new(CHROOT.0)
-        .arg(root)
-        .args(argv)
-        .env("PATH", PATH)
-        .env("LC_ALL", "C.UTF-8")
+    with_image_env(Cmd::new(CHROOT.0).arg(root).args(argv), root)
+}
+
+/// The host's variables passed on to programs in the image, so that they download
+/// through the same proxy as the host.
+pub const PASSED_ON: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+];
+
+/// The whole environment of a program vmdb runs in the image at `root` (and of the
+/// bootstrappers, whose second stage runs there). Nothing else of the host's reaches
+/// the image: its TMPDIR, locale or HOME name things the image does not have (a
+/// package's postinst ran `mktemp` in the host's TMPDIR and failed).
+pub fn environment(root: &Path) -> Vec<(&'static str, std::ffi::OsString)> {
+    let locale = if has_c_utf8(root) { "C.UTF-8" } else { "C" };
+    let mut env: Vec<(&'static str, std::ffi::OsString)> = [
+        ("PATH", PATH),
+        ("HOME", "/root"),
+        ("LANG", locale),
+        ("LC_ALL", locale),
+        ("DEBIAN_FRONTEND", "noninteractive"),
+        ("DEBCONF_NONINTERACTIVE_SEEN", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k, v.into()))
+    .collect();
+    for name in PASSED_ON {
+        if let Some(v) = std::env::var_os(name) {
+            env.push((name, v));
+        }
+    }
+    env
+}
+
+/// `cmd` with the image's environment instead of the host's.
+pub fn with_image_env(cmd: Cmd, root: &Path) -> Cmd {
+    environment(root)
+        .into_iter()
+        .fold(cmd.env_clear(), |c, (k, v)| c.env(k, v))
+}
+
+/// Whether the image has the C.UTF-8 locale (Debian's libc-bin ships it, as C.utf8
+/// since bookworm and C.UTF-8 before; a tree being bootstrapped does not have it yet).
+/// Not through a symbolic link, which could lead out of the image.
+fn has_c_utf8(root: &Path) -> bool {
+    let real_dirs = |names: &[&str]| {
+        let mut p = root.to_path_buf();
+        names.iter().all(|c| {
+            p.push(c);
+            std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir())
+        })
+    };
+    ["C.utf8", "C.UTF-8"]
+        .iter()
+        .any(|l| real_dirs(&["usr", "lib", "locale", l]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixed_part(root: &Path) -> Vec<(String, String)> {
+        environment(root)
+            .into_iter()
+            .filter(|(k, _)| !PASSED_ON.contains(k))
+            .map(|(k, v)| (k.to_string(), v.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn image_environment_and_its_locale() {
+        let d = tempfile::tempdir().unwrap();
+        let expected = |locale: &str| -> Vec<(String, String)> {
+            [
+                ("PATH", PATH),
+                ("HOME", "/root"),
+                ("LANG", locale),
+                ("LC_ALL", locale),
+                ("DEBIAN_FRONTEND", "noninteractive"),
+                ("DEBCONF_NONINTERACTIVE_SEEN", "true"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .to_vec()
+        };
+        // An empty tree (being bootstrapped) has no C.UTF-8 yet.
+        assert_eq!(fixed_part(d.path()), expected("C"));
+        // Nor through a symbolic link (which could name a host directory).
+        std::fs::create_dir_all(d.path().join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib/locale", d.path().join("usr/lib/locale")).unwrap();
+        assert_eq!(fixed_part(d.path()), expected("C"));
+        std::fs::remove_file(d.path().join("usr/lib/locale")).unwrap();
+        std::fs::create_dir_all(d.path().join("usr/lib/locale/C.utf8")).unwrap();
+        assert_eq!(fixed_part(d.path()), expected("C.UTF-8"));
+        let old = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(old.path().join("usr/lib/locale/C.UTF-8")).unwrap();
+        assert_eq!(fixed_part(old.path()), expected("C.UTF-8"));
+    }
+
+    #[test]
+    fn a_program_gets_that_environment_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        // env itself, on the host, with what a program in the image would get.
+        let out = with_image_env(Cmd::new("/usr/bin/env"), d.path())
+            .run()
+            .unwrap();
+        let mut expected: Vec<String> = environment(d.path())
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}\n", v.to_string_lossy()))
+            .collect();
+        expected.sort();
+        let mut got: Vec<String> = out.split_inclusive('\n').map(String::from).collect();
+        got.sort();
+        assert_eq!(got, expected);
+    }
 }
 
 #[cfg(test)]

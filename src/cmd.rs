@@ -109,6 +109,7 @@ pub struct Cmd {
     stdin: Option<Vec<u8>>,
     stdin_file: Option<std::fs::File>,
     cwd: Option<OsString>,
+    clear_env: bool,
 }
 
 impl Cmd {
@@ -120,6 +121,7 @@ impl Cmd {
             stdin: None,
             stdin_file: None,
             cwd: None,
+            clear_env: false,
         }
     }
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Cmd {
@@ -134,6 +136,12 @@ impl Cmd {
     pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Cmd {
         self.envs
             .push((k.as_ref().to_owned(), v.as_ref().to_owned()));
+        self
+    }
+    /// Start from an empty environment: the program gets only what `env` sets (and the
+    /// search PATH, unless `env` sets PATH).
+    pub fn env_clear(mut self) -> Cmd {
+        self.clear_env = true;
         self
     }
     pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Cmd {
@@ -186,6 +194,9 @@ impl Cmd {
             }),
         );
         let mut c = Command::new(&self.prog);
+        if self.clear_env {
+            c.env_clear();
+        }
         if !self.envs.iter().any(|(k, _)| k == "PATH") {
             // Also where `Command` looks the program up.
             c.env("PATH", search_path());
@@ -204,12 +215,7 @@ impl Cmd {
         if let Some(d) = &self.cwd {
             c.current_dir(d);
         }
-        let mut child = c.spawn().with_context(|| {
-            format!(
-                "cannot run {}: is it installed?",
-                self.prog.to_string_lossy()
-            )
-        })?;
+        let mut child = c.spawn().map_err(|e| self.spawn_error(e))?;
         RUNNING.store(child.id() as i32, Ordering::SeqCst);
         if interrupted() {
             // SAFETY: kill(2) has no memory-safety preconditions.
@@ -278,6 +284,22 @@ impl Cmd {
         }
         bail!(msg)
     }
+
+    /// Why the program could not be started: a missing program is named as such (and
+    /// only then is installing it suggested), anything else is the system's own error.
+    fn spawn_error(&self, e: std::io::Error) -> anyhow::Error {
+        let prog = self.prog.to_string_lossy();
+        if e.kind() == std::io::ErrorKind::NotFound {
+            if let Some(d) = self.cwd.as_deref().filter(|d| !Path::new(d).is_dir()) {
+                return anyhow::anyhow!(
+                    "cannot run {prog}: its working directory {} does not exist",
+                    Path::new(d).display()
+                );
+            }
+            return anyhow::anyhow!("cannot run {prog}: no such program (is it installed?)");
+        }
+        anyhow::anyhow!("cannot run {prog}: {e}")
+    }
 }
 
 fn note_line(tail: &Mutex<VecDeque<String>>, raw: &[u8]) {
@@ -323,6 +345,19 @@ mod tests {
     }
 
     #[test]
+    fn a_signal_is_named() {
+        let e = Cmd::new("sh")
+            .args(["-c", "echo stopping >&2; kill -TERM $$"])
+            .run()
+            .unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "command failed with signal 15: sh -c 'echo stopping >&2; kill -TERM $$'\n  \
+             last lines of its output:\n  | stopping"
+        );
+    }
+
+    #[test]
     fn feeds_stdin_and_quotes_for_display() {
         let c = Cmd::new("cat").stdin("data").arg("-");
         assert_eq!(c.run().unwrap(), "data");
@@ -335,7 +370,38 @@ mod tests {
     #[test]
     fn missing_program_is_clear() {
         let e = Cmd::new("no-such-program-vmdb").run().unwrap_err();
-        assert!(e.to_string().contains("is it installed?"));
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot run no-such-program-vmdb: no such program (is it installed?)"
+        );
+    }
+
+    #[test]
+    fn only_a_missing_program_is_called_missing() {
+        let d = tempfile::tempdir().unwrap();
+        // A program that exists but cannot be executed (no x bit).
+        let f = d.path().join("not-executable");
+        std::fs::write(&f, "#!/bin/sh\n").unwrap();
+        let e = Cmd::new(&f).run().unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "cannot run {}: Permission denied (os error 13)",
+                f.display()
+            )
+        );
+        // A working directory that is gone is not a missing program.
+        let e = Cmd::new("true")
+            .cwd(d.path().join("gone"))
+            .run()
+            .unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "cannot run true: its working directory {} does not exist",
+                d.path().join("gone").display()
+            )
+        );
     }
 
     #[test]
@@ -353,5 +419,25 @@ mod tests {
         assert!(find_program("sh").is_some());
         assert_eq!(find_program("no-such-program-vmdb"), None);
         assert_eq!(find_program("/bin/sh"), Some("/bin/sh".into()));
+    }
+
+    #[test]
+    fn env_clear_passes_only_what_is_set() {
+        let out = Cmd::new("/usr/bin/env")
+            .env_clear()
+            .env("ONLY", "this")
+            .run()
+            .unwrap();
+        // And the search path, unless PATH is set.
+        assert_eq!(
+            out,
+            format!("ONLY=this\nPATH={}\n", search_path().to_string_lossy())
+        );
+        let out = Cmd::new("/usr/bin/env")
+            .env_clear()
+            .env("PATH", "/nowhere")
+            .run()
+            .unwrap();
+        assert_eq!(out, "PATH=/nowhere\n");
     }
 }

@@ -80,8 +80,10 @@ pub fn argv(a: &Args, cache: bool) -> Vec<String> {
         v.push(format!("--keyring={k}"));
     }
     // apt's lists stay, as debootstrap's do: the next apt step's update then only
-    // checks that they are current.
-    let mut skip = vec!["cleanup/apt/lists"];
+    // checks that they are current. The target's emptiness is vmdb's to judge
+    // (require_empty_target): mmdebstrap refuses even the empty mount point of an ESP
+    // mounted at /boot/efi, which debootstrap accepts.
+    let mut skip = vec!["check/empty", "cleanup/apt/lists"];
     if cache {
         skip.extend(["essential/unlink", "cleanup/apt/cache", "download/empty"]);
     }
@@ -154,7 +156,7 @@ mod tests {
                 "--components=main,contrib",
                 "--include=less",
                 "--keyring=/k.gpg",
-                "--skip=cleanup/apt/lists",
+                "--skip=check/empty,cleanup/apt/lists",
                 "bookworm",
                 "/mnt",
                 "http://mirror.example.org/debian"
@@ -164,7 +166,7 @@ mod tests {
         assert_eq!(cached.len(), plain.len() + 1);
         assert_eq!(
             cached[9],
-            "--skip=cleanup/apt/lists,essential/unlink,cleanup/apt/cache,download/empty"
+            "--skip=check/empty,cleanup/apt/lists,essential/unlink,cleanup/apt/cache,download/empty"
         );
         assert!(cached[10].starts_with("--setup-hook=mkdir -p \"$1/var/cache/apt/archives\""));
         assert_eq!(

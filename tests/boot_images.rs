@@ -1,8 +1,10 @@
 //! End to end: build the example Debian images and boot each in qemu with `vmdb boot`.
-//! One image is built cold (debootstrap from the network); the others reuse its rootfs
-//! tarball, as users do. With VMDB_ROOTFS_TARBALL set (scripts/test sets it), the tarball
-//! is kept there for later tests (scripts/test-package). Slow (minutes) and needs the
-//! Debian archive: run with `cargo test -- --include-ignored` (scripts/test does).
+//! Each example is built cold (every step runs, from an empty step cache, sharing only
+//! the package cache), with vmdb's TMPDIR a directory of the host; one is built again
+//! from the BIOS image's rootfs tarball with no network, as users rebuild. With
+//! VMDB_ROOTFS_TARBALL set (scripts/test sets it), the BIOS image's tarball is kept
+//! there for later tests (scripts/test-package). Slow (minutes) and needs the Debian
+//! archive: run with `cargo test -- --include-ignored` (scripts/test does).
 
 mod common;
 
@@ -15,9 +17,17 @@ fn spec(name: &str) -> String {
     format!("{}/specs/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Build a spec; `offline` runs vmdb in a network namespace with no network at all.
-/// The build's log is IMG.build.log.
-fn build(spec_name: &str, img: &Path, tarball: &Path, offline: bool) -> f64 {
+/// Build a spec with `cache` as vmdb's cache directory and `tmpdir`, if any, as its
+/// TMPDIR; `offline` runs vmdb in a network namespace with no network at all. The
+/// build's log is IMG.build.log.
+fn build(
+    spec_name: &str,
+    img: &Path,
+    tarball: &Path,
+    offline: bool,
+    cache: &Path,
+    tmpdir: Option<&Path>,
+) -> f64 {
     let t = Instant::now();
     let args = [
         spec(spec_name),
@@ -30,12 +40,15 @@ fn build(spec_name: &str, img: &Path, tarball: &Path, offline: bool) -> f64 {
     ];
     let mut cmd = if offline {
         let mut c = std::process::Command::new("unshare");
-        c.args(["--net", env!("CARGO_BIN_EXE_vmdb")])
-            .env("VMDB_CACHE_DIR", test_cache_dir());
+        c.args(["--net", env!("CARGO_BIN_EXE_vmdb")]);
         c
     } else {
         vmdb()
     };
+    cmd.env("VMDB_CACHE_DIR", cache);
+    if let Some(t) = tmpdir {
+        cmd.env("TMPDIR", t);
+    }
     let r = to_run(cmd.args(&args).output().unwrap());
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(r.code, 0, "building {spec_name}:\n{}", r.stderr);
@@ -100,13 +113,22 @@ fn example_images_build_and_boot() {
     };
     if tarball.exists() {
         eprintln!(
-            "note: {} exists: the first build is not cold",
+            "note: {} exists: the BIOS build is not cold",
             tarball.display()
         );
     }
+    let tmp = host_tmpdir(d.path());
+    let cold = |name: &str| cold_cache_dir(d.path(), &format!("cache-{name}"));
 
     let bios = d.path().join("bios.img");
-    build("bookworm-bios.vmdb", &bios, &tarball, false);
+    build(
+        "bookworm-bios.vmdb",
+        &bios,
+        &tarball,
+        false,
+        &cold("bios"),
+        Some(&tmp),
+    );
     assert!(tarball.exists(), "the cold build cached its rootfs");
     let log = std::fs::read_to_string(bios.with_extension("build.log")).unwrap();
     if log.contains("Setting up linux-image-") {
@@ -125,17 +147,47 @@ fn example_images_build_and_boot() {
         eprintln!("note: the kernel came from a cache: the initramfs count is not checked");
     }
     boot(&bios, false, "bookworm-bios");
+    std::fs::remove_file(&bios).unwrap();
 
+    // The UEFI and hybrid specs cold (no rootfs tarball yet): debootstrap installs into
+    // a root whose ESP is already mounted at /boot/efi.
     let uefi = d.path().join("uefi.img");
-    // From the rootfs tarball, a build needs no network.
-    build("bookworm-uefi.vmdb", &uefi, &tarball, true);
+    build(
+        "bookworm-uefi.vmdb",
+        &uefi,
+        &d.path().join("uefi.tar.zst"),
+        false,
+        &cold("uefi"),
+        Some(&tmp),
+    );
     boot(&uefi, true, "bookworm-uefi");
+    std::fs::remove_file(&uefi).unwrap();
 
     let hybrid = d.path().join("hybrid.img");
-    build("bookworm-hybrid.vmdb", &hybrid, &tarball, true);
+    build(
+        "bookworm-hybrid.vmdb",
+        &hybrid,
+        &d.path().join("hybrid.tar.zst"),
+        false,
+        &cold("hybrid"),
+        Some(&tmp),
+    );
     boot(&hybrid, false, "bookworm-hybrid");
     boot(&hybrid, true, "bookworm-hybrid");
+    std::fs::remove_file(&hybrid).unwrap();
+
+    // From the BIOS image's rootfs tarball, a build needs no network.
+    build(
+        "bookworm-uefi.vmdb",
+        &uefi,
+        &tarball,
+        true,
+        &test_cache_dir(),
+        Some(&tmp),
+    );
     wait_clean(d.path(), 5).unwrap();
+    // vmdb's scratch directories were in its TMPDIR, and are gone.
+    assert_eq!(listing(&tmp), Vec::<String>::new());
 }
 
 /// Where the foreign-architecture images' rootfs tarballs are kept for the rest of the
@@ -205,7 +257,14 @@ fn foreign_architecture_images_build_and_boot() {
     let tarball = shared_tarball("i386");
     let _ = std::fs::remove_file(&tarball);
     let img = d.path().join("i386.img");
-    build("bookworm-i386.vmdb", &img, &tarball, false);
+    build(
+        "bookworm-i386.vmdb",
+        &img,
+        &tarball,
+        false,
+        &test_cache_dir(),
+        None,
+    );
     boot_arch(
         &img,
         "i386",
@@ -219,7 +278,14 @@ fn foreign_architecture_images_build_and_boot() {
     let tarball = shared_tarball("arm64");
     let _ = std::fs::remove_file(&tarball);
     let img = d.path().join("arm64.img");
-    build("bookworm-arm64.vmdb", &img, &tarball, false);
+    build(
+        "bookworm-arm64.vmdb",
+        &img,
+        &tarball,
+        false,
+        &test_cache_dir(),
+        None,
+    );
     let esp = tool("sfdisk", &["-J", &img.to_string_lossy()]);
     let j: serde_json::Value = serde_json::from_str(&esp).unwrap();
     let off = j["partitiontable"]["partitions"][0]["start"]

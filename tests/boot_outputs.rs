@@ -1,7 +1,7 @@
-//! End to end: build a Debian image with cloud-init (cold, caching its rootfs) as qcow2
-//! with a NoCloud seed, and boot it with the seed attached: cloud-init applies the
-//! seed. Then build the Vagrant box spec from the same rootfs tarball, as a libvirt
-//! box, and boot its box.img: the vagrant user logs in, sudo needs no password, sshd
+//! End to end: build a Debian image with cloud-init (cold, with a host TMPDIR, caching
+//! its rootfs) as qcow2 with a NoCloud seed, and boot it with the seed attached:
+//! cloud-init applies the seed. Then build the Vagrant box spec from the same rootfs
+//! tarball, as a libvirt box, and boot its box.img: the vagrant user logs in, sudo needs no password, sshd
 //! runs. Slow (minutes) and needs the Debian archive: run with
 //! `cargo test -- --include-ignored` (scripts/test does).
 
@@ -18,8 +18,12 @@ fn spec(name: &str) -> String {
 }
 
 fn vmdb_ok(args: &[&str], what: &str) -> f64 {
+    vmdb_ok_with(vmdb(), args, what)
+}
+
+fn vmdb_ok_with(mut cmd: std::process::Command, args: &[&str], what: &str) -> f64 {
     let t = Instant::now();
-    let r = run(args);
+    let r = to_run(cmd.args(args).output().unwrap());
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(r.code, 0, "{what}:\n{}", r.stderr);
     eprintln!("{what}: {secs:.1}s");
@@ -73,10 +77,17 @@ fn cloud_init_image_and_vagrant_box_boot() {
     let p = |n: &str| d.path().join(n).display().to_string();
     let tarball = p("bookworm-cloud.tar.zst");
 
-    // cloud-init: a qcow2 image and its seed, with checksums and a manifest.
+    // cloud-init: a qcow2 image and its seed, with checksums and a manifest. Cold
+    // (every step runs), with vmdb's TMPDIR a directory of the host: openssh-server's
+    // and ca-certificates' maintainer scripts run mktemp, which must not see it.
     let img = p("cloud.qcow2");
     let seed = p("seed.iso");
-    vmdb_ok(
+    let tmp = host_tmpdir(d.path());
+    let mut cold = vmdb();
+    cold.env("TMPDIR", &tmp)
+        .env("VMDB_CACHE_DIR", cold_cache_dir(d.path(), "cold-cache"));
+    vmdb_ok_with(
+        cold,
         &[
             &spec("bookworm-cloud-init.vmdb"),
             "--output",
@@ -192,4 +203,5 @@ fn cloud_init_image_and_vagrant_box_boot() {
         assert!(console.contains(want), "{want} not in the console");
     }
     wait_clean(d.path(), 5).unwrap();
+    assert_eq!(common::listing(&tmp), Vec::<String>::new());
 }

@@ -106,7 +106,7 @@ fn step_type_exists(name: &str) -> bool {
         "validate",
         &spec.to_string_lossy(),
         "--output",
-        "/tmp/x.img",
+        &d.path().join("x.img").to_string_lossy(),
     ]);
     !r.stderr.contains("unknown step type")
 }
@@ -133,7 +133,7 @@ fn validate(spec: &Path, text: &str, mirror: &str) -> Run {
         "--variable".into(),
         format!("mirror={mirror}"),
     ];
-    args.extend(image_args(text, Path::new("/tmp/vmdb2-never-built.img")));
+    args.extend(image_args(text, &spec.with_file_name("never-built.img")));
     to_run(vmdb().args(&args).output().unwrap())
 }
 
@@ -189,7 +189,7 @@ fn every_vmdb2_spec_validates() {
             }
         }
     }
-    assert!(!Path::new("/tmp/vmdb2-never-built.img").exists());
+    assert!(!d.path().join("never-built.img").exists());
 }
 
 /// Where the foreign-architecture end-to-end test (tests/boot_images.rs, which cargo

@@ -145,8 +145,12 @@ impl Plugin for Ansible {
         .with_context(|| format!("writing {}", vars.display()))?;
         let playbook = b.spec_path(step.str("playbook")?);
         let argv = argv(&inv, &step.list("tags"), &vars, &playbook);
-        let mut cmd = Cmd::new(&argv[0])
-            .args(&argv[1..])
+        // Ansible runs on the host, but its chroot connection passes its environment
+        // on to the modules it runs in the image: the image's, with the UTF-8 locale
+        // Ansible insists on (the host has it).
+        let mut cmd = chroot::with_image_env(Cmd::new(&argv[0]).args(&argv[1..]), &root)
+            .env("LANG", "C.UTF-8")
+            .env("LC_ALL", "C.UTF-8")
             .cwd(&b.opts.spec_dir)
             .env("ANSIBLE_NOCOWS", "1")
             .env("ANSIBLE_RETRY_FILES_ENABLED", "0")

@@ -75,11 +75,9 @@ fn has_lists(root: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// apt-get in the image (the image's environment is non-interactive for debconf).
 fn apt_get(root: &Path, argv: &[String]) -> Result<String> {
-    chroot::command(root, argv)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .env("DEBCONF_NONINTERACTIVE_SEEN", "true")
-        .run()
+    chroot::command(root, argv).run()
 }
 
 /// Install `packages` in the image at `root` (apt-get update first unless done already

@@ -312,7 +312,11 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     b.state.notes.insert(flag.clone());
     let cache = crate::debcache::dir(&b.opts);
     if uses_mmdebstrap(step) {
-        let mut cmd = Cmd::new("mmdebstrap").args(&mmdebstrap::argv(&args, cache.is_some())[1..]);
+        // Its second stage runs the image's programs with its environment.
+        let mut cmd = chroot::with_image_env(
+            Cmd::new("mmdebstrap").args(&mmdebstrap::argv(&args, cache.is_some())[1..]),
+            &dir,
+        );
         if let Some(c) = &cache {
             let list = b.scratch_dir("debs-")?.join("list");
             let n = crate::debcache::list_for_bootstrap(c, &dir, &args.arch, &list)?;
@@ -341,7 +345,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
         ));
     }
     let argv = argv(&args);
-    let mut cmd = Cmd::new(&argv[0]).args(&argv[1..]);
+    let mut cmd = chroot::with_image_env(Cmd::new(&argv[0]).args(&argv[1..]), &dir);
     if let Some(ca) = &ca {
         let rc = b.scratch_dir("wgetrc-")?.join("wgetrc");
         std::fs::write(&rc, wgetrc(ca)).with_context(|| format!("writing {}", rc.display()))?;

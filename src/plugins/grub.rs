@@ -616,6 +616,47 @@ mod tests {
         canary.assert_untouched();
     }
 
+    /// A full disk (as a signal, or any failure but a missing package) shows
+    /// grub-install's own error, not a guess that grub-pc-bin is missing.
+    #[test]
+    fn a_full_disk_is_reported_not_a_missing_package() {
+        use crate::chroot::testing;
+        if !testing::is_root() || !Path::new(BIOS_MODULES).is_dir() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let disk = d.path().join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("boot")).unwrap();
+        let _guard = testing::Unmounter(root.clone());
+        crate::mount::mount(
+            Path::new("tmpfs"),
+            &root.join("boot"),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=64k"),
+        )
+        .unwrap();
+        let mut b = testing::build(&root, None);
+        let img = ImageRoot::open(&root).unwrap();
+        let e = format!(
+            "{:#}",
+            install_bios(&mut b, &disk, &img, "ext4").unwrap_err()
+        );
+        assert!(
+            e.starts_with(
+                "installing GRUB for BIOS: command failed with exit status 1: grub-install --target=i386-pc"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("No space left on device"), "{e}");
+        assert!(!e.contains("grub-pc-bin"), "{e}");
+    }
+
     #[test]
     fn uefi_needs_an_efi_tag() {
         assert_eq!(

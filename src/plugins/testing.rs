@@ -141,9 +141,12 @@ pub(crate) struct Canary {
 
 impl Canary {
     pub(crate) fn new() -> Canary {
+        // In /tmp whatever TMPDIR says: the canary's path, made inside test images too
+        // (`inside`), must not lie below the links the tests plant there (var/tmp,
+        // var/lock, ...), as it would with TMPDIR=/var/tmp/...
         let dir = tempfile::Builder::new()
             .prefix("vmdb-canary-")
-            .tempdir()
+            .tempdir_in("/tmp")
             .expect("a temporary directory");
         let path = std::fs::canonicalize(dir.path()).expect("a canonical path");
         std::fs::write(path.join("file"), "host").expect("writing the canary");

@@ -17,6 +17,27 @@ pub fn test_cache_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cache")
 }
 
+/// A new cache directory `parent/name` with an empty step cache and the test run's
+/// shared package cache: a build with it runs every step (a cold build), without
+/// downloading again what earlier builds downloaded.
+pub fn cold_cache_dir(parent: &Path, name: &str) -> PathBuf {
+    let dir = parent.join(name);
+    std::fs::create_dir(&dir).unwrap();
+    let debs = test_cache_dir().join("debs");
+    std::fs::create_dir_all(&debs).unwrap();
+    std::os::unix::fs::symlink(&debs, dir.join("debs")).unwrap();
+    dir
+}
+
+/// A new directory `parent/host-tmp` for vmdb's TMPDIR: a directory of the host the
+/// image does not have, as CI systems set one. Nothing of the host's environment may
+/// reach the programs run in the image (a package's postinst ran `mktemp` in it).
+pub fn host_tmpdir(parent: &Path) -> PathBuf {
+    let dir = parent.join("host-tmp");
+    std::fs::create_dir(&dir).unwrap();
+    dir
+}
+
 pub struct Run {
     pub code: i32,
     pub stdout: String,
