@@ -627,9 +627,7 @@ impl Session {
                     out.push(Output::Fail(Failure::LoginIncorrect));
                     return true;
                 }
-                if !self.password_sent
-                    && let Some(pos) = find(region, "Password:")
-                {
+                if let Some(pos) = find(region, "Password:").filter(|_| !self.password_sent) {
                     self.password_sent = true;
                     self.consumed = base + pos + "Password:".len();
                     self.searched = self.consumed;
@@ -1120,8 +1118,9 @@ fn drive(
                 handle(vm, session, &chunk)?;
             }
             Err(RecvTimeoutError::Timeout) => {
-                if last_output.elapsed() >= NUDGE_AFTER
-                    && let Some(text) = session.nudge()
+                if let Some(text) = (last_output.elapsed() >= NUDGE_AFTER)
+                    .then(|| session.nudge())
+                    .flatten()
                 {
                     vm.send(&text);
                     last_output = Instant::now();

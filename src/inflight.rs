@@ -13,7 +13,7 @@
 //!   what it left. PIDs cannot tell that: every build is PID 1 in its own namespace, and
 //!   PIDs are reused.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,17 @@ fn dir(sub: &str) -> Result<PathBuf> {
     let d = Path::new(RUN_DIR).join(sub);
     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     Ok(d)
+}
+
+/// Take the exclusive flock of `file` without waiting: false when another open file
+/// description holds it. It is let go when the file is closed. (std's File::try_lock
+/// needs Rust 1.89; Debian 13 builds with 1.85.)
+fn try_lock(file: &File) -> std::io::Result<bool> {
+    match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The lock of one output, held until dropped (or `release`d).
@@ -59,9 +70,9 @@ pub fn lock_output(key: &str, shown: &Path) -> Result<OutputLock> {
             .truncate(false)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
+        match try_lock(&file) {
+            Ok(true) => {}
+            Ok(false) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
                 let who = match text.lines().next().and_then(|l| l.parse::<u32>().ok()) {
@@ -73,7 +84,7 @@ pub fn lock_output(key: &str, shown: &Path) -> Result<OutputLock> {
                     shown.display()
                 );
             }
-            Err(TryLockError::Error(e)) => {
+            Err(e) => {
                 return Err(e).with_context(|| format!("locking {}", path.display()));
             }
         }
@@ -128,9 +139,9 @@ impl InFlight {
             .prefix(&format!(".{}-", std::process::id()))
             .tempfile_in(&builds)
             .with_context(|| format!("creating an entry in {}", builds.display()))?;
-        tmp.as_file()
-            .try_lock()
-            .with_context(|| format!("locking {}", tmp.path().display()))?;
+        if !try_lock(tmp.as_file()).with_context(|| format!("locking {}", tmp.path().display()))? {
+            bail!("{} is locked by another process", tmp.path().display());
+        }
         let data = serde_json::to_vec(entry).context("encoding the build's entry")?;
         tmp.as_file()
             .write_all(&data)
@@ -174,7 +185,7 @@ pub fn clean_stale() {
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age.as_secs() > 60);
-            if old && File::open(e.path()).is_ok_and(|f| f.try_lock().is_ok()) {
+            if old && File::open(e.path()).is_ok_and(|f| matches!(try_lock(&f), Ok(true))) {
                 let _ = std::fs::remove_file(e.path());
             }
             continue;
@@ -192,7 +203,7 @@ pub fn clean_stale() {
             if i > 0 {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            file.try_lock().is_ok()
+            matches!(try_lock(&file), Ok(true))
         });
         if !locked {
             continue;
