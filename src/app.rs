@@ -188,10 +188,15 @@ fn build(args: BuildArgs) -> i32 {
         eprintln!("vmdb: say where to build the image with --output IMAGE (or --image IMAGE)");
         return EXIT_USAGE;
     };
+    // The output's name and --format: a warning, the build goes on.
+    let name_mismatch = crate::outputs::format_name_mismatch(args.format, &out);
     if !args.matrix.is_empty() {
         if args.dry_run {
             eprintln!("vmdb: --dry-run checks one image: give its variables with --variable");
             return EXIT_USAGE;
+        }
+        if let Some(w) = &name_mismatch {
+            crate::log::warn(w);
         }
         return crate::matrix::run(&args, &spec_path, &out, var == "image");
     }
@@ -201,6 +206,9 @@ fn build(args: BuildArgs) -> i32 {
     if let Err(e) = crate::log::init(args.verbose, args.log.as_deref()) {
         eprintln!("vmdb: cannot open log file: {e}");
         return EXIT_USAGE;
+    }
+    if let Some(w) = &name_mismatch {
+        crate::log::warn(w);
     }
     if args.compress && !args.format.compressible() {
         eprintln!(

@@ -55,6 +55,60 @@ impl Format {
     pub fn compressible(self) -> bool {
         !matches!(self, Format::Raw | Format::Vdi)
     }
+
+    /// What a file of this format is, in a sentence.
+    fn noun(self) -> &'static str {
+        match self {
+            Format::Raw => "a raw image",
+            Format::Qcow2 => "a qcow2 image",
+            Format::Vmdk => "a VMDK image",
+            Format::Vdi => "a VDI image",
+            Format::VagrantLibvirt | Format::VagrantVirtualbox => "a Vagrant box",
+        }
+    }
+
+    /// The usual extension of its files.
+    fn extension(self) -> &'static str {
+        match self {
+            Format::Raw => "img",
+            Format::Qcow2 => "qcow2",
+            Format::Vmdk => "vmdk",
+            Format::Vdi => "vdi",
+            Format::VagrantLibvirt | Format::VagrantVirtualbox => "box",
+        }
+    }
+}
+
+/// A warning when the output's name says another format than `format` writes
+/// (`--format qcow2 --output x.img`, or `--output x.qcow2` without --format), by its
+/// extension; None when they agree or the name says nothing (no extension, or one
+/// that names no image format).
+pub fn format_name_mismatch(format: Format, output: &Path) -> Option<String> {
+    let ext = output.extension()?.to_str()?.to_ascii_lowercase();
+    let named: &[Format] = match ext.as_str() {
+        "img" | "raw" => &[Format::Raw],
+        "qcow2" | "qcow" => &[Format::Qcow2],
+        "vmdk" => &[Format::Vmdk],
+        "vdi" => &[Format::Vdi],
+        "box" => &[Format::VagrantLibvirt, Format::VagrantVirtualbox],
+        _ => return None,
+    };
+    if named.contains(&format) {
+        return None;
+    }
+    let formats: Vec<String> = named
+        .iter()
+        .map(|f| format!("--format {}", f.name()))
+        .collect();
+    Some(format!(
+        "{} will hold {} (--format {}), but its name says {}: name it {}, or give {}",
+        output.display(),
+        format.noun(),
+        format.name(),
+        named[0].noun(),
+        output.with_extension(format.extension()).display(),
+        formats.join(" or ")
+    ))
 }
 
 /// What the build needs to know to hand over its outputs.
@@ -607,11 +661,54 @@ pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// In vmdb (the parent) after a successful build: rename every output into place, in
-/// order, write the directories back (so that the new names survive a crash), then
-/// remove the temporary files. All or nothing: if a rename or a directory's write-back
-/// fails, what was renamed already is removed again. Returns the final paths.
-pub fn commit(report: &Report) -> Result<Vec<PathBuf>> {
+/// Side files that an earlier build left beside this build's outputs and that this
+/// build does not write: `FILE.sha256` of each output, and the image's
+/// `IMAGE.manifest.json`. Beside the new outputs they would describe files that are
+/// gone (`sha256sum -c` fails). Only regular files count; an output written in place
+/// (a block device) has none.
+pub fn stale_side_files(report: &Report) -> Vec<PathBuf> {
+    let written: Vec<&Path> = report
+        .files
+        .iter()
+        .filter_map(|f| f.path.as_deref())
+        .collect();
+    let mut stale = Vec::new();
+    for f in report.outputs() {
+        let Some(path) = &f.path else {
+            continue;
+        };
+        if &f.partial == path {
+            continue;
+        }
+        let mut side = vec![PathBuf::from(format!("{}.sha256", path.display()))];
+        if f.kind == "image" || f.kind == "box" {
+            side.push(PathBuf::from(format!("{}.manifest.json", path.display())));
+        }
+        for s in side {
+            let regular = std::fs::symlink_metadata(&s).is_ok_and(|m| m.file_type().is_file());
+            if regular && !written.contains(&s.as_path()) {
+                stale.push(s);
+            }
+        }
+    }
+    stale
+}
+
+/// What `commit` put in place, and the stale side files it removed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Committed {
+    pub done: Vec<PathBuf>,
+    pub removed: Vec<PathBuf>,
+}
+
+/// In vmdb (the parent) after a successful build: remove the stale side files of an
+/// earlier build (`stale_side_files`), rename every output into place, in order, write
+/// the directories back (so that the new names survive a crash), then remove the
+/// temporary files. All or nothing: if a stale file cannot be removed, nothing is
+/// renamed; if a rename or a directory's write-back fails, what was renamed already is
+/// removed again. (Stale files go first: a failure after that leaves an older output
+/// without its side file, never a side file that does not match.)
+pub fn commit(report: &Report) -> Result<Committed> {
     let mut done: Vec<PathBuf> = Vec::new();
     let mut renamed: Vec<PathBuf> = Vec::new();
     let undo = |renamed: &[PathBuf]| {
@@ -620,6 +717,14 @@ pub fn commit(report: &Report) -> Result<Vec<PathBuf>> {
         }
         discard(report, None);
     };
+    let removed = stale_side_files(report);
+    for s in &removed {
+        if let Err(e) = std::fs::remove_file(s) {
+            undo(&[]);
+            return Err(e)
+                .with_context(|| format!("removing {}, left by an earlier build", s.display()));
+        }
+    }
     for f in &report.files {
         let Some(path) = &f.path else {
             continue;
@@ -635,7 +740,11 @@ pub fn commit(report: &Report) -> Result<Vec<PathBuf>> {
         }
         done.push(path.clone());
     }
-    let mut dirs: Vec<&Path> = renamed.iter().filter_map(|p| p.parent()).collect();
+    let mut dirs: Vec<&Path> = renamed
+        .iter()
+        .chain(&removed)
+        .filter_map(|p| p.parent())
+        .collect();
     dirs.sort();
     dirs.dedup();
     for d in dirs {
@@ -650,7 +759,7 @@ pub fn commit(report: &Report) -> Result<Vec<PathBuf>> {
             remove_path(&f.partial);
         }
     }
-    Ok(done)
+    Ok(Committed { done, removed })
 }
 
 /// Remove every temporary file of a failed build, but keep `keep` (the half-built
@@ -706,6 +815,94 @@ mod tests {
     }
 
     #[test]
+    fn an_output_name_that_says_another_format_is_warned_about() {
+        let w = |f, o: &str| format_name_mismatch(f, Path::new(o));
+        assert_eq!(
+            w(Format::Qcow2, "out/x.img").as_deref(),
+            Some(
+                "out/x.img will hold a qcow2 image (--format qcow2), but its name says a raw \
+                 image: name it out/x.qcow2, or give --format raw"
+            )
+        );
+        assert_eq!(
+            w(Format::Raw, "x.QCOW2").as_deref(),
+            Some(
+                "x.QCOW2 will hold a raw image (--format raw), but its name says a qcow2 \
+                 image: name it x.img, or give --format qcow2"
+            )
+        );
+        assert_eq!(
+            w(Format::Vdi, "x.box").as_deref(),
+            Some(
+                "x.box will hold a VDI image (--format vdi), but its name says a Vagrant box: \
+                 name it x.vdi, or give --format vagrant-libvirt or --format vagrant-virtualbox"
+            )
+        );
+        for (f, o) in [
+            (Format::Raw, "x.img"),
+            (Format::Raw, "x.raw"),
+            (Format::Raw, "/dev/sdb"),
+            (Format::Raw, "disk"),
+            (Format::Qcow2, "x.qcow2"),
+            (Format::Qcow2, "x.disk"),
+            (Format::Vmdk, "x.vmdk"),
+            (Format::Vdi, "x.vdi"),
+            (Format::VagrantLibvirt, "x.box"),
+            (Format::VagrantVirtualbox, "x.box"),
+            (Format::Qcow2, "{{ suite }}.qcow2"),
+        ] {
+            assert_eq!(w(f, o), None, "{o}");
+        }
+    }
+
+    #[test]
+    fn side_files_this_build_does_not_write_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        // An earlier build's outputs with their checksums and manifest, and a file of
+        // the user's that only looks like one (a directory).
+        for f in ["a", "a.sha256", "a.manifest.json", "s.iso", "s.iso.sha256"] {
+            std::fs::write(p(f), "old").unwrap();
+        }
+        std::fs::create_dir(p("b.sha256")).unwrap();
+        // This build: image a with a new checksum but no manifest, seed s.iso without a
+        // checksum, and b written in place (as a block device is).
+        for f in [".a.new", ".a.sha256.new", ".s.iso.new"] {
+            std::fs::write(p(f), "new").unwrap();
+        }
+        let file = |partial: &str, path: &str, kind: &str| OutFile {
+            partial: p(partial),
+            path: Some(p(path)),
+            kind: kind.into(),
+            format: None,
+            size: None,
+            sha256: None,
+        };
+        let r = Report {
+            files: vec![
+                file(".a.new", "a", "image"),
+                file(".s.iso.new", "s.iso", "cloud-init-seed"),
+                file("b", "b", "image"),
+                file(".a.sha256.new", "a.sha256", "checksum"),
+            ],
+            ..Report::default()
+        };
+        assert_eq!(
+            stale_side_files(&r),
+            [p("a.manifest.json"), p("s.iso.sha256")]
+        );
+        let c = commit(&r).unwrap();
+        assert_eq!(c.removed, [p("a.manifest.json"), p("s.iso.sha256")]);
+        let mut names: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "a.sha256", "b.sha256", "s.iso"]);
+        assert_eq!(std::fs::read_to_string(p("a.sha256")).unwrap(), "new");
+    }
+
+    #[test]
     fn report_round_trip_and_commit_order() {
         let d = tempfile::tempdir().unwrap();
         let p = |n: &str| d.path().join(n);
@@ -731,7 +928,13 @@ mod tests {
         r.save(d.path()).unwrap();
         let r = Report::load(d.path());
         assert_eq!(r.outputs().count(), 1);
-        assert_eq!(commit(&r).unwrap(), vec![p("a"), p("a.sha256")]);
+        assert_eq!(
+            commit(&r).unwrap(),
+            Committed {
+                done: vec![p("a"), p("a.sha256")],
+                removed: vec![]
+            }
+        );
         let mut names: Vec<String> = std::fs::read_dir(d.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -211,7 +211,13 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
         // The commit is the point of no return: a signal from now on is too late to
         // stop the build, which has succeeded. It only renames files.
         Ok(true) => match outputs::commit(&report) {
-            Ok(done) => {
+            Ok(outputs::Committed { done, removed }) => {
+                for r in &removed {
+                    log::info(&format!(
+                        "vmdb: removed {}, left by an earlier build: this build wrote none",
+                        r.display()
+                    ));
+                }
                 let image = report
                     .files
                     .iter()

@@ -667,3 +667,79 @@ fn outputs_that_are_not_files_are_refused_and_left_alone() {
         ]
     );
 }
+
+/// A rebuild replaces the image: an earlier build's checksum and manifest, which this
+/// build does not write, go with the old image (they would describe a file that is
+/// gone: `sha256sum -c` failed); a failed build leaves the old image and its files.
+#[test]
+fn side_files_of_an_earlier_build_do_not_outlive_its_image() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n);
+    let check = || {
+        std::process::Command::new("sha256sum")
+            .args(["--check", "--quiet", "x.img.sha256"])
+            .current_dir(d.path())
+            .status()
+            .unwrap()
+            .success()
+    };
+    let r = build(d.path(), "", "x.img", &["--checksums", "--manifest"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(check());
+    assert_eq!(
+        listing(d.path()),
+        ["s.vmdb", "x.img", "x.img.manifest.json", "x.img.sha256"]
+    );
+
+    // Without --checksums and --manifest: both go, and vmdb says so.
+    let r = build(d.path(), "", "x.img", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for f in ["x.img.sha256", "x.img.manifest.json"] {
+        let line = format!(
+            "vmdb: removed {}, left by an earlier build: this build wrote none\n",
+            p(f).display()
+        );
+        assert!(r.stderr.contains(&line), "no {line:?} in:\n{}", r.stderr);
+    }
+    assert_eq!(listing(d.path()), ["s.vmdb", "x.img"]);
+
+    // With --checksums only: a checksum of the new image, and no manifest.
+    std::fs::write(p("x.img.manifest.json"), "{}\n").unwrap();
+    let r = build(d.path(), "", "x.img", &["--checksums"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(check());
+    assert!(!r.stderr.contains("x.img.sha256, left by"), "{}", r.stderr);
+    assert_eq!(listing(d.path()), ["s.vmdb", "x.img", "x.img.sha256"]);
+
+    // A failed build changes nothing: the image and its checksum still match.
+    let before = std::fs::read(p("x.img.sha256")).unwrap();
+    let r = build(d.path(), "  - error: planned failure\n", "x.img", &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(std::fs::read(p("x.img.sha256")).unwrap(), before);
+    assert!(check());
+    wait_clean(d.path(), 5).unwrap();
+}
+
+/// `--format qcow2 --output x.img` writes qcow2 into a name that says raw: vmdb warns
+/// (and builds what was asked).
+#[test]
+fn an_output_name_that_says_another_format_is_warned_about() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("x.img");
+    let r = build(d.path(), "", "x.img", &["--format", "qcow2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let warning = format!(
+        "vmdb: warning: {} will hold a qcow2 image (--format qcow2), but its name says a raw \
+         image: name it {}, or give --format raw\n",
+        img.display(),
+        d.path().join("x.qcow2").display()
+    );
+    assert!(r.stderr.starts_with(&warning), "{}", r.stderr);
+    assert_eq!(qemu_img_info(&img)["format"], "qcow2");
+    let r = build(d.path(), "", "y.qcow2", &["--format", "qcow2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    wait_clean(d.path(), 5).unwrap();
+}
