@@ -150,9 +150,9 @@ pub struct BuildArgs {
     /// and arch=amd64,i386 make four); use the names in --output, e.g. '{{ suite }}-{{ arch }}.img'
     #[arg(long, value_name = "NAME=V1,V2", value_parser = crate::matrix::parse_axis)]
     pub matrix: Vec<(String, Vec<String>)>,
-    /// How many images of a matrix to build at once
-    #[arg(short, long, value_name = "N", default_value_t = default_jobs())]
-    pub jobs: usize,
+    /// How many images of a matrix to build at once (default: the number of CPUs)
+    #[arg(short, long, value_name = "N")]
+    pub jobs: Option<usize>,
     /// Format of the finished image: the steps build a raw image, converted at the end
     #[arg(long, value_enum, default_value_t = crate::outputs::Format::Raw, value_name = "FORMAT")]
     pub format: crate::outputs::Format,
@@ -170,10 +170,18 @@ pub struct BuildArgs {
     pub json: Option<PathBuf>,
 }
 
-fn default_jobs() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+impl BuildArgs {
+    /// --jobs, or the number of CPUs. (Not a clap default: it would be the build
+    /// host's count, printed in the help and baked into the man page.)
+    pub fn jobs(&self) -> usize {
+        self.jobs
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .max(1)
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -340,6 +348,21 @@ mod tests {
         assert!(c.build.refresh && !c.build.no_cache);
         let e = parse(&["x.vmdb", "--output", "x.img", "--refresh", "--no-cache"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn jobs_default_to_the_cpus_at_run_time() {
+        let c = parse(&["x.vmdb", "--output", "x.img"]).unwrap();
+        assert_eq!(c.build.jobs, None);
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(c.build.jobs(), cpus);
+        assert_eq!(parse(&["x.vmdb", "-j", "3"]).unwrap().build.jobs(), 3);
+        assert_eq!(parse(&["x.vmdb", "-j", "0"]).unwrap().build.jobs(), 1);
+        // Nothing of this host in the help, which the man page is made from.
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let help = cmd.render_long_help().to_string();
+        assert!(help.contains("(default: the number of CPUs)"), "{help}");
+        assert!(!help.contains(&format!("[default: {cpus}]")), "{help}");
     }
 
     #[test]

@@ -214,7 +214,7 @@ pub fn run(args: &BuildArgs, spec: &Path, output: &Path, image_var: bool) -> i32
     if bad {
         return EXIT_USAGE;
     }
-    let jobs = args.jobs.max(1);
+    let jobs = args.jobs();
     eprintln!("vmdb: building {} images, {jobs} at a time", cells.len());
     let started = Instant::now();
     let mut waiting: Vec<&Cell> = cells.iter().collect();
@@ -309,7 +309,7 @@ mod tests {
     fn args(matrix: &[&str]) -> BuildArgs {
         BuildArgs {
             matrix: matrix.iter().map(|m| parse_axis(m).unwrap()).collect(),
-            jobs: 2,
+            jobs: Some(2),
             ..BuildArgs::default()
         }
     }

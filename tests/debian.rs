@@ -156,7 +156,8 @@ fn literal(s: &str) -> Option<&str> {
     s.split_once('"').map(|(l, _)| l)
 }
 
-/// `"a", "b")` at the start of `s`: a (program, package) pair, the package a Debian name.
+/// `"a", "b")` at the start of `s`: a (program, package) pair, the program in lower case
+/// and the package a Debian name.
 fn pair(s: &str) -> Option<(&str, &str)> {
     let first = literal(s)?;
     let rest = s.trim_start()[first.len() + 2..]
@@ -169,7 +170,12 @@ fn pair(s: &str) -> Option<(&str, &str)> {
         && second
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
-    (end.starts_with(')') && debian_name).then_some((first, second))
+    // A program's name or path: lower case (not an environment variable's name).
+    let program = !first.is_empty()
+        && first
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-._/".contains(c));
+    (end.starts_with(')') && debian_name && program).then_some((first, second))
 }
 
 /// The Debian packages that steps declare for the programs they run (`c.needs(key,
@@ -281,11 +287,21 @@ fn installed_files_exist() {
         .collect();
     assert!(specs.len() >= 3, "example specs: {specs:?}");
     assert_eq!(read("debian/vmdb.examples"), "specs/*.vmdb\n");
-    // One page for vmdb and one per subcommand, as examples/vmdb-docs.rs writes them.
-    let mut pages = vec!["debian/generated/man/vmdb.1".to_string()];
-    for sub in <vmdb::cli::Cli as clap::CommandFactory>::command().get_subcommands() {
-        pages.push(format!("debian/generated/man/vmdb-{}.1", sub.get_name()));
+    // One page for vmdb and one per subcommand at every depth, as
+    // examples/vmdb-docs.rs writes them.
+    fn walk(prefix: &str, cmd: &clap::Command, pages: &mut Vec<String>) {
+        pages.push(format!("debian/generated/man/{prefix}.1"));
+        for sub in cmd.get_subcommands() {
+            walk(&format!("{prefix}-{}", sub.get_name()), sub, pages);
+        }
     }
+    let mut pages = Vec::new();
+    walk(
+        "vmdb",
+        &<vmdb::cli::Cli as clap::CommandFactory>::command(),
+        &mut pages,
+    );
+    assert_eq!(pages.len(), 6, "{pages:?}");
     assert_eq!(read("debian/vmdb.manpages"), pages.join("\n") + "\n");
 }
 

@@ -1,5 +1,7 @@
 //! The man pages and shell completions generated from the clap definition (by
-//! examples/vmdb-docs.rs, which debian/rules runs) cover every option.
+//! examples/vmdb-docs.rs, which debian/rules runs) cover every subcommand and option,
+//! with EXIT STATUS, ENVIRONMENT, FILES and EXAMPLES, refer to no page that is not
+//! written, and hold nothing of the machine they are made on.
 
 #[allow(dead_code)]
 #[path = "../examples/vmdb-docs.rs"]
@@ -44,6 +46,47 @@ fn built_cli() -> clap::Command {
     cmd
 }
 
+/// Every page and its command: vmdb, and each subcommand at every depth.
+fn pages() -> Vec<(String, clap::Command)> {
+    fn walk(prefix: &str, cmd: &clap::Command, out: &mut Vec<(String, clap::Command)>) {
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            let name = format!("{prefix}-{}", sub.get_name());
+            out.push((format!("{name}.1"), sub.clone()));
+            walk(&name, sub, out);
+        }
+    }
+    let cli = built_cli();
+    let mut out = vec![("vmdb.1".to_string(), cli.clone())];
+    walk("vmdb", &cli, &mut out);
+    out
+}
+
+const PAGES: [&str; 6] = [
+    "vmdb.1",
+    "vmdb-validate.1",
+    "vmdb-boot.1",
+    "vmdb-cache.1",
+    "vmdb-cache-list.1",
+    "vmdb-cache-prune.1",
+];
+
+/// The names of a page's sections (".SH NAME" -> "NAME", quotes kept).
+fn sections(page: &str) -> Vec<&str> {
+    page.lines()
+        .filter_map(|l| l.strip_prefix(".SH "))
+        .collect()
+}
+
+/// The text of section `name` of a page, up to the next one.
+fn section<'a>(page: &'a str, name: &str) -> &'a str {
+    let head = format!(".SH {name}\n");
+    let start = page
+        .find(&head)
+        .unwrap_or_else(|| panic!("no section {name}"));
+    let rest = &page[start + head.len()..];
+    &rest[..rest.find("\n.SH").unwrap_or(rest.len())]
+}
+
 #[test]
 fn man_pages_mention_every_option_with_its_help() {
     let d = tempfile::tempdir().unwrap();
@@ -52,16 +95,12 @@ fn man_pages_mention_every_option_with_its_help() {
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
+    assert_eq!(names, PAGES);
+    let pages = pages();
     assert_eq!(
-        names,
-        ["vmdb.1", "vmdb-validate.1", "vmdb-boot.1", "vmdb-cache.1"]
+        pages.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(),
+        PAGES
     );
-
-    let cli = built_cli();
-    let mut pages = vec![("vmdb.1".to_string(), cli.clone())];
-    for sub in cli.get_subcommands().filter(|s| s.get_name() != "help") {
-        pages.push((format!("vmdb-{}.1", sub.get_name()), sub.clone()));
-    }
     for (file, cmd) in pages {
         let page = std::fs::read_to_string(d.path().join(&file)).unwrap();
         assert!(
@@ -72,7 +111,7 @@ fn man_pages_mention_every_option_with_its_help() {
         let options = options_section(&page);
         let wanted = option_names(&cmd);
         assert!(
-            wanted.len() >= 3,
+            wanted.len() >= 2,
             "{file}: too few options found: {wanted:?}"
         );
         for name in wanted {
@@ -125,12 +164,8 @@ fn man_page_has_the_extra_sections() {
     let d = tempfile::tempdir().unwrap();
     docs::man_pages(d.path(), None).unwrap();
     let page = std::fs::read_to_string(d.path().join("vmdb.1")).unwrap();
-    let sections: Vec<&str> = page
-        .lines()
-        .filter_map(|l| l.strip_prefix(".SH "))
-        .collect();
     assert_eq!(
-        sections,
+        sections(&page),
         [
             "NAME",
             "SYNOPSIS",
@@ -139,13 +174,174 @@ fn man_page_has_the_extra_sections() {
             "SUBCOMMANDS",
             "VERSION",
             "\"EXIT STATUS\"",
-            "EXAMPLES",
+            "ENVIRONMENT",
             "FILES",
+            "EXAMPLES",
             "\"SEE ALSO\"",
         ]
     );
     let version = format!(".SH VERSION\nv{}\n", env!("CARGO_PKG_VERSION"));
     assert!(page.contains(&version), "no {version:?}");
+    // Every page: how it ends, examples, and where to read on.
+    for file in PAGES {
+        let page = std::fs::read_to_string(d.path().join(file)).unwrap();
+        let s = sections(&page);
+        for wanted in ["\"EXIT STATUS\"", "EXAMPLES", "\"SEE ALSO\""] {
+            assert!(s.contains(&wanted), "{file} has no {wanted}: {s:?}");
+        }
+        assert!(
+            section(&page, "\"EXIT STATUS\"").contains("\\fB0\\fR"),
+            "{file}"
+        );
+    }
+}
+
+/// The variables vmdb reads are in the ENVIRONMENT section of the pages of the
+/// commands that read them: those of options (clap's `env`) and the others.
+#[test]
+fn every_variable_vmdb_reads_is_documented() {
+    let d = tempfile::tempdir().unwrap();
+    docs::man_pages(d.path(), None).unwrap();
+    let others: &[(&str, &[&str])] = &[
+        (
+            "vmdb.1",
+            &[
+                "TMPDIR",
+                "http_proxy",
+                "https_proxy",
+                "no_proxy",
+                "VMDB_QEMU",
+            ],
+        ),
+        ("vmdb-boot.1", &["VMDB_QEMU"]),
+    ];
+    let mut checked = 0;
+    for (file, cmd) in pages() {
+        let page = std::fs::read_to_string(d.path().join(&file)).unwrap();
+        let mut names: Vec<String> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        for (f, vars) in others {
+            if *f == file {
+                names.extend(vars.iter().map(|v| v.to_string()));
+            }
+        }
+        for name in names {
+            let shown = format!("\\fB{}\\fR", roff(&name));
+            assert!(
+                section(&page, "ENVIRONMENT").contains(&shown),
+                "{file}: ENVIRONMENT lacks {name}"
+            );
+            checked += 1;
+        }
+    }
+    // VMDB_CACHE_DIR on vmdb and the three cache pages, and the others.
+    assert!(checked >= 10, "{checked}");
+}
+
+/// A page named anywhere (SUBCOMMANDS, SEE ALSO, the text) is one that is written.
+#[test]
+fn pages_refer_only_to_pages_that_exist() {
+    let d = tempfile::tempdir().unwrap();
+    docs::man_pages(d.path(), None).unwrap();
+    let mut refs = 0;
+    for file in PAGES {
+        let page = std::fs::read_to_string(d.path().join(file)).unwrap();
+        let plain = page
+            .replace("\\-", "-")
+            .replace("\\fB", "")
+            .replace("\\fR", "");
+        for (i, _) in plain.match_indices("(1)") {
+            let start = plain[..i]
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .map_or(0, |p| p + 1);
+            let name = &plain[start..i];
+            if name.starts_with("vmdb") {
+                assert!(
+                    PAGES.contains(&format!("{name}.1").as_str()),
+                    "{file} refers to {name}(1), which is not written"
+                );
+                refs += 1;
+            }
+        }
+    }
+    assert!(refs >= PAGES.len() * (PAGES.len() - 1), "{refs}");
+}
+
+/// Writes the pages and completions into $VMDB_DOCS_OUT when that is set: run by
+/// `pages_hold_nothing_of_the_host` in a child process with another environment and
+/// another CPU count. Does nothing otherwise.
+#[test]
+fn write_docs_for_the_reproducibility_check() {
+    if let Some(out) = std::env::var_os("VMDB_DOCS_OUT") {
+        let out = std::path::Path::new(&out);
+        docs::man_pages(&out.join("man"), Some("2024-02-29")).unwrap();
+        docs::completions(&out.join("completions")).unwrap();
+    }
+}
+
+/// The same pages and completions wherever they are made: with one CPU or all of them
+/// (-j's default was the CPU count, printed in the page), whatever the environment
+/// says (VMDB_CACHE_DIR is --cache-dir's default).
+#[test]
+fn pages_hold_nothing_of_the_host() {
+    let exe = std::env::current_exe().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let make = |dir: &str, one_cpu: bool, env: &[(&str, &str)]| {
+        let mut c = if one_cpu {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["--cpu-list", "0"]).arg(&exe);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        c.args(["--exact", "write_docs_for_the_reproducibility_check"])
+            .env("VMDB_DOCS_OUT", d.path().join(dir))
+            .env_remove("VMDB_CACHE_DIR")
+            .env_remove("VMDB_QEMU");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    make("a", true, &[]);
+    make(
+        "b",
+        false,
+        &[
+            ("VMDB_CACHE_DIR", "/srv/elsewhere"),
+            ("VMDB_QEMU", "/opt/qemu/bin/qemu"),
+            ("TMPDIR", "/srv/tmp"),
+            ("COLUMNS", "40"),
+        ],
+    );
+    let mut compared = 0;
+    for sub in ["man", "completions"] {
+        let a = d.path().join("a").join(sub);
+        let mut names: Vec<_> = std::fs::read_dir(&a)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            let x = std::fs::read(a.join(&n)).unwrap();
+            let y = std::fs::read(d.path().join("b").join(sub).join(&n))
+                .unwrap_or_else(|e| panic!("{n:?}: {e}"));
+            assert!(
+                x == y,
+                "{n:?} differs with another CPU count or environment"
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, PAGES.len() + 3);
 }
 
 #[test]
@@ -200,7 +396,7 @@ fn pages_are_dated_when_asked() {
     assert_eq!(docs::utc_date(951782400), "2000-02-29");
     let d = tempfile::tempdir().unwrap();
     docs::man_pages(d.path(), Some("2024-02-29")).unwrap();
-    for page in ["vmdb.1", "vmdb-validate.1", "vmdb-boot.1", "vmdb-cache.1"] {
+    for page in PAGES {
         let text = std::fs::read_to_string(d.path().join(page)).unwrap();
         let title = text.lines().find(|l| l.starts_with(".TH")).unwrap();
         let name = page.trim_end_matches(".1");
