@@ -4,13 +4,14 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::build::Options;
 use crate::cli::{BuildArgs, Cli, Command, SpecArgs};
-use crate::outputs::{Format, OutputOptions};
-use crate::plan::Plan;
-use crate::step::{self, Step};
-use crate::template::Renderer;
-use crate::{plugins, spec, supervisor};
+use crate::engine::build::Options;
+use crate::engine::plan::Plan;
+use crate::engine::step::{self, Step};
+use crate::engine::template::Renderer;
+use crate::engine::{spec, supervisor};
+use crate::output::{Format, OutputOptions};
+use crate::plugins;
 
 pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
@@ -133,7 +134,7 @@ pub fn prepare(
         eprintln!("{}", w.render(&name).replace(&built, &shown));
     }
     // What the host lacks is reported with the spec's own mistakes, all at once.
-    let missing = step::missing_on_host(&plan.host_needs, crate::cmd::host_has);
+    let missing = step::missing_on_host(&plan.host_needs, crate::host::cmd::host_has);
     let steps = match validated {
         Ok(steps) if missing.is_empty() => steps,
         Ok(_) => return Err(report(missing)),
@@ -240,7 +241,7 @@ fn build(args: BuildArgs) -> i32 {
         return EXIT_FAILED;
     }
     // What killed builds left behind, whatever their spec and output.
-    crate::inflight::clean_stale();
+    crate::engine::inflight::clean_stale();
     if let Err(e) = target.claim() {
         eprintln!("vmdb: {e:#}");
         return EXIT_USAGE;
@@ -273,7 +274,7 @@ fn build(args: BuildArgs) -> i32 {
 /// Whether `prog` is an executable in $PATH or the sbin directories (where the
 /// programs vmdb runs are looked up).
 pub fn in_path(prog: &str) -> bool {
-    crate::cmd::find_program(prog).is_some()
+    crate::host::cmd::find_program(prog).is_some()
 }
 
 fn dry_run(spec: &Path, var: &str, out: &Path, args: &BuildArgs) -> i32 {

@@ -3,8 +3,9 @@
 use std::path::Path;
 
 use crate::cli::{CacheAction, CacheArgs};
-use crate::stepcache::Cache;
-use crate::{cachefile, debcache};
+use crate::distro::debcache;
+use crate::engine::stepcache::Cache;
+use crate::host::cachefile;
 
 pub fn main(a: &CacheArgs) -> i32 {
     match run(a) {
@@ -28,7 +29,7 @@ fn run(a: &CacheArgs) -> anyhow::Result<()> {
                     "{}  {:>8}  {}  step {} ({})  {}",
                     &m.key[..16],
                     mb(m.size),
-                    crate::runner::age(m.created),
+                    crate::engine::runner::age(m.created),
                     m.step,
                     m.kind,
                     m.spec

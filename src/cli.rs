@@ -154,8 +154,8 @@ pub struct BuildArgs {
     #[arg(short, long, value_name = "N", default_value_t = default_jobs())]
     pub jobs: usize,
     /// Format of the finished image: the steps build a raw image, converted at the end
-    #[arg(long, value_enum, default_value_t = crate::outputs::Format::Raw, value_name = "FORMAT")]
-    pub format: crate::outputs::Format,
+    #[arg(long, value_enum, default_value_t = crate::output::Format::Raw, value_name = "FORMAT")]
+    pub format: crate::output::Format,
     /// Compress: qcow2 clusters, a stream-optimized vmdk, or a gzipped Vagrant box
     #[arg(long)]
     pub compress: bool,
@@ -326,11 +326,11 @@ mod tests {
             "-",
         ])
         .unwrap();
-        assert_eq!(c.build.format, crate::outputs::Format::VagrantLibvirt);
+        assert_eq!(c.build.format, crate::output::Format::VagrantLibvirt);
         assert!(c.build.compress && c.build.checksums && c.build.manifest);
         assert_eq!(c.build.json, Some(PathBuf::from("-")));
         let c = parse(&["x.vmdb", "--output", "x.img"]).unwrap();
-        assert_eq!(c.build.format, crate::outputs::Format::Raw);
+        assert_eq!(c.build.format, crate::output::Format::Raw);
         assert!(parse(&["x.vmdb", "--format", "iso"]).is_err());
     }
 

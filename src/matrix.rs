@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::app::{EXIT_FAILED, EXIT_USAGE};
 use crate::cli::BuildArgs;
-use crate::template::Renderer;
+use crate::engine::template::Renderer;
 
 /// One image of the matrix.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,7 +96,7 @@ fn forward_signals_to_children() {
     };
     std::thread::spawn(move || {
         for _ in signals.forever() {
-            crate::cmd::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+            crate::host::cmd::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
             for pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 // SAFETY: kill(2) has no memory-safety preconditions.
                 unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
@@ -223,7 +223,7 @@ pub fn run(args: &BuildArgs, spec: &Path, output: &Path, image_var: bool) -> i32
     let mut results: Vec<(&Cell, bool, f64)> = Vec::new();
     forward_signals_to_children();
     while !waiting.is_empty() || !running.is_empty() {
-        while running.len() < jobs && !crate::cmd::interrupted() {
+        while running.len() < jobs && !crate::host::cmd::interrupted() {
             let Some(c) = waiting.pop() else { break };
             let log = match std::fs::File::create(log_path(c)) {
                 Ok(f) => f,
@@ -254,7 +254,7 @@ pub fn run(args: &BuildArgs, spec: &Path, output: &Path, image_var: bool) -> i32
                 }
             }
         }
-        if crate::cmd::interrupted() {
+        if crate::host::cmd::interrupted() {
             waiting.clear();
         }
         let mut i = 0;

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use vmdb::plan::{Plan, PlanTag};
-use vmdb::step::validate;
-use vmdb::template::Renderer;
+use vmdb::engine::plan::{Plan, PlanTag};
+use vmdb::engine::step::validate;
+use vmdb::engine::template::Renderer;
 
 fn page(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -97,8 +97,8 @@ fn every_example_validates() {
             "steps:\n{}",
             yaml.lines().map(|l| format!("  {l}\n")).collect::<String>()
         );
-        let raw =
-            vmdb::spec::load(&text).unwrap_or_else(|d| panic!("plugins/{name}.md example: {d:?}"));
+        let raw = vmdb::engine::spec::load(&text)
+            .unwrap_or_else(|d| panic!("plugins/{name}.md example: {d:?}"));
         let mut plan = if yaml.starts_with("- mkimg:") {
             Plan {
                 spec_dir: dir.path().to_path_buf(),
@@ -152,7 +152,9 @@ fn check_host_programs(name: &str, page: &str, plan: &Plan) {
             continue;
         }
         assert!(
-            need.any_of.iter().any(|(p, _)| vmdb::cmd::host_has(p)),
+            need.any_of
+                .iter()
+                .any(|(p, _)| vmdb::host::cmd::host_has(p)),
             "plugins/{name}.md example: {:?} is not on this host",
             need.any_of
         );
@@ -171,7 +173,7 @@ fn keys_every_step_takes_are_documented_once_in_the_readme() {
         .skip_while(|l| !l.starts_with('|'))
         .take_while(|l| l.starts_with('|'))
         .collect();
-    for key in vmdb::step::COMMON_KEYS {
+    for key in vmdb::engine::step::COMMON_KEYS {
         assert!(
             table
                 .iter()
@@ -182,7 +184,7 @@ fn keys_every_step_takes_are_documented_once_in_the_readme() {
     }
     assert_eq!(
         table.len(),
-        2 + vmdb::step::COMMON_KEYS.len(),
+        2 + vmdb::engine::step::COMMON_KEYS.len(),
         "README.md's table of keys every step takes: {table:#?}"
     );
 }

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::build::Build;
-use crate::chroot;
-use crate::cmd::Cmd;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::distro::chroot;
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 
 pub struct Ansible;
 
@@ -173,7 +173,7 @@ impl Plugin for Ansible {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Plan;
+    use crate::engine::plan::Plan;
     use crate::plugins::testing::{plan_with_root, step_errors, validate_step};
 
     fn plan_in(dir: &Path) -> Plan {

@@ -4,9 +4,9 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::chroot;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::distro::chroot;
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Apt;
 
@@ -98,8 +98,8 @@ pub fn install(
         apt_get(root, &["apt-get".into(), "update".into()])?;
         b.state.notes.insert(updated);
     }
-    let cache = crate::debcache::dir(&b.opts);
-    let mut wanted = crate::debcache::Sums::new();
+    let cache = crate::distro::debcache::dir(&b.opts);
+    let mut wanted = crate::distro::debcache::Sums::new();
     if let Some(c) = &cache {
         // The packages apt will fetch, with the archive's checksums (SHA-256: apt shows
         // MD5 unless asked): cached ones are checked against them on the way in and out.
@@ -108,14 +108,14 @@ pub fn install(
             1..1,
             ["-qq", "--print-uris", "-o", "Acquire::ForceHash=SHA256"].map(String::from),
         );
-        wanted = crate::debcache::sums_from_print_uris(&apt_get(root, &ask)?);
-        let n = crate::debcache::seed(c, root, &wanted);
+        wanted = crate::distro::debcache::sums_from_print_uris(&apt_get(root, &ask)?);
+        let n = crate::distro::debcache::seed(c, root, &wanted);
         crate::log::verbose(&format!("  {n} packages from the package cache"));
     }
     apt_get(root, &install_argv(packages, recommends))?;
     if let Some(c) = &cache {
-        if let Some(archives) = crate::debcache::archives(root) {
-            let n = crate::debcache::collect(c, &archives, &wanted);
+        if let Some(archives) = crate::distro::debcache::archives(root) {
+            let n = crate::distro::debcache::collect(c, &archives, &wanted);
             crate::log::verbose(&format!("  {n} new packages into the package cache"));
         }
     }
@@ -171,7 +171,7 @@ impl Plugin for Apt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
+    use crate::distro::chroot::testing;
 
     #[test]
     fn a_new_source_or_architecture_changes_the_fingerprint() {

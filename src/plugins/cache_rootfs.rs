@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::build::Build;
-use crate::chroot as image;
-use crate::cmd::Cmd;
+use crate::distro::chroot as image;
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 use crate::log;
-use crate::step::{Check, Kind, Plugin, Step, StepSpec};
 
 pub struct CacheRootfs;
 
@@ -121,7 +121,7 @@ pub fn pack_argv(root: &Path, file: &Path, prog: Option<&str>, mounted: &[&str])
 
 /// Those of the virtual filesystem paths that are mount points now.
 pub fn mounted_virtuals(root: &Path) -> Result<Vec<&'static str>> {
-    let mounts = crate::mount::mounts_below(root)?;
+    let mounts = crate::host::mount::mounts_below(root)?;
     Ok(image::VIRTUAL_PATHS
         .iter()
         .copied()
@@ -162,7 +162,7 @@ impl Plugin for CacheRootfs {
         // registered before the file exists, so that it is removed whatever happens,
         // by the next vmdb if this one is killed. tar creates it as any file is made
         // (0666 less the umask).
-        let tmp = crate::outputs::temp_name(&tarball, "partial", b.opts.out.pid());
+        let tmp = crate::output::temp_name(&tarball, "partial", b.opts.out.pid());
         b.add_temporary(&tmp)?;
         let prog = Compression::for_path(&tarball).program(have_pigz());
         let mounted = mounted_virtuals(&root)?;
@@ -170,13 +170,13 @@ impl Plugin for CacheRootfs {
         let packed = Cmd::new("tar")
             .args(pack_argv(&root, &tmp, prog, &mounted))
             .run()
-            .and_then(|_| crate::outputs::sync_file(&tmp))
+            .and_then(|_| crate::output::sync_file(&tmp))
             .and_then(|_| {
                 std::fs::rename(&tmp, &tarball)
                     .with_context(|| format!("renaming the new tarball to {}", tarball.display()))
             });
         if let Err(e) = packed {
-            crate::outputs::remove_path(&tmp);
+            crate::output::remove_path(&tmp);
             return Err(e);
         }
         log::verbose(&format!(
@@ -217,11 +217,11 @@ mod tests {
     #[test]
     fn tar_and_the_compressor_are_needed_for_a_tarball() {
         let needs = |tarball: Option<&str>| {
-            let raw = crate::spec::load("steps:\n  - cache-rootfs: /\n").unwrap();
+            let raw = crate::engine::spec::load("steps:\n  - cache-rootfs: /\n").unwrap();
             let mut plan = crate::plugins::testing::plan_with_root();
             plan.rootfs_tarball = tarball.map(Into::into);
-            let r = crate::template::Renderer::new(Default::default());
-            crate::step::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan).unwrap();
+            let r = crate::engine::template::Renderer::new(Default::default());
+            crate::engine::step::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan).unwrap();
             plan.host_needs
                 .iter()
                 .map(|n| n.any_of.clone())
@@ -288,12 +288,12 @@ mod tests {
     #[test]
     fn nothing_without_a_tarball_and_no_overwrite() {
         let d = tempfile::tempdir().unwrap();
-        let s = crate::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
-        let mut b = crate::chroot::testing::build(d.path(), None);
+        let s = crate::distro::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
+        let mut b = crate::distro::chroot::testing::build(d.path(), None);
         CacheRootfs.run(&s, &mut b).unwrap();
         let t = d.path().join("old.tar");
         std::fs::write(&t, "old").unwrap();
-        let mut b = crate::chroot::testing::build(d.path(), Some(&t));
+        let mut b = crate::distro::chroot::testing::build(d.path(), Some(&t));
         CacheRootfs.run(&s, &mut b).unwrap();
         assert_eq!(std::fs::read(&t).unwrap(), b"old");
     }
@@ -315,8 +315,8 @@ mod tests {
         let out = d.path().join("out");
         std::fs::create_dir(&out).unwrap();
         let t = out.join("r.tar.gz");
-        let s = crate::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
-        let mut b = crate::chroot::testing::build(&root, Some(&t));
+        let s = crate::distro::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
+        let mut b = crate::distro::chroot::testing::build(&root, Some(&t));
         CacheRootfs.run(&s, &mut b).unwrap();
         let mode = std::fs::metadata(&t).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666 & !umask(), "mode {mode:o}");
@@ -342,10 +342,10 @@ mod tests {
     #[test]
     fn failed_pack_leaves_no_tarball() {
         let d = tempfile::tempdir().unwrap();
-        let s = crate::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
+        let s = crate::distro::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
         let t = d.path().join("out/r.tar.zst");
         std::fs::create_dir(d.path().join("out")).unwrap();
-        let mut b = crate::chroot::testing::build(&d.path().join("missing"), Some(&t));
+        let mut b = crate::distro::chroot::testing::build(&d.path().join("missing"), Some(&t));
         assert!(CacheRootfs.run(&s, &mut b).is_err());
         assert_eq!(std::fs::read_dir(d.path().join("out")).unwrap().count(), 0);
     }

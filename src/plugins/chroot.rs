@@ -2,9 +2,9 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::chroot as image;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::distro::chroot as image;
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Chroot;
 
@@ -60,7 +60,7 @@ impl Plugin for Chroot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
+    use crate::distro::chroot::testing;
 
     #[test]
     fn script_is_one_argument() {

@@ -6,9 +6,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 
 pub struct CloudInitSeed;
 
@@ -141,13 +141,13 @@ impl Plugin for CloudInitSeed {
         Ok(())
     }
     // No teardown: vmdb renames the seed into place when the build succeeds and
-    // removes it otherwise (see src/outputs.rs).
+    // removes it otherwise (see src/output/mod.rs).
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
+    use crate::distro::chroot::testing;
 
     #[test]
     fn keys_and_defaults() {

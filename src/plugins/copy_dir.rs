@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::build::Build;
-use crate::image_root::ImageRoot;
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::image_root::ImageRoot;
 use crate::plugins::create_dir::{
     Owner, check_image_path, check_owner, check_root_mounted, target,
 };
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct CopyDir;
 
@@ -80,7 +80,7 @@ impl Plugin for CopyDir {
 /// keep their modes, symlinks are copied as symlinks, and every created entry gets
 /// `owner`. Directories that already exist in the image (or symlinks to directories in
 /// it) are merged into and keep mode and owner; files and symlinks in the way are
-/// replaced. Every path is resolved inside the image (see src/image_root.rs).
+/// replaced. Every path is resolved inside the image (see src/host/image_root.rs).
 fn copy_tree(img: &ImageRoot, src: &Path, dest: &Path, owner: Owner) -> Result<()> {
     let mut entries = fs::read_dir(src)
         .with_context(|| format!("reading directory {}", src.display()))?
@@ -285,7 +285,7 @@ mod tests {
                 "spec:3:7: step 1 (copy-dir): key 'perm': expected an octal file mode such as 0644, found '0999'"
             ]
         );
-        let mut no_root = crate::plan::Plan {
+        let mut no_root = crate::engine::plan::Plan {
             spec_dir: spec_dir.path().to_path_buf(),
             ..Default::default()
         };

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use crate::build::Build;
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::plugins::create_dir::{check_image_path, check_owner, check_root_mounted, mode, target};
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct CopyFile;
 

@@ -2,13 +2,13 @@
 //!
 //! Also holds what the file steps (create-file, copy-file, copy-dir) share: checking that
 //! a root filesystem is mounted, owner and mode keys, and the image they write into
-//! (paths resolved inside it, see src/image_root.rs).
+//! (paths resolved inside it, see src/host/image_root.rs).
 
 use anyhow::{Context, Result};
 
-use crate::build::Build;
-use crate::image_root::{ImageRoot, check_path};
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::image_root::{ImageRoot, check_path};
 
 pub struct CreateDir;
 
@@ -237,7 +237,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            step_errors("create-dir: /x", &mut crate::plan::Plan::default()),
+            step_errors("create-dir: /x", &mut crate::engine::plan::Plan::default()),
             [
                 "spec:1:13: step 1 (create-dir): key 'create-dir': no filesystem is mounted at / by an earlier step (add a mount step)"
             ]

@@ -2,9 +2,9 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::plugins::create_dir::{check_image_path, check_owner, check_root_mounted, mode, target};
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct CreateFile;
 
@@ -182,7 +182,7 @@ mod tests {
         }
         let (mut b, root) = test_build_with_root();
         let r = std::fs::canonicalize(root.path()).unwrap();
-        let _guard = crate::chroot::testing::Unmounter(r.clone());
+        let _guard = crate::distro::chroot::testing::Unmounter(r.clone());
         fs::create_dir(r.join("dev")).unwrap();
         nix::mount::mount(
             Some("/dev"),
@@ -223,7 +223,7 @@ mod tests {
         assert_eq!(
             step_errors(
                 "create-file: /x\ncontents: a",
-                &mut crate::plan::Plan::default()
+                &mut crate::engine::plan::Plan::default()
             ),
             [
                 "spec:1:14: step 1 (create-file): key 'create-file': no filesystem is mounted at / by an earlier step (add a mount step)"

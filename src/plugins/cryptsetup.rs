@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::devmapper;
-use crate::plan::PlanTag;
+use crate::engine::build::Build;
+use crate::engine::plan::PlanTag;
+use crate::engine::state::Tag;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
+use crate::plugins::devmapper;
 use crate::plugins::shell::SH;
-use crate::state::Tag;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Cryptsetup;
 
@@ -201,7 +201,7 @@ mod tests {
     use super::*;
     use crate::plugins::testing::{plan_with_root, step_errors, validate_step};
 
-    fn dm_plan(dir: &Path) -> crate::plan::Plan {
+    fn dm_plan(dir: &Path) -> crate::engine::plan::Plan {
         let mut p = plan_with_root();
         p.host_has_device_mapper = true;
         p.spec_dir = dir.to_path_buf();

@@ -4,13 +4,13 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::binfmt;
-use crate::build::Build;
-use crate::chroot;
-use crate::cmd::Cmd;
-use crate::mirror;
-use crate::mmdebstrap;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::distro::binfmt;
+use crate::distro::bootstrap;
+use crate::distro::chroot;
+use crate::distro::mirror;
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 
 pub struct Debootstrap;
 
@@ -201,7 +201,7 @@ pub fn check_step(c: &mut Check) {
         "mmdebstrap" => {
             if let Some(why) = mmdebstrap_cannot(step) {
                 c.err("tool", format!("cannot use mmdebstrap here: {why}"));
-            } else if !mmdebstrap::available(other_arch(step)) {
+            } else if !bootstrap::available(other_arch(step)) {
                 c.err(
                     "tool",
                     "mmdebstrap is not installed on this host (apt-get install mmdebstrap arch-test)",
@@ -240,7 +240,7 @@ fn mmdebstrap_cannot(step: &Step) -> Option<String> {
             }
         }
     }
-    mmdebstrap::unsupported(
+    bootstrap::unsupported(
         step.opt_str("variant").unwrap_or("-"),
         !step.list("exclude").is_empty(),
         step.has("tls_ca_certs"),
@@ -257,7 +257,7 @@ fn other_arch(step: &Step) -> bool {
 fn uses_mmdebstrap(step: &Step) -> bool {
     match step.opt_str("tool").unwrap_or("auto") {
         "mmdebstrap" => true,
-        "auto" => mmdebstrap_cannot(step).is_none() && mmdebstrap::available(other_arch(step)),
+        "auto" => mmdebstrap_cannot(step).is_none() && bootstrap::available(other_arch(step)),
         _ => false,
     }
 }
@@ -310,24 +310,24 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     mirror::check_suite_with(&args.mirror, &args.suite, ca.as_deref())?;
     let flag = format!("{RUNNING}{}", dir.display());
     b.state.notes.insert(flag.clone());
-    let cache = crate::debcache::dir(&b.opts);
+    let cache = crate::distro::debcache::dir(&b.opts);
     if uses_mmdebstrap(step) {
         // Its second stage runs the image's programs with its environment.
         let mut cmd = chroot::with_image_env(
-            Cmd::new("mmdebstrap").args(&mmdebstrap::argv(&args, cache.is_some())[1..]),
+            Cmd::new("mmdebstrap").args(&bootstrap::argv(&args, cache.is_some())[1..]),
             &dir,
         );
         if let Some(c) = &cache {
             let list = b.scratch_dir("debs-")?.join("list");
-            let n = crate::debcache::list_for_bootstrap(c, &dir, &args.arch, &list)?;
+            let n = crate::distro::debcache::list_for_bootstrap(c, &dir, &args.arch, &list)?;
             crate::log::verbose(&format!("  {n} packages from the package cache"));
-            cmd = cmd.env(mmdebstrap::DEBS_ENV, &list);
+            cmd = cmd.env(bootstrap::DEBS_ENV, &list);
         }
         cmd.run()?;
         if let Some(c) = &cache {
             collect(c, &dir);
         }
-        mmdebstrap::tidy(&dir)?;
+        bootstrap::tidy(&dir)?;
         b.state.notes.remove(&flag);
         return Ok(());
     }
@@ -335,7 +335,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     // the final names, in place. It finds the cached packages in the image instead,
     // checks each against the archive's checksums and downloads what is missing or bad.
     let seeded = match &cache {
-        Some(c) => crate::debcache::seed_bootstrap(c, &dir, &args.arch),
+        Some(c) => crate::distro::debcache::seed_bootstrap(c, &dir, &args.arch),
         None => Vec::new(),
     };
     if !seeded.is_empty() {
@@ -354,7 +354,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     cmd.run()?;
     if let Some(c) = &cache {
         collect(c, &dir);
-        crate::debcache::unseed(&dir, &seeded)?;
+        crate::distro::debcache::unseed(&dir, &seeded)?;
     }
     b.state.notes.remove(&flag);
     Ok(())
@@ -363,11 +363,14 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
 /// Cache the packages a bootstrap left in the image's apt archive, checked against the
 /// checksums in the apt lists it left.
 fn collect(cache: &Path, root: &Path) {
-    let Some(archives) = crate::debcache::archives(root) else {
+    let Some(archives) = crate::distro::debcache::archives(root) else {
         return;
     };
-    let sums = crate::debcache::sums_from_lists(root, &crate::debcache::debs_in(&archives));
-    let n = crate::debcache::collect(cache, &archives, &sums);
+    let sums = crate::distro::debcache::sums_from_lists(
+        root,
+        &crate::distro::debcache::debs_in(&archives),
+    );
+    let n = crate::distro::debcache::collect(cache, &archives, &sums);
     crate::log::verbose(&format!("  {n} new packages into the package cache"));
 }
 
@@ -381,7 +384,7 @@ pub fn teardown_step(step: &Step, b: &mut Build) -> Result<()> {
         return Ok(());
     }
     for p in chroot::VIRTUAL_PATHS {
-        crate::mount::unmount_below(&dir.join(p))?;
+        crate::host::mount::unmount_below(&dir.join(p))?;
     }
     Ok(())
 }
@@ -389,7 +392,7 @@ pub fn teardown_step(step: &Step, b: &mut Build) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
+    use crate::distro::chroot::testing;
 
     fn args() -> Args {
         Args {
@@ -543,7 +546,7 @@ mod root_tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::chroot::testing;
+    use crate::distro::chroot::testing;
     use crate::plugins::unpack_rootfs::UnpackRootfs;
 
     fn listing(dir: &Path) -> String {
@@ -598,12 +601,12 @@ mod root_tests {
         let mut b = testing::build(&root, Some(&tarball));
         for s in &steps {
             let t = Instant::now();
-            let p = crate::step::find(crate::plugins::ALL, s.kind).unwrap();
+            let p = crate::engine::step::find(crate::plugins::ALL, s.kind).unwrap();
             p.run(s, &mut b).unwrap();
             eprintln!("TIMING {}: {:.1}s", s.describe(), t.elapsed().as_secs_f64());
         }
         for s in steps.iter().rev() {
-            let p = crate::step::find(crate::plugins::ALL, s.kind).unwrap();
+            let p = crate::engine::step::find(crate::plugins::ALL, s.kind).unwrap();
             p.teardown(s, &mut b).unwrap();
         }
         assert_eq!(
@@ -614,7 +617,7 @@ mod root_tests {
         assert!(!root.join("etc/dpkg/dpkg.cfg.d/vmdb-unsafe-io").exists());
         assert!(!root.join("usr/local/sbin/update-initramfs").exists());
         assert!(!root.join("etc/apt/apt.conf.d/00vmdb-dpkg-path").exists());
-        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        assert!(crate::host::mount::mounts_below(&root).unwrap().is_empty());
         // apt ran its update once and remembers it; nothing else is left in the state.
         let flags: Vec<&String> = b.state.notes.iter().collect();
         assert_eq!(flags.len(), 1, "{flags:?}");
@@ -669,12 +672,12 @@ mod root_tests {
             e.starts_with("command failed with exit status 3: chroot "),
             "{e}"
         );
-        assert_eq!(crate::mount::mounts_below(&root).unwrap().len(), 4);
+        assert_eq!(crate::host::mount::mounts_below(&root).unwrap().len(), 4);
         assert!(root.join("usr/sbin/policy-rc.d").exists());
         crate::plugins::chroot::Chroot
             .teardown(&fail, &mut b)
             .unwrap();
-        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        assert!(crate::host::mount::mounts_below(&root).unwrap().is_empty());
         assert!(!root.join("usr/sbin/policy-rc.d").exists());
     }
 
@@ -700,7 +703,7 @@ mod root_tests {
             return;
         }
         assert!(
-            mmdebstrap::available(false),
+            bootstrap::available(false),
             "mmdebstrap is not installed: run scripts/install-deps"
         );
         let d = tempfile::tempdir().unwrap();
@@ -717,7 +720,7 @@ mod root_tests {
             Debootstrap.run(&step, &mut b).unwrap();
             eprintln!("TIMING {tool}: {:.1}s", t.elapsed().as_secs_f64());
             Debootstrap.teardown(&step, &mut b).unwrap();
-            assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+            assert!(crate::host::mount::mounts_below(&root).unwrap().is_empty());
             trees.push(root);
         }
         let (deb, mm) = (&trees[0], &trees[1]);

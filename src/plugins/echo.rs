@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::step::{Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Echo;
 

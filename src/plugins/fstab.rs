@@ -2,10 +2,10 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::image_root::ImageRoot;
-use crate::state::Tag;
-use crate::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::state::Tag;
+use crate::engine::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::host::image_root::ImageRoot;
 
 pub struct Fstab;
 

@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::blockdev::table;
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::image_root::ImageRoot;
-use crate::state::Tag;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::state::Tag;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::blockdev::table;
+use crate::host::cmd::Cmd;
+use crate::host::image_root::ImageRoot;
 
 pub struct Grub;
 
@@ -152,7 +152,7 @@ impl Plugin for Grub {
             .unwrap_or_else(|| "ext4".into());
         let img = ImageRoot::open(&root_dir)?;
         let kernel = latest_kernel(&img)?;
-        let arch = crate::binfmt::image_arch(&root_dir)?.unwrap_or_default();
+        let arch = crate::distro::binfmt::image_arch(&root_dir)?.unwrap_or_default();
         let params = kernel_params(step, &root_uuid, &arch);
         let cfg = grub_cfg(&kernel, boot_prefix, &boot_uuid, &params, step);
         img.write_file("/boot/grub/grub.cfg", &mut cfg.as_bytes(), 0o644, None)?;
@@ -175,7 +175,7 @@ impl Plugin for Grub {
 
     fn teardown(&self, _step: &Step, b: &mut Build) -> Result<()> {
         // Only what an installation of GRUB's modules in the image left half-way.
-        crate::chroot::leave(b, APT_OWNER)
+        crate::distro::chroot::leave(b, APT_OWNER)
     }
 }
 
@@ -322,12 +322,14 @@ fn install_uefi(
         }
         None => {
             let disk = efi.disk.clone().context("the EFI tag is not a partition")?;
-            crate::fat::copy_in(&staging, &disk, efi.offset)?;
+            crate::host::fat::copy_in(&staging, &disk, efi.offset)?;
         }
     }
     // Firmware looks for the ESP by its type.
     if let (Some(disk), Some(n)) = (&efi.disk, efi.number) {
-        if !crate::build::is_block_device(disk) || disk.to_string_lossy().starts_with("/dev/loop") {
+        if !crate::engine::build::is_block_device(disk)
+            || disk.to_string_lossy().starts_with("/dev/loop")
+        {
             table::set_flag(disk, n, "esp", true)?;
         }
     }
@@ -374,7 +376,7 @@ fn grub_fs_module(fs: &str) -> &'static str {
 
 /// Debian architecture of the image, from dpkg's status of base-files.
 fn image_arch(root: &Path) -> Result<String> {
-    crate::binfmt::image_arch(root)?
+    crate::distro::binfmt::image_arch(root)?
         .context("base-files is not in the image's dpkg status (is Debian installed in it?)")
 }
 
@@ -620,7 +622,7 @@ mod tests {
     /// grub-install's own error, not a guess that grub-pc-bin is missing.
     #[test]
     fn a_full_disk_is_reported_not_a_missing_package() {
-        use crate::chroot::testing;
+        use crate::distro::chroot::testing;
         if !testing::is_root() || !Path::new(BIOS_MODULES).is_dir() {
             return;
         }
@@ -633,7 +635,7 @@ mod tests {
         let root = d.path().join("root");
         std::fs::create_dir_all(root.join("boot")).unwrap();
         let _guard = testing::Unmounter(root.clone());
-        crate::mount::mount(
+        crate::host::mount::mount(
             Path::new("tmpfs"),
             &root.join("boot"),
             Some("tmpfs"),

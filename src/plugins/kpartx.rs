@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use crate::blockdev::table;
-use crate::build::Build;
-use crate::plan::PlanTag;
-use crate::state::Tag;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::plan::PlanTag;
+use crate::engine::state::Tag;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::blockdev::table;
 
 pub struct Kpartx;
 
@@ -82,7 +82,7 @@ impl Plugin for Kpartx {
             if tags.contains(&name) {
                 // A filesystem made outside this spec: mount and fstab need its type.
                 let probe = |what: &str| {
-                    crate::cmd::Cmd::new("blkid")
+                    crate::host::cmd::Cmd::new("blkid")
                         .args(["-p", "-s", what, "-o", "value"])
                         .arg(&dev)
                         .run()

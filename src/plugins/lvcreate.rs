@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::devmapper;
-use crate::plan::PlanTag;
-use crate::state::Tag;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::plan::PlanTag;
+use crate::engine::state::Tag;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::plugins::devmapper;
 
 use super::vgcreate::{run_cmd, valid_lvm_name};
 

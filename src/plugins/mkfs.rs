@@ -2,9 +2,9 @@
 
 use anyhow::{Context, Result};
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 
 pub struct Mkfs;
 
@@ -165,10 +165,11 @@ mod tests {
     fn every_type_declares_its_program() {
         for fs in super::TYPES {
             let raw =
-                crate::spec::load(&format!("steps:\n  - mkfs: {fs}\n    partition: /\n")).unwrap();
+                crate::engine::spec::load(&format!("steps:\n  - mkfs: {fs}\n    partition: /\n"))
+                    .unwrap();
             let mut plan = crate::plugins::testing::plan_with_root();
-            let r = crate::template::Renderer::new(Default::default());
-            crate::step::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan).unwrap();
+            let r = crate::engine::template::Renderer::new(Default::default());
+            crate::engine::step::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan).unwrap();
             let needs: Vec<_> = plan.host_needs.iter().map(|n| n.any_of[0]).collect();
             let (prog, package) = super::program(fs).unwrap();
             assert_eq!(needs, [(prog, package), ("blkid", "util-linux")], "{fs}");

@@ -4,10 +4,10 @@ use std::fs::OpenOptions;
 
 use anyhow::{Context, Result};
 
-use crate::build::{Build, is_block_device};
-use crate::plan::PlanDisk;
+use crate::engine::build::{Build, is_block_device};
+use crate::engine::plan::PlanDisk;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::size;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Mkimg;
 

@@ -4,9 +4,9 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::blockdev::table::{self, LabelKind};
-use crate::build::Build;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::blockdev::table::{self, LabelKind};
 
 pub struct Mklabel;
 

@@ -4,11 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use crate::blockdev::table::{self, LabelKind, NewPartition};
-use crate::build::Build;
-use crate::plan::PlanTag;
-use crate::state::Tag;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::plan::PlanTag;
+use crate::engine::state::Tag;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::blockdev::table::{self, LabelKind, NewPartition};
 
 pub struct Mkpart;
 

@@ -1,7 +1,7 @@
 //! The step types, one file each. Order matters where a step could match two types:
 //! the first plugin whose name is a key of the step wins (chroot before shell).
 
-use crate::step::Plugin;
+use crate::engine::step::Plugin;
 
 pub mod ansible;
 pub mod apt;
@@ -14,6 +14,7 @@ pub mod create_dir;
 pub mod create_file;
 pub mod cryptsetup;
 pub mod debootstrap;
+pub mod devmapper;
 pub mod echo;
 pub mod error;
 pub mod fstab;
@@ -78,8 +79,8 @@ pub static ALL: &[&dyn Plugin] = &[
 /// Validation of a step's disk (`device:`, or the value of mkimg and kpartx): a block
 /// device that something else uses (mounted, swap, RAID, LVM, held exclusively, or a
 /// partition of it mounted) is refused before anything runs. Image files pass.
-pub fn check_device(c: &mut crate::step::Check, key: &str, path: &str) {
-    match crate::blockdev::busy::refusal(std::path::Path::new(path)) {
+pub fn check_device(c: &mut crate::engine::step::Check, key: &str, path: &str) {
+    match crate::host::blockdev::busy::refusal(std::path::Path::new(path)) {
         Ok(Some(why)) => c.err(key, format!("refusing to write to {path}: {why}")),
         Ok(None) => {}
         Err(e) => c.err(key, format!("cannot check {path}: {e:#}")),

@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use nix::mount::MsFlags;
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::image_root::ImageRoot;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
-use crate::{fat, mount};
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
+use crate::host::image_root::ImageRoot;
+use crate::host::{fat, mount};
 
 pub struct Mount;
 
@@ -182,7 +182,7 @@ impl Plugin for Mount {
                 }
             }
         }
-        let succeeded = !b.state.notes.contains(crate::runner::BUILD_FAILED);
+        let succeeded = !b.state.notes.contains(crate::engine::runner::BUILD_FAILED);
         let is_root = b.state.tag(tag)?.target.as_deref() == Some("/");
         if succeeded && is_root && !step.bool("keep_resolvconf") {
             if let Err(e) = drop_host_resolv_conf(&point, Path::new(HOST_RESOLV_CONF)) {

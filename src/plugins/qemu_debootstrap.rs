@@ -5,8 +5,8 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 use super::debootstrap;
 
@@ -47,7 +47,7 @@ impl Plugin for QemuDebootstrap {
 
 #[cfg(test)]
 mod tests {
-    use crate::chroot::testing;
+    use crate::distro::chroot::testing;
 
     const M: &str = "    mirror: http://m.example.org/debian\n";
 
@@ -79,7 +79,7 @@ mod tests {
                 "tag 'unmounted' is not mounted at this point: add a 'mount: unmounted' step before this one".to_string(),
                 format!(
                     "vmdb does not know how to run 'vax' programs on this {} host",
-                    crate::binfmt::host_arch().unwrap()
+                    crate::distro::binfmt::host_arch().unwrap()
                 ),
             ]
         );
@@ -87,11 +87,14 @@ mod tests {
 
     #[test]
     fn every_debootstrap_key_is_a_qemu_debootstrap_key() {
-        let d: Vec<&str> =
-            super::debootstrap::keys(crate::step::Key::opt("arch", crate::step::Kind::Str, ""))
-                .iter()
-                .map(|k| k.name)
-                .collect();
+        let d: Vec<&str> = super::debootstrap::keys(crate::engine::step::Key::opt(
+            "arch",
+            crate::engine::step::Kind::Str,
+            "",
+        ))
+        .iter()
+        .map(|k| k.name)
+        .collect();
         let q: Vec<&str> = super::KEYS.iter().map(|k| k.name).collect();
         assert_eq!(d, q);
         assert!(super::KEYS.iter().any(|k| k.name == "arch" && k.required));

@@ -11,10 +11,10 @@
 
 use anyhow::{Result, bail};
 
-use crate::build::Build;
-use crate::chroot;
-use crate::image_root::ImageRoot;
-use crate::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::distro::chroot;
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::host::image_root::ImageRoot;
 
 pub struct ResizeRootfs;
 
@@ -323,6 +323,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("s");
         std::fs::write(&f, SCRIPT_TEXT).unwrap();
-        crate::cmd::Cmd::new("sh").arg("-n").arg(&f).run().unwrap();
+        crate::host::cmd::Cmd::new("sh")
+            .arg("-n")
+            .arg(&f)
+            .run()
+            .unwrap();
     }
 }

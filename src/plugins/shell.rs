@@ -2,9 +2,9 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 
 pub struct Shell;
 
@@ -57,7 +57,7 @@ impl Plugin for Shell {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{Plan, PlanTag};
+    use crate::engine::plan::{Plan, PlanTag};
     use crate::plugins::testing::{plan_with_root, step_errors};
     use crate::plugins::{test_build_with_root, test_step};
     use std::fs;
@@ -131,15 +131,16 @@ mod tests {
         ] {
             let mut vars = std::collections::BTreeMap::new();
             vars.insert("hostname".to_string(), value.clone());
-            let node = crate::spec::parse_yaml(
+            let node = crate::engine::spec::parse_yaml(
                 "shell: printf %s {{ hostname | quote }} > \"$ROOT/hostname\"\nroot-fs: /",
             )
             .unwrap();
-            let renderer = crate::template::Renderer::new(vars);
+            let renderer = crate::engine::template::Renderer::new(vars);
             let mut plan = plan_with_root();
-            let s = crate::step::validate(&[node], &renderer, crate::plugins::ALL, &mut plan)
-                .unwrap()
-                .remove(0);
+            let s =
+                crate::engine::step::validate(&[node], &renderer, crate::plugins::ALL, &mut plan)
+                    .unwrap()
+                    .remove(0);
             assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
             Shell.run(&s, &mut b).unwrap();
             assert!(!marker.exists(), "{value} ran a command");

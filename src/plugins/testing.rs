@@ -1,12 +1,12 @@
 //! Helpers for plugin unit tests: typed steps from YAML, validated as a real spec
 //! would be, and a build with a root filesystem.
 
-use crate::build::{Build, Options};
-use crate::plan::{Plan, PlanTag};
-use crate::spec::Diag;
-use crate::state::Tag;
-use crate::step::{Step, validate};
-use crate::template::Renderer;
+use crate::engine::build::{Build, Options};
+use crate::engine::plan::{Plan, PlanTag};
+use crate::engine::spec::Diag;
+use crate::engine::state::Tag;
+use crate::engine::step::{Step, validate};
+use crate::engine::template::Renderer;
 
 /// A plan in which an earlier step has mounted tag "/" at the image's root.
 pub(crate) fn plan_with_root() -> Plan {
@@ -27,9 +27,9 @@ pub(crate) fn plan_with_root() -> Plan {
 /// Validate one step written as YAML (a mapping such as "create-dir: /x\nperm: 0700")
 /// against `plan`, with no template variables. Returns the typed step or every problem.
 pub(crate) fn validate_step(yaml: &str, plan: &mut Plan) -> Result<Step, Vec<Diag>> {
-    let node = crate::spec::parse_yaml(yaml).map_err(|d| vec![d])?;
+    let node = crate::engine::spec::parse_yaml(yaml).map_err(|d| vec![d])?;
     let renderer = Renderer::new(Default::default());
-    let mut steps = crate::step::validate(&[node], &renderer, super::ALL, plan)?;
+    let mut steps = crate::engine::step::validate(&[node], &renderer, super::ALL, plan)?;
     Ok(steps.remove(0))
 }
 
@@ -90,7 +90,7 @@ pub fn steps(yaml_steps: &[&str]) -> Result<Vec<Step>, Vec<String>> {
             text.push('\n');
         }
     }
-    let raw = crate::spec::load(&text)
+    let raw = crate::engine::spec::load(&text)
         .map_err(|d| d.iter().map(|d| d.msg.clone()).collect::<Vec<_>>())?;
     let mut plan = Plan::default();
     plan.tags.insert(
@@ -127,7 +127,7 @@ pub fn check_errors(yaml_step: &str) -> Vec<String> {
 pub fn run_step(yaml_step: &str) -> anyhow::Result<Build> {
     let s = steps(&[yaml_step]).map_err(|e| anyhow::anyhow!(e.join("; ")))?;
     let mut b = Build::new(Options::default())?;
-    let p = crate::step::find(super::ALL, s[0].kind).unwrap();
+    let p = crate::engine::step::find(super::ALL, s[0].kind).unwrap();
     p.run(&s[0], &mut b)?;
     Ok(b)
 }

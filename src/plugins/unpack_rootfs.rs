@@ -5,12 +5,12 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::chroot as image;
-use crate::cmd::Cmd;
+use crate::distro::chroot as image;
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 use crate::log;
 use crate::plugins::cache_rootfs::{Compression, TAR_KEEP, have_pigz, mounted_virtuals, needs_tar};
-use crate::step::{Check, Kind, Plugin, Step, StepSpec};
 
 pub struct UnpackRootfs;
 
@@ -96,7 +96,7 @@ impl Plugin for UnpackRootfs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
+    use crate::distro::chroot::testing;
     use crate::plugins::cache_rootfs::CacheRootfs;
     use std::path::Path;
 
@@ -199,12 +199,13 @@ mod tests {
         std::fs::create_dir(&dst).unwrap();
         let _guard = testing::Unmounter(dst.clone());
         let mut b = testing::build(&dst, Some(&t));
-        crate::chroot::mount_vfs(&mut b, &dst, crate::chroot::FOR_BUILD, "test").unwrap();
+        crate::distro::chroot::mount_vfs(&mut b, &dst, crate::distro::chroot::FOR_BUILD, "test")
+            .unwrap();
         let r = UnpackRootfs.run(&testing::step("steps:\n  - unpack-rootfs: /\n"), &mut b);
         let leaked = Path::new("/dev").join(marker);
         let was_leaked = leaked.exists();
         let _ = std::fs::remove_file(&leaked);
-        crate::chroot::unmount_vfs(&mut b, "test").unwrap();
+        crate::distro::chroot::unmount_vfs(&mut b, "test").unwrap();
         r.unwrap();
         assert!(!was_leaked, "unpacked into the host's /dev");
         assert_eq!(
@@ -255,7 +256,12 @@ mod tests {
         // A hostile archive: a link to the host, then a file below it.
         let evil = base.join("evil");
         plant_link(&evil, "l", &canary.path.display().to_string());
-        let tar = |args: &[&str]| crate::cmd::Cmd::new("tar").args(args).cwd(&evil).run();
+        let tar = |args: &[&str]| {
+            crate::host::cmd::Cmd::new("tar")
+                .args(args)
+                .cwd(&evil)
+                .run()
+        };
         tar(&["--create", "--file=../evil.tar", "./l"]).unwrap();
         std::fs::remove_file(evil.join("l")).unwrap();
         std::fs::create_dir(evil.join("l")).unwrap();

@@ -5,11 +5,11 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 
-use crate::build::Build;
-use crate::chroot as image;
-use crate::cmd::Cmd;
-use crate::image_root::ImageRoot;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::distro::chroot as image;
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
+use crate::host::image_root::ImageRoot;
 
 pub struct Vagrant;
 
@@ -227,7 +227,7 @@ impl Plugin for Vagrant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
+    use crate::distro::chroot::testing;
 
     #[test]
     fn keys_and_checks() {

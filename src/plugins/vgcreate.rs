@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::devmapper;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
+use crate::plugins::devmapper;
 
 pub struct Vgcreate;
 

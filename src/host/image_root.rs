@@ -759,15 +759,16 @@ mod tests {
             "var/cache/apt/archives",
             &canary.path.display().to_string(),
         );
-        let sum = |data: &[u8]| crate::stepcache::sha256_reader(&mut &data[..]).unwrap();
-        let wanted: crate::debcache::Sums = [("a_1_amd64.deb".to_string(), sum(b"a"))].into();
-        assert_eq!(crate::debcache::seed(&cache, &root, &wanted), 1);
+        let sum = |data: &[u8]| crate::engine::stepcache::sha256_reader(&mut &data[..]).unwrap();
+        let wanted: crate::distro::debcache::Sums =
+            [("a_1_amd64.deb".to_string(), sum(b"a"))].into();
+        assert_eq!(crate::distro::debcache::seed(&cache, &root, &wanted), 1);
         canary.assert_untouched();
         assert_eq!(std::fs::read(inside.join("a_1_amd64.deb")).unwrap(), b"a");
         // A "package" in the image that is a link to a host file is not collected.
         symlink(canary.path.join("file"), inside.join("evil_1_all.deb")).unwrap();
         std::fs::write(inside.join("b_1_amd64.deb"), "b").unwrap();
-        let sums: crate::debcache::Sums = [
+        let sums: crate::distro::debcache::Sums = [
             ("b_1_amd64.deb".to_string(), sum(b"b")),
             (
                 "evil_1_all.deb".to_string(),
@@ -775,8 +776,11 @@ mod tests {
             ),
         ]
         .into();
-        let archives = crate::debcache::archives(&root).unwrap();
-        assert_eq!(crate::debcache::collect(&cache, &archives, &sums), 1);
+        let archives = crate::distro::debcache::archives(&root).unwrap();
+        assert_eq!(
+            crate::distro::debcache::collect(&cache, &archives, &sums),
+            1
+        );
         assert_eq!(std::fs::read(cache.join("b_1_amd64.deb")).unwrap(), b"b");
         assert!(!cache.join("evil_1_all.deb").exists());
     }
@@ -801,7 +805,7 @@ mod tests {
         std::fs::write(inside.join("archives/y_1_all.deb"), "").unwrap();
         plant_link(root, "var/cache/apt", &canary.path.display().to_string());
         plant_link(root, "etc/dpkg", &canary.escaping());
-        crate::mmdebstrap::tidy(root).unwrap();
+        crate::distro::bootstrap::tidy(root).unwrap();
         assert_eq!(canary.snapshot(), before);
         assert!(!inside.join("archives/y_1_all.deb").exists());
     }
@@ -819,18 +823,18 @@ mod tests {
         let root = d.path();
         let inside = canary.inside(root);
         plant_link(root, "var/lib/dpkg", &canary.path.display().to_string());
-        assert_eq!(crate::binfmt::image_arch(root).unwrap(), None);
-        assert!(crate::outputs::installed_packages(root).unwrap().is_none());
+        assert_eq!(crate::distro::binfmt::image_arch(root).unwrap(), None);
+        assert!(crate::output::installed_packages(root).unwrap().is_none());
         std::fs::write(
             inside.join("status"),
             "Package: base-files\nStatus: install ok installed\nVersion: 2\nArchitecture: amd64\n\n",
         )
         .unwrap();
         assert_eq!(
-            crate::binfmt::image_arch(root).unwrap().as_deref(),
+            crate::distro::binfmt::image_arch(root).unwrap().as_deref(),
             Some("amd64")
         );
-        let p = crate::outputs::installed_packages(root).unwrap().unwrap();
+        let p = crate::output::installed_packages(root).unwrap().unwrap();
         let p: Vec<_> = p
             .iter()
             .map(|p| (&p.name[..], &p.version[..], &p.architecture[..]))

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::step::Check;
+use crate::engine::build::Build;
+use crate::engine::step::Check;
 
 /// Validation: report, at the step's main key, that this host has no device-mapper.
 /// Returns whether it has.
@@ -44,12 +44,12 @@ mod tests {
     use std::collections::BTreeSet;
     use std::path::{Path, PathBuf};
 
-    use crate::plan::Plan;
+    use crate::engine::plan::Plan;
+    use crate::engine::spec::Diag;
+    use crate::engine::step::Step;
+    use crate::engine::template::Renderer;
     use crate::plugins::testing::plan_with_root;
     use crate::plugins::{cryptsetup, lvcreate, lvscan, vgcreate};
-    use crate::spec::Diag;
-    use crate::step::Step;
-    use crate::template::Renderer;
 
     /// Validate a spec (YAML list items) against a plan with "/" and a partition
     /// "pv" defined, on a host with or without device-mapper.
@@ -62,12 +62,12 @@ mod tests {
                 text.push('\n');
             }
         }
-        let raw = crate::spec::load(&text).unwrap();
+        let raw = crate::engine::spec::load(&text).unwrap();
         let mut plan: Plan = plan_with_root();
         plan.host_has_device_mapper = dm;
         plan.define_tag("pv", Default::default()).unwrap();
         plan.define_tag("pv2", Default::default()).unwrap();
-        crate::step::validate(
+        crate::engine::step::validate(
             &raw.steps,
             &Renderer::new(Default::default()),
             crate::plugins::ALL,

@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use nix::mount::MsFlags;
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::image_root::ImageRoot;
-use crate::mount;
-use crate::plan::PlanTag;
-use crate::step::Check;
+use crate::engine::build::Build;
+use crate::engine::plan::PlanTag;
+use crate::engine::step::Check;
+use crate::host::cmd::Cmd;
+use crate::host::image_root::ImageRoot;
+use crate::host::mount;
 
 /// PATH inside the image: the host's may lack the sbin directories.
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -232,7 +232,7 @@ pub fn allow_services(b: &mut Build) -> Result<()> {
 pub fn enter(b: &mut Build, root: &Path, owner: &str) -> Result<()> {
     // An image of a foreign architecture (from a rootfs tarball, without a debootstrap
     // step in this build) needs its interpreter registered.
-    crate::binfmt::ensure_for_image(root)?;
+    crate::distro::binfmt::ensure_for_image(root)?;
     forbid_services(b, root)?;
     mount_vfs(b, root, FOR_CHROOT, owner)
 }
@@ -393,13 +393,13 @@ pub(crate) mod testing {
 
     use std::collections::BTreeMap;
 
-    use crate::plan::{Plan, PlanTag};
-    use crate::spec::Diag;
-    use crate::step::{self, Step};
-    use crate::template::Renderer;
+    use crate::engine::plan::{Plan, PlanTag};
+    use crate::engine::spec::Diag;
+    use crate::engine::step::{self, Step};
+    use crate::engine::template::Renderer;
 
     pub fn validate(yaml: &str) -> Result<Vec<Step>, Vec<Diag>> {
-        let raw = crate::spec::load(yaml)?;
+        let raw = crate::engine::spec::load(yaml)?;
         let renderer = Renderer::new(BTreeMap::new());
         let mut plan = Plan::default();
         plan.define_tag(
@@ -438,14 +438,17 @@ pub(crate) mod testing {
     }
 
     /// A build whose "/" is the directory `root` (no disk).
-    pub fn build(root: &std::path::Path, tarball: Option<&std::path::Path>) -> crate::build::Build {
-        let mut b = crate::build::Build::new(crate::build::Options {
+    pub fn build(
+        root: &std::path::Path,
+        tarball: Option<&std::path::Path>,
+    ) -> crate::engine::build::Build {
+        let mut b = crate::engine::build::Build::new(crate::engine::build::Options {
             rootfs_tarball: tarball.map(|t| t.to_path_buf()),
             ..Default::default()
         })
         .expect("a build");
         b.state
-            .add_tag(crate::state::Tag {
+            .add_tag(crate::engine::state::Tag {
                 name: "/".into(),
                 mount_point: Some(root.to_path_buf()),
                 target: Some("/".into()),
@@ -462,7 +465,7 @@ pub(crate) mod testing {
 
     impl Drop for Unmounter {
         fn drop(&mut self) {
-            for m in crate::mount::mounts_below(&self.0).unwrap_or_default() {
+            for m in crate::host::mount::mounts_below(&self.0).unwrap_or_default() {
                 let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
             }
         }

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::image_root::ImageRoot;
+use crate::host::image_root::ImageRoot;
 use crate::plugins::debootstrap::Args;
 
 /// The hook directory that merges /usr where the suite has usr-is-merged, as

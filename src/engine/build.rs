@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::blockdev::loopdev::LoopDevice;
-use crate::state::State;
+use crate::engine::state::State;
+use crate::host::blockdev::loopdev::LoopDevice;
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -22,15 +22,15 @@ pub struct Options {
     pub cache_dir: Option<PathBuf>,
     /// `--refresh`: restore no saved state; save fresh ones.
     pub refresh: bool,
-    /// The image's format, checksums, manifest (src/outputs.rs).
-    pub out: crate::outputs::OutputOptions,
+    /// The image's format, checksums, manifest (src/output/mod.rs).
+    pub out: crate::output::OutputOptions,
 }
 
 pub struct Build {
     pub state: State,
     pub opts: Options,
     /// What the build tells vmdb (the parent) in report.json: outputs, steps, packages.
-    pub report: crate::outputs::Report,
+    pub report: crate::output::Report,
     /// Private scratch space: mount points and temporary files.
     workdir: PathBuf,
     /// Set when the build owns its scratch space (in tests); the supervisor otherwise
@@ -43,7 +43,7 @@ pub struct Build {
     /// mounting: syncfs on it reports every write-back error since then.
     mounted: Vec<(PathBuf, std::fs::File)>,
     /// Block devices the steps write to, held exclusively until the build ends.
-    held: Vec<crate::blockdev::busy::Claim>,
+    held: Vec<crate::host::blockdev::busy::Claim>,
 }
 
 impl Build {
@@ -63,7 +63,7 @@ impl Build {
         Build {
             state: State::default(),
             opts,
-            report: crate::outputs::Report::default(),
+            report: crate::output::Report::default(),
             workdir,
             _own_workdir: None,
             disk_loops: Vec::new(),
@@ -102,7 +102,7 @@ impl Build {
     /// the rest of the build. Image files need nothing.
     pub fn claim_device(&mut self, disk: &Path) -> Result<()> {
         if is_block_device(disk) {
-            if let Some(c) = crate::blockdev::busy::claim(disk)? {
+            if let Some(c) = crate::host::blockdev::busy::claim(disk)? {
                 self.held.push(c);
             }
         }
@@ -146,7 +146,10 @@ impl Build {
     /// Whether the build is still going well: a failed build's image is thrown away,
     /// so nothing of it needs writing back.
     fn succeeding(&self) -> bool {
-        !self.state.notes.contains(crate::runner::BUILD_FAILED)
+        !self
+            .state
+            .notes
+            .contains(crate::engine::runner::BUILD_FAILED)
     }
 
     /// Remember a filesystem just mounted at `point`, to check its write-back later.

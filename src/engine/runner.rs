@@ -6,13 +6,13 @@ use std::time::Instant;
 use anyhow::{Error, anyhow};
 use serde_json::json;
 
-use crate::build::Build;
-use crate::cmd;
+use crate::engine::build::Build;
+use crate::engine::step::{Plugin, Step, find};
+use crate::engine::stepcache::{self, Cache, Role};
+use crate::host::cmd;
 use crate::log;
-use crate::outputs::{self, StepRecord, round3};
+use crate::output::{self, StepRecord, round3};
 use crate::progress::Progress;
-use crate::step::{Plugin, Step, find};
-use crate::stepcache::{self, Cache, Role};
 
 /// Set in the build state's flags once a step failed or the build was interrupted:
 /// teardowns then skip work that only a finished image needs (zerofree).
@@ -149,7 +149,7 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
     if errors.is_empty() && b.opts.out.manifest {
         // Before teardown, while the image's root is mounted.
         match b.state.root_dir().map(Path::to_path_buf) {
-            Ok(root) => match outputs::installed_packages(&root) {
+            Ok(root) => match output::installed_packages(&root) {
                 Ok(Some(p)) => b.report.packages = Some(p),
                 Ok(None) => {
                     log::warn("the image has no dpkg database: the manifest lists no packages")

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use nix::mount::MsFlags;
 
-use crate::cmd::Cmd;
-use crate::image_root::ImageRoot;
+use crate::host::cmd::Cmd;
+use crate::host::image_root::ImageRoot;
 
 /// Where binfmt_misc is mounted.
 pub const BINFMT_MISC: &str = "/proc/sys/fs/binfmt_misc";
@@ -161,7 +161,7 @@ pub fn ensure(target: &str) -> Result<()> {
     let cpu = qemu_cpu(target).expect("checked by problem()");
     let misc = Path::new(BINFMT_MISC);
     if !misc.join("status").exists() {
-        crate::mount::mount(
+        crate::host::mount::mount(
             Path::new("binfmt_misc"),
             misc,
             Some("binfmt_misc"),

@@ -7,7 +7,7 @@
 //! child, in its namespaces) makes the files; it lists each in the report
 //! (`report.json` in the scratch directory, see `Report`) BEFORE it creates it, so that
 //! the parent knows every temporary file even when the build is killed, and so does
-//! the next vmdb when vmdb itself is killed (src/inflight.rs). The parent renames them
+//! the next vmdb when vmdb itself is killed (src/engine/inflight.rs). The parent renames them
 //! all into place when the build succeeded, or removes them all.
 
 use std::collections::BTreeMap;
@@ -16,9 +16,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::build::Build;
-use crate::cmd::Cmd;
+use crate::engine::build::Build;
+use crate::host::cmd::Cmd;
 use crate::log;
+
+pub mod vagrant_box;
 
 /// The format of the finished image (`--format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
@@ -294,7 +296,7 @@ impl Build {
 /// database; dpkg-query of the host reads it, nothing runs in the image).
 pub fn installed_packages(root: &Path) -> Result<Option<Vec<Package>>> {
     // Where the image's dpkg database is, inside the image (not through its links).
-    let img = crate::image_root::ImageRoot::open(root)?;
+    let img = crate::host::image_root::ImageRoot::open(root)?;
     if !img.is_file("/var/lib/dpkg/status")? {
         return Ok(None);
     }
@@ -502,9 +504,9 @@ fn convert(b: &mut Build, o: &OutputOptions, final_path: &Path, pid: u32) -> Res
                 .to_string_lossy()
                 .into_owned();
             let files = if o.format == Format::VagrantLibvirt {
-                crate::vagrant_box::libvirt(&raw, &dir, virtual_size)?
+                crate::output::vagrant_box::libvirt(&raw, &dir, virtual_size)?
             } else {
-                crate::vagrant_box::virtualbox(&raw, &dir, virtual_size, &name)?
+                crate::output::vagrant_box::virtualbox(&raw, &dir, virtual_size, &name)?
             };
             let mut tar = Cmd::new("tar")
                 .arg("--create")

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::cmd::Cmd;
+use crate::host::cmd::Cmd;
 
 /// Debian release names and aliases; a suite serves Debian when its part before the
 /// first '-' is one of these (`bookworm`, `bookworm-updates`, `stable-backports`).

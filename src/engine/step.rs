@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use anyhow::{Result, anyhow};
 
-use crate::build::Build;
-use crate::plan::{HostNeed, Plan};
-use crate::spec::{Diag, Loc, Node, Value};
-use crate::template::Renderer;
+use crate::engine::build::Build;
+use crate::engine::plan::{HostNeed, Plan};
+use crate::engine::spec::{Diag, Loc, Node, Value};
+use crate::engine::template::Renderer;
 
 /// What a key's value must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -638,7 +638,7 @@ fn warn_unquoted(
     text: &str,
     warnings: &mut Vec<Diag>,
 ) {
-    for (at, expr) in crate::template::unquoted(text) {
+    for (at, expr) in crate::engine::template::unquoted(text) {
         // Exact for a literal block (`|`), the usual way to write a script, and for
         // one line; within the right text otherwise (folded lines are joined).
         let before = &text[..at];
@@ -655,7 +655,7 @@ fn warn_unquoted(
                 "warning: {{{{ {expr} }}}} goes into the shell script unquoted: a value with \
                  quotes or ';' would run commands; write {{{{ {expr} | {} }}}} (one shell \
                  word: put no quotes around it)",
-                crate::template::QUOTE_FILTER
+                crate::engine::template::QUOTE_FILTER
             ),
         });
     }
@@ -757,16 +757,16 @@ mod tests {
     #[test]
     fn modes_are_octal() {
         let r = Renderer::new(Default::default());
-        let n = crate::spec::parse_yaml("0644").unwrap();
+        let n = crate::engine::spec::parse_yaml("0644").unwrap();
         assert_eq!(convert(&n, Kind::Mode, &r), Ok(Val::Int(0o644)));
-        let n = crate::spec::parse_yaml("0999").unwrap();
+        let n = crate::engine::spec::parse_yaml("0999").unwrap();
         assert!(convert(&n, Kind::Mode, &r).is_err());
     }
 
     #[test]
     fn lists_accept_a_single_string() {
         let r = Renderer::new(Default::default());
-        let n = crate::spec::parse_yaml("flag").unwrap();
+        let n = crate::engine::spec::parse_yaml("flag").unwrap();
         assert_eq!(
             convert(&n, Kind::List, &r),
             Ok(Val::List(vec!["flag".into()]))
@@ -832,7 +832,7 @@ mod tests {
 
     #[test]
     fn unquoted_variables_in_shell_text_are_warned_about() {
-        let raw = crate::spec::load(
+        let raw = crate::engine::spec::load(
             "steps:\n  - chroot: /\n    shell: |\n      true\n      echo \"{{ h }}\" {{ h | quote }}\n  - echo: \"{{ h }}\"\n",
         )
         .unwrap();

@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::build::Options;
-use crate::cachefile::Temp;
-use crate::image_root::ImageRoot;
+use crate::engine::build::Options;
+use crate::host::cachefile::Temp;
+use crate::host::image_root::ImageRoot;
 
 /// apt's package directory in the image.
 const ARCHIVES: &str = "/var/cache/apt/archives";
@@ -155,7 +155,8 @@ fn bootstrap_candidates(cache: &Path, arch: &str) -> Vec<(String, String)> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            if crate::cachefile::is_temporary(&name) || !suffixes.iter().any(|s| name.ends_with(s))
+            if crate::host::cachefile::is_temporary(&name)
+                || !suffixes.iter().any(|s| name.ends_with(s))
             {
                 return None;
             }
@@ -254,7 +255,7 @@ pub fn list_for_bootstrap(cache: &Path, root: &Path, arch: &str, list: &Path) ->
             let Ok(mut f) = File::open(cache.join(&name)) else {
                 continue;
             };
-            let got = crate::stepcache::sha256_reader(&mut f)
+            let got = crate::engine::stepcache::sha256_reader(&mut f)
                 .with_context(|| format!("reading {name} in the package cache"))?;
             if got == sum {
                 good.push(cache.join(&name));
@@ -363,7 +364,7 @@ pub fn sums_from_print_uris(print_uris: &str) -> Sums {
 
 /// A plain .deb file name: the cache is never written or read outside its directory.
 fn is_package_file(name: &str) -> bool {
-    name.ends_with(".deb") && !name.contains('/') && !crate::cachefile::is_temporary(name)
+    name.ends_with(".deb") && !name.contains('/') && !crate::host::cachefile::is_temporary(name)
 }
 
 fn is_sha256(s: &str) -> bool {

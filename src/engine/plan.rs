@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use crate::blockdev::table::LabelKind;
-use crate::spec::{Diag, Loc};
+use crate::engine::spec::{Diag, Loc};
+use crate::host::blockdev::table::LabelKind;
 
 #[derive(Debug, Clone, Default)]
 pub struct PlanTag {

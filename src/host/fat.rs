@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::cmd::Cmd;
+use crate::host::cmd::Cmd;
 
 fn mtools(prog: &str) -> Cmd {
     Cmd::new(prog).env("MTOOLS_SKIP_CHECK", "1")

@@ -29,13 +29,15 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::build::Options;
-use crate::cachefile::{Temp, Usage, is_temporary, lock_dir, remove_orphans, temporaries_usage};
-use crate::cmd::Cmd;
-use crate::mirror::{self, Archive};
+use crate::distro::mirror::{self, Archive};
+use crate::engine::build::Options;
+use crate::engine::step::{Step, Val};
+use crate::host::cachefile::{
+    Temp, Usage, is_temporary, lock_dir, remove_orphans, temporaries_usage,
+};
+use crate::host::cmd::Cmd;
 use crate::plugins::cache_rootfs::{Compression, mounted_virtuals, pack_argv};
 use crate::plugins::unpack_rootfs::unpack_argv;
-use crate::step::{Step, Val};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -190,7 +192,7 @@ impl Cache {
             .run();
         if let Err(e) = test {
             // Stopped by a signal, or no zstd: nothing is known about the entry.
-            if crate::cmd::interrupted() || !crate::app::in_path("zstd") {
+            if crate::host::cmd::interrupted() || !crate::app::in_path("zstd") {
                 return Err(e.context(format!("checking step cache entry {}", meta.key)));
             }
             return Err(damaged(format!("it does not decompress: {e:#}")));
@@ -673,7 +675,7 @@ struct ToolVersions {
 impl ToolVersions {
     fn host_mirror(&mut self) -> &str {
         self.mirror
-            .get_or_insert_with(|| crate::mirror::host_default().unwrap_or_default())
+            .get_or_insert_with(|| crate::distro::mirror::host_default().unwrap_or_default())
     }
 }
 

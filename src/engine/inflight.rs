@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::log;
-use crate::outputs::{Report, remove_path};
+use crate::output::{Report, remove_path};
 
 pub const RUN_DIR: &str = "/run/vmdb";
 
@@ -248,7 +248,7 @@ mod tests {
         ] {
             std::fs::write(p(n), n).unwrap();
         }
-        let file = |partial: &str, path: Option<&str>| crate::outputs::OutFile {
+        let file = |partial: &str, path: Option<&str>| crate::output::OutFile {
             partial: p(partial),
             path: path.map(p),
             kind: "image".into(),

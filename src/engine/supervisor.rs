@@ -16,11 +16,13 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
 use crate::app::{EXIT_FAILED, Prepared};
-use crate::blockdev::busy;
-use crate::build::Build;
-use crate::inflight::{self, InFlight, OutputLock};
-use crate::outputs::{self, Report};
-use crate::{cmd, log, mount, plugins, runner};
+use crate::engine::build::Build;
+use crate::engine::inflight::{self, InFlight, OutputLock};
+use crate::engine::runner;
+use crate::host::blockdev::busy;
+use crate::host::{cmd, mount};
+use crate::output::{self, Report};
+use crate::{log, plugins};
 
 /// Where the image goes: built under a temporary name beside the final one, or written
 /// straight to a block device.
@@ -64,7 +66,7 @@ impl Target {
                 dir.display()
             );
         }
-        outputs::check_file_output(&abs)?;
+        output::check_file_output(&abs)?;
         // One lock for every spelling of the path (relative, through symlinked
         // directories).
         let key = std::fs::canonicalize(&dir)
@@ -72,7 +74,7 @@ impl Target {
             .join(name)
             .display()
             .to_string();
-        let build_path = outputs::temp_name(&abs, "partial", std::process::id());
+        let build_path = output::temp_name(&abs, "partial", std::process::id());
         Ok(Target {
             final_path: abs,
             build_path,
@@ -108,7 +110,7 @@ impl Target {
     /// After a failure: remove every temporary file, or keep the half-built image as
     /// IMAGE.failed when asked to.
     fn discard(&self, report: &Report, keep: bool) {
-        outputs::discard(report, Some(&self.build_path));
+        output::discard(report, Some(&self.build_path));
         if self.device || !self.build_path.exists() {
             return;
         }
@@ -151,7 +153,7 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
             "steps": p.steps.len(),
         }),
     );
-    let secs = || outputs::round3(started.elapsed().as_secs_f64());
+    let secs = || output::round3(started.elapsed().as_secs_f64());
     let end = |code: i32, outputs: &[PathBuf]| {
         log::event(
             "build-end",
@@ -210,7 +212,7 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
         }
         // The commit is the point of no return: a signal from now on is too late to
         // stop the build, which has succeeded. It only renames files.
-        Ok(true) => match outputs::commit(&report) {
+        Ok(true) => match output::commit(&report) {
             Ok(done) => {
                 let image = report
                     .files
@@ -245,7 +247,7 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
                 }
                 // A spec that made no image may still have left a file at its path.
                 if image.is_none() && !target.device {
-                    outputs::remove_path(&target.build_path);
+                    output::remove_path(&target.build_path);
                 }
                 end(0, &done)
             }
@@ -274,7 +276,7 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
 
 /// The build's scratch directory (mount points, temporary files), made and removed by
 /// the parent so that it goes even when the build is killed; the next vmdb removes one
-/// left by a killed vmdb (src/inflight.rs).
+/// left by a killed vmdb (src/engine/inflight.rs).
 struct Scratch(PathBuf);
 
 impl Scratch {
@@ -410,7 +412,7 @@ fn child_main(p: Prepared, workdir: PathBuf, alive: std::os::fd::OwnedFd) -> i32
     }
     if errors.is_empty() {
         let secs = t.elapsed().as_secs_f64();
-        if let Err(e) = outputs::finish(&mut b, started, secs) {
+        if let Err(e) = output::finish(&mut b, started, secs) {
             errors.push(e.context("handing over the outputs"));
         } else if cmd::interrupted() {
             errors.push(anyhow!("interrupted while handing over the outputs"));

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 
-use crate::mount::unescape;
+use crate::host::mount::unescape;
 
 /// Device numbers this process holds exclusively (the output device, devices named by
 /// steps). A build process forked from vmdb inherits both the list and the holds.
