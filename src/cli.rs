@@ -74,6 +74,11 @@ pub enum CacheAction {
     },
 }
 
+/// vmdb's exit status when a build (or another command) failed.
+pub const EXIT_FAILED: i32 = 1;
+/// vmdb's exit status for a mistake in the spec or on the command line: nothing was done.
+pub const EXIT_USAGE: i32 = 2;
+
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/vmdb";
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -148,7 +153,7 @@ pub struct BuildArgs {
     pub refresh: bool,
     /// Build one image per combination of values (repeatable: suite=bookworm,trixie
     /// and arch=amd64,i386 make four); use the names in --output, e.g. '{{ suite }}-{{ arch }}.img'
-    #[arg(long, value_name = "NAME=V1,V2", value_parser = crate::matrix::parse_axis)]
+    #[arg(long, value_name = "NAME=V1,V2", value_parser = parse_axis)]
     pub matrix: Vec<(String, Vec<String>)>,
     /// How many images of a matrix to build at once
     #[arg(short, long, value_name = "N", default_value_t = default_jobs())]
@@ -207,6 +212,24 @@ pub fn not_an_option_variable(name: &str) -> Result<(), String> {
         )),
         None => Ok(()),
     }
+}
+
+/// `NAME=V1,V2,...`
+pub fn parse_axis(s: &str) -> Result<(String, Vec<String>), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE1,VALUE2, got '{s}'"))?;
+    let values: Vec<String> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect();
+    if k.is_empty() || values.is_empty() {
+        return Err(format!("expected NAME=VALUE1,VALUE2, got '{s}'"));
+    }
+    not_an_option_variable(k)?;
+    Ok((k.to_string(), values))
 }
 
 fn parse_variable(s: &str) -> Result<(String, String), String> {
@@ -290,6 +313,16 @@ mod tests {
             );
         }
         assert!(parse(&["x.vmdb", "--variable", "outputs=b"]).is_ok());
+    }
+
+    #[test]
+    fn axis_syntax() {
+        assert_eq!(
+            parse_axis("a=x, y").unwrap(),
+            ("a".to_string(), vec!["x".to_string(), "y".to_string()])
+        );
+        assert!(parse_axis("a").is_err());
+        assert!(parse_axis("a=").is_err());
     }
 
     #[test]

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::app::{EXIT_FAILED, EXIT_USAGE};
-use crate::cli::BuildArgs;
+use crate::cli::{BuildArgs, EXIT_FAILED, EXIT_USAGE};
 use crate::engine::template::Renderer;
 
 /// One image of the matrix.
@@ -103,24 +102,6 @@ fn forward_signals_to_children() {
             }
         }
     });
-}
-
-/// `NAME=V1,V2,...`
-pub fn parse_axis(s: &str) -> Result<(String, Vec<String>), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected NAME=VALUE1,VALUE2, got '{s}'"))?;
-    let values: Vec<String> = v
-        .split(',')
-        .map(str::trim)
-        .filter(|x| !x.is_empty())
-        .map(String::from)
-        .collect();
-    if k.is_empty() || values.is_empty() {
-        return Err(format!("expected NAME=VALUE1,VALUE2, got '{s}'"));
-    }
-    crate::cli::not_an_option_variable(k)?;
-    Ok((k.to_string(), values))
 }
 
 /// The arguments of the vmdb build of one cell.
@@ -305,6 +286,7 @@ pub fn run(args: &BuildArgs, spec: &Path, output: &Path, image_var: bool) -> i32
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::parse_axis;
 
     fn args(matrix: &[&str]) -> BuildArgs {
         BuildArgs {
@@ -339,16 +321,6 @@ mod tests {
             e.starts_with("'suite=bookworm' and 'suite=trixie' would both build debian.img"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn axis_syntax() {
-        assert_eq!(
-            parse_axis("a=x, y").unwrap(),
-            ("a".to_string(), vec!["x".to_string(), "y".to_string()])
-        );
-        assert!(parse_axis("a").is_err());
-        assert!(parse_axis("a=").is_err());
     }
 
     #[test]

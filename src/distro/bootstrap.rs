@@ -1,5 +1,7 @@
-//! mmdebstrap as the engine of a `debootstrap` step: the same system as debootstrap's
-//! in about a third of the time (apt resolves and downloads in parallel, dpkg unpacks
+//! Bootstrapping a Debian system: debootstrap's and mmdebstrap's command lines.
+//!
+//! mmdebstrap is the faster engine of a `debootstrap` step: the same system as
+//! debootstrap's in about a third of the time (apt resolves and downloads in parallel, dpkg unpacks
 //! everything in one run, without an fsync per file).
 //!
 //! What is made matches debootstrap's: the same packages (merged /usr through
@@ -13,7 +15,42 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::host::image_root::ImageRoot;
-use crate::plugins::debootstrap::Args;
+
+/// The values debootstrap is run with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Args {
+    pub suite: String,
+    pub target: String,
+    pub mirror: String,
+    pub arch: String,
+    pub variant: String,
+    pub components: Vec<String>,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub keyring: Option<String>,
+}
+
+/// debootstrap's command line.
+pub fn debootstrap_argv(a: &Args) -> Vec<String> {
+    let mut v = vec!["debootstrap".to_string(), format!("--arch={}", a.arch)];
+    if a.variant != "-" && !a.variant.is_empty() {
+        v.push(format!("--variant={}", a.variant));
+    }
+    if !a.components.is_empty() {
+        v.push(format!("--components={}", a.components.join(",")));
+    }
+    if !a.include.is_empty() {
+        v.push(format!("--include={}", a.include.join(",")));
+    }
+    if !a.exclude.is_empty() {
+        v.push(format!("--exclude={}", a.exclude.join(",")));
+    }
+    if let Some(k) = &a.keyring {
+        v.push(format!("--keyring={k}"));
+    }
+    v.extend([a.suite.clone(), a.target.clone(), a.mirror.clone()]);
+    v
+}
 
 /// The hook directory that merges /usr where the suite has usr-is-merged, as
 /// debootstrap does for such suites.
@@ -27,7 +64,7 @@ pub const DEBS_ENV: &str = "VMDB_PACKAGE_LIST";
 /// architecture other than the host's own (i386 on amd64), the arch-test program
 /// mmdebstrap insists on for it.
 pub fn available(other_arch: bool) -> bool {
-    use crate::app::in_path;
+    use crate::host::cmd::in_path;
     Path::new(MERGED_USR_HOOKS).is_dir()
         && in_path("mmdebstrap")
         && (!other_arch || in_path("arch-test"))
@@ -57,11 +94,11 @@ pub fn unsupported(variant_name: &str, exclude: bool, tls_ca_certs: bool) -> Opt
     None
 }
 
-/// mmdebstrap's command line. With a package cache, the setup hook copies the cached
+/// mmdebstrap's command line (for the same `Args`). With a package cache, the setup hook copies the cached
 /// packages of the architecture that vmdb checked (apt would take them on their size
 /// alone) into the new tree's apt archive, and the downloaded ones are left there for
 /// vmdb to collect. A package that cannot be copied is downloaded instead.
-pub fn argv(a: &Args, cache: bool) -> Vec<String> {
+pub fn mmdebstrap_argv(a: &Args, cache: bool) -> Vec<String> {
     let mut v = vec![
         "mmdebstrap".to_string(),
         "--mode=root".into(),
@@ -141,9 +178,61 @@ mod tests {
         }
     }
 
+    /// What a step with only a suite and a target asks for.
+    fn plain_args() -> Args {
+        Args {
+            components: vec!["main".into()],
+            include: vec![],
+            keyring: None,
+            ..args()
+        }
+    }
+
+    #[test]
+    fn default_command_line() {
+        assert_eq!(
+            debootstrap_argv(&plain_args()),
+            [
+                "debootstrap",
+                "--arch=amd64",
+                "--components=main",
+                "bookworm",
+                "/mnt",
+                "http://mirror.example.org/debian"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_option_on_the_command_line() {
+        let a = Args {
+            variant: "minbase".into(),
+            components: vec!["main".into(), "contrib".into()],
+            include: vec!["less".into(), "vim".into()],
+            exclude: vec!["nano".into()],
+            keyring: Some("/k.gpg".into()),
+            ..plain_args()
+        };
+        assert_eq!(
+            debootstrap_argv(&a),
+            [
+                "debootstrap",
+                "--arch=amd64",
+                "--variant=minbase",
+                "--components=main,contrib",
+                "--include=less,vim",
+                "--exclude=nano",
+                "--keyring=/k.gpg",
+                "bookworm",
+                "/mnt",
+                "http://mirror.example.org/debian"
+            ]
+        );
+    }
+
     #[test]
     fn command_line_without_and_with_the_cache() {
-        let plain = argv(&args(), false);
+        let plain = mmdebstrap_argv(&args(), false);
         assert_eq!(
             plain,
             [
@@ -162,7 +251,7 @@ mod tests {
                 "http://mirror.example.org/debian"
             ]
         );
-        let cached = argv(&args(), true);
+        let cached = mmdebstrap_argv(&args(), true);
         assert_eq!(cached.len(), plain.len() + 1);
         assert_eq!(
             cached[9],

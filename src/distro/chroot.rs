@@ -57,8 +57,6 @@ const RUN: Vfs = Vfs {
 pub const FOR_CHROOT: &[Vfs] = &[PROC, SYS, DEV, DEVPTS];
 /// What the virtual-filesystems step mounts for the rest of the build.
 pub const FOR_BUILD: &[Vfs] = &[PROC, SYS, DEV, DEVPTS, RUN];
-/// Paths in the image that hold virtual filesystems (left out of a rootfs tarball).
-pub const VIRTUAL_PATHS: &[&str] = &["proc", "sys", "dev", "run"];
 
 const MOUNTED: &str = "vmdb:mounted:";
 const POLICY: &str = "vmdb:policy-rc.d:";

@@ -187,7 +187,7 @@ pub fn check_suite_with(mirror: &str, suite: &str, ca: Option<&Path>) -> Result<
         format!("{base}/dists/{suite}/InRelease"),
         format!("{base}/dists/{suite}/Release"),
     ];
-    if crate::app::in_path("curl") {
+    if crate::host::cmd::in_path("curl") {
         for url in &urls {
             let mut curl = Cmd::new("curl");
             if let Some(ca) = ca {
@@ -206,7 +206,7 @@ pub fn check_suite_with(mirror: &str, suite: &str, ca: Option<&Path>) -> Result<
         }
         bail!("suite '{suite}' not found at {mirror} (no dists/{suite}/InRelease or Release)");
     }
-    if crate::app::in_path("wget") {
+    if crate::host::cmd::in_path("wget") {
         for url in &urls {
             let mut wget = Cmd::new("wget");
             if let Some(ca) = ca {
@@ -404,7 +404,7 @@ fn fetch(url: &str, whole: bool, ca: Option<&Path>) -> Result<Vec<u8>, FetchErro
         return Ok(buf);
     }
     let mut c;
-    if crate::app::in_path("curl") {
+    if crate::host::cmd::in_path("curl") {
         c = std::process::Command::new("curl");
         c.args(["-sS", "-f", "-L", "--connect-timeout"])
             .arg(STATE_CONNECT_SECS.to_string())
@@ -416,7 +416,7 @@ fn fetch(url: &str, whole: bool, ca: Option<&Path>) -> Result<Vec<u8>, FetchErro
         if let Some(ca) = ca {
             c.arg("--cacert").arg(ca);
         }
-    } else if crate::app::in_path("wget") {
+    } else if crate::host::cmd::in_path("wget") {
         c = std::process::Command::new("wget");
         c.args(["-q", "-O", "-", "--tries=1"])
             .arg(format!("--timeout={STATE_CONNECT_SECS}"));
@@ -720,7 +720,7 @@ deb http://later.example.org/debian bookworm main
 
     #[test]
     fn archive_states_over_http_and_from_files() {
-        if !crate::app::in_path("curl") {
+        if !crate::host::cmd::in_path("curl") {
             println!("skipped: needs curl");
             return;
         }

@@ -83,6 +83,24 @@ impl Build {
         }
     }
 
+    /// Write the report for the parent (after every change to it).
+    pub fn save_report(&self) -> Result<()> {
+        self.report.save(&self.workdir)
+    }
+
+    /// Register an output file that a step is about to write: returns the temporary
+    /// name to write it under (see `Report::add_output`).
+    pub fn add_output(&mut self, path: &Path, kind: &str, format: Option<&str>) -> Result<PathBuf> {
+        let pid = self.opts.out.pid();
+        self.report
+            .add_output(&self.workdir, path, kind, format, pid)
+    }
+
+    /// Register a temporary file or directory, removed whatever happens.
+    pub fn add_temporary(&mut self, p: &Path) -> Result<()> {
+        self.report.add_temporary(&self.workdir, p)
+    }
+
     /// The build's scratch directory (owned by the parent; report.json goes there).
     pub fn workdir(&self) -> &Path {
         &self.workdir
@@ -146,10 +164,7 @@ impl Build {
     /// Whether the build is still going well: a failed build's image is thrown away,
     /// so nothing of it needs writing back.
     fn succeeding(&self) -> bool {
-        !self
-            .state
-            .notes
-            .contains(crate::engine::runner::BUILD_FAILED)
+        !self.state.failed
     }
 
     /// Remember a filesystem just mounted at `point`, to check its write-back later.

@@ -5,6 +5,7 @@
 pub mod build;
 pub mod inflight;
 pub mod plan;
+pub mod prepare;
 pub mod runner;
 pub mod spec;
 pub mod state;

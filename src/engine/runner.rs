@@ -11,12 +11,8 @@ use crate::engine::step::{Plugin, Step, find};
 use crate::engine::stepcache::{self, Cache, Role};
 use crate::host::cmd;
 use crate::log;
-use crate::output::{self, StepRecord, round3};
+use crate::output::{StepRecord, round3};
 use crate::progress::Progress;
-
-/// Set in the build state's flags once a step failed or the build was interrupted:
-/// teardowns then skip work that only a finished image needs (zerofree).
-pub const BUILD_FAILED: &str = "vmdb:build-failed";
 
 /// Run every step; on the first failure (or a signal) stop, then tear down every step
 /// that started, newest first, carrying on past teardown errors. Returns all errors.
@@ -149,7 +145,7 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
     if errors.is_empty() && b.opts.out.manifest {
         // Before teardown, while the image's root is mounted.
         match b.state.root_dir().map(Path::to_path_buf) {
-            Ok(root) => match output::installed_packages(&root) {
+            Ok(root) => match crate::distro::installed_packages(&root) {
                 Ok(Some(p)) => b.report.packages = Some(p),
                 Ok(None) => {
                     log::warn("the image has no dpkg database: the manifest lists no packages")
@@ -163,7 +159,7 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
         let _ = b.save_report();
     }
     if !errors.is_empty() {
-        b.state.notes.insert(BUILD_FAILED.to_string());
+        b.state.failed = true;
     }
     stop_leftover_processes();
     for step in started.iter().rev() {
@@ -206,7 +202,7 @@ fn open_cache(steps: &[Step], b: &Build) -> Option<(Cache, stepcache::Plan)> {
                     "step cache: starting from the state after step {} ({}), saved {}",
                     i + 1,
                     m.kind,
-                    age(m.created)
+                    stepcache::age(m.created)
                 )),
                 None => log::verbose("step cache: no saved state matches; building from the start"),
             }
@@ -216,20 +212,6 @@ fn open_cache(steps: &[Step], b: &Build) -> Option<(Cache, stepcache::Plan)> {
             log::info(&format!("vmdb: warning: not using the step cache: {e:#}"));
             None
         }
-    }
-}
-
-pub fn age(created: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let s = now.saturating_sub(created);
-    match s {
-        0..=119 => format!("{s}s ago"),
-        120..=7199 => format!("{}m ago", s / 60),
-        7200..=172_799 => format!("{}h ago", s / 3600),
-        _ => format!("{}d ago", s / 86400),
     }
 }
 

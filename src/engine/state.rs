@@ -32,6 +32,9 @@ pub struct Tag {
 #[derive(Debug, Default)]
 pub struct State {
     pub tags: Vec<Tag>,
+    /// A step failed or the build was interrupted: teardowns skip work that only a
+    /// finished image needs (zerofree, writing back what is thrown away).
+    pub failed: bool,
     /// Flags for `unless:` (e.g. rootfs_unpacked).
     pub flags: BTreeSet<String>,
     /// What steps did that their teardown must undo, or later steps need not redo

@@ -36,8 +36,8 @@ use crate::host::cachefile::{
     Temp, Usage, is_temporary, lock_dir, remove_orphans, temporaries_usage,
 };
 use crate::host::cmd::Cmd;
-use crate::plugins::cache_rootfs::{Compression, mounted_virtuals, pack_argv};
-use crate::plugins::unpack_rootfs::unpack_argv;
+use crate::host::mount::mounted_virtuals;
+use crate::host::tarball::{Compression, pack_argv, unpack_argv};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -192,7 +192,7 @@ impl Cache {
             .run();
         if let Err(e) = test {
             // Stopped by a signal, or no zstd: nothing is known about the entry.
-            if crate::host::cmd::interrupted() || !crate::app::in_path("zstd") {
+            if crate::host::cmd::interrupted() || !crate::host::cmd::in_path("zstd") {
                 return Err(e.context(format!("checking step cache entry {}", meta.key)));
             }
             return Err(damaged(format!("it does not decompress: {e:#}")));
@@ -222,7 +222,7 @@ impl Cache {
             return Ok(Saved::Existing(m));
         }
         let mut tmp = Temp::new(&self.dir, &format!("{key}.tar.zst"))?;
-        let zstd = Compression::for_path(Path::new("x.tar.zst")).program(false);
+        let zstd = Compression::Zstd.program(false);
         let virtuals = mounted_virtuals(root)?;
         Cmd::new("tar")
             .args(pack_argv(root, tmp.path(), zstd, &virtuals))
@@ -287,7 +287,7 @@ impl Cache {
                     .context("a verified entry is kept open")?
             }
         };
-        let zstd = Compression::for_path(Path::new("x.tar.zst")).program(false);
+        let zstd = Compression::Zstd.program(false);
         let virtuals = mounted_virtuals(root)?;
         Cmd::new("tar")
             .args(unpack_argv(root, Path::new("-"), zstd, &virtuals))
@@ -1179,6 +1179,21 @@ fn differs(name: &str, old: &str, new: &str) -> String {
         format!("{name} differs")
     } else {
         format!("{name} differs (was {old}, now {new})")
+    }
+}
+
+/// How long ago an entry was made (`created`: seconds since the epoch), in words.
+pub fn age(created: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let s = now.saturating_sub(created);
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        7200..=172_799 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
     }
 }
 

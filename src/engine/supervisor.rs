@@ -15,14 +15,15 @@ use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
-use crate::app::{EXIT_FAILED, Prepared};
 use crate::engine::build::Build;
 use crate::engine::inflight::{self, InFlight, OutputLock};
+use crate::engine::prepare::Prepared;
 use crate::engine::runner;
+use crate::engine::step::Plugin;
 use crate::host::blockdev::busy;
 use crate::host::{cmd, mount};
+use crate::log;
 use crate::output::{self, Report};
-use crate::{log, plugins};
 
 /// Where the image goes: built under a temporary name beside the final one, or written
 /// straight to a block device.
@@ -141,7 +142,22 @@ impl Target {
     }
 }
 
-pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
+/// A build that failed, and said why (on standard error and as `error` events).
+#[derive(Debug)]
+pub struct Failed;
+
+/// The exit status of the build process when the build failed (only vmdb reads it).
+const BUILD_PROCESS_FAILED: i32 = 1;
+
+/// Run the build of `p` with `plugins`, in its own process, and put its outputs in
+/// place; returns their final paths. Whatever fails is said here; the caller only
+/// learns that it failed.
+pub fn run_build(
+    p: Prepared,
+    target: Target,
+    keep_failed: bool,
+    plugins: &'static [&'static dyn Plugin],
+) -> Result<Vec<PathBuf>, Failed> {
     let started = Instant::now();
     log::event(
         "build-start",
@@ -154,18 +170,6 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
         }),
     );
     let secs = || output::round3(started.elapsed().as_secs_f64());
-    let end = |code: i32, outputs: &[PathBuf]| {
-        log::event(
-            "build-end",
-            serde_json::json!({
-                "status": if code == 0 { "ok" } else { "failed" },
-                "exit_code": code,
-                "duration": secs(),
-                "outputs": outputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-            }),
-        );
-        code
-    };
     let fail = |e: anyhow::Error| {
         log::info(&format!("vmdb: {e:#}"));
         log::event("error", serde_json::json!({ "message": format!("{e:#}") }));
@@ -175,7 +179,7 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
     if let Err(e) = catch_signals() {
         fail(e);
         target.release();
-        return end(EXIT_FAILED, &[]);
+        return Err(Failed);
     }
     let setup = Scratch::new().and_then(|scratch| {
         let entry = inflight::Entry {
@@ -195,12 +199,12 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
         Err(e) => {
             fail(e);
             target.release();
-            return end(EXIT_FAILED, &[]);
+            return Err(Failed);
         }
     };
-    let result = supervise(p, &scratch);
+    let result = supervise(p, &scratch, plugins);
     let report = Report::load(&scratch.0);
-    let code = match result {
+    let outcome = match result {
         // The build finished, but a signal came first: that is a failed build too.
         Ok(true) if interrupted() => {
             fail(anyhow!(
@@ -208,7 +212,7 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
                 LAST_SIGNAL.load(Ordering::SeqCst)
             ));
             target.discard(&report, false);
-            end(EXIT_FAILED, &[])
+            Err(Failed)
         }
         // The commit is the point of no return: a signal from now on is too late to
         // stop the build, which has succeeded. It only renames files.
@@ -249,29 +253,29 @@ pub fn run_build(p: Prepared, target: Target, keep_failed: bool) -> i32 {
                 if image.is_none() && !target.device {
                     output::remove_path(&target.build_path);
                 }
-                end(0, &done)
+                Ok(done)
             }
             Err(e) => {
                 fail(e);
                 target.discard(&report, false);
-                end(EXIT_FAILED, &[])
+                Err(Failed)
             }
         },
         Ok(false) => {
             target.discard(&report, keep_failed);
             log::info("vmdb: build failed; everything was torn down");
-            end(EXIT_FAILED, &[])
+            Err(Failed)
         }
         Err(e) => {
             fail(e);
             target.discard(&report, keep_failed);
-            end(EXIT_FAILED, &[])
+            Err(Failed)
         }
     };
     drop(scratch);
     in_flight.done();
     target.release();
-    code
+    outcome
 }
 
 /// The build's scratch directory (mount points, temporary files), made and removed by
@@ -300,7 +304,11 @@ impl Drop for Scratch {
 }
 
 /// Fork the build into its namespaces and wait for it; true if it succeeded.
-fn supervise(p: Prepared, scratch: &Scratch) -> Result<bool> {
+fn supervise(
+    p: Prepared,
+    scratch: &Scratch,
+    plugins: &'static [&'static dyn Plugin],
+) -> Result<bool> {
     if interrupted() {
         bail!("interrupted before the build started");
     }
@@ -315,7 +323,7 @@ fn supervise(p: Prepared, scratch: &Scratch) -> Result<bool> {
     match unsafe { fork() }.context("forking the build")? {
         ForkResult::Child => {
             drop(alive_w);
-            let code = child_main(p, scratch.0.clone(), alive_r);
+            let code = child_main(p, scratch.0.clone(), alive_r, plugins);
             std::process::exit(code);
         }
         ForkResult::Parent { child } => {
@@ -388,31 +396,44 @@ fn catch_signals() -> Result<()> {
     Ok(())
 }
 
-fn child_main(p: Prepared, workdir: PathBuf, alive: std::os::fd::OwnedFd) -> i32 {
+fn child_main(
+    p: Prepared,
+    workdir: PathBuf,
+    alive: std::os::fd::OwnedFd,
+    plugins: &[&'static dyn Plugin],
+) -> i32 {
     // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's attributes.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     if parent_gone(&alive) {
-        return EXIT_FAILED;
+        return BUILD_PROCESS_FAILED;
     }
     if let Err(e) = mount::enter_private_namespace() {
         log::info(&format!("vmdb: {e:#}"));
-        return EXIT_FAILED;
+        return BUILD_PROCESS_FAILED;
     }
     if let Err(e) = cmd::forward_signals() {
         log::info(&format!("vmdb: {e:#}"));
-        return EXIT_FAILED;
+        return BUILD_PROCESS_FAILED;
     }
     let started = SystemTime::now();
     let t = Instant::now();
-    let mut b = Build::in_workdir(p.opts, workdir);
-    let mut errors = runner::run(&p.steps, plugins::ALL, &mut b);
+    let mut b = Build::in_workdir(p.opts, workdir.clone());
+    let mut errors = runner::run(&p.steps, plugins, &mut b);
     // A signal after the last step (while tearing down) fails the build as well.
     if errors.is_empty() && cmd::interrupted() {
         errors.push(anyhow!("interrupted while tearing down"));
     }
     if errors.is_empty() {
         let secs = t.elapsed().as_secs_f64();
-        if let Err(e) = output::finish(&mut b, started, secs) {
+        let finished = output::finish(
+            &mut b.report,
+            &workdir,
+            &b.opts.out,
+            &b.opts.vars,
+            started,
+            secs,
+        );
+        if let Err(e) = finished {
             errors.push(e.context("handing over the outputs"));
         } else if cmd::interrupted() {
             errors.push(anyhow!("interrupted while handing over the outputs"));
@@ -421,7 +442,11 @@ fn child_main(p: Prepared, workdir: PathBuf, alive: std::os::fd::OwnedFd) -> i32
     for e in &errors {
         log::error(&format!("{e:#}"));
     }
-    if errors.is_empty() { 0 } else { EXIT_FAILED }
+    if errors.is_empty() {
+        0
+    } else {
+        BUILD_PROCESS_FAILED
+    }
 }
 
 fn parent_gone(alive: &std::os::fd::OwnedFd) -> bool {

@@ -88,6 +88,12 @@ pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
         .find(|p| executable(p))
 }
 
+/// Whether `prog` is an executable in $PATH or the sbin directories (where the
+/// programs vmdb runs are looked up).
+pub fn in_path(prog: &str) -> bool {
+    find_program(prog).is_some()
+}
+
 /// Whether the host has what a step declared it needs (`Check::needs`): a program in
 /// `search_path()`, or a file or directory named by an absolute path.
 pub fn host_has(program_or_path: &str) -> bool {

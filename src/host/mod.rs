@@ -7,3 +7,4 @@ pub mod cmd;
 pub mod fat;
 pub mod image_root;
 pub mod mount;
+pub mod tarball;

@@ -83,6 +83,20 @@ pub fn mounts_below(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
+/// Paths in an image that hold virtual filesystems while programs run in it (left out
+/// of a tarball of the image's tree).
+pub const VIRTUAL_PATHS: &[&str] = &["proc", "sys", "dev", "run"];
+
+/// Those of the virtual filesystem paths that are mount points now.
+pub fn mounted_virtuals(root: &Path) -> Result<Vec<&'static str>> {
+    let mounts = mounts_below(root)?;
+    Ok(VIRTUAL_PATHS
+        .iter()
+        .copied()
+        .filter(|p| mounts.contains(&root.join(p)))
+        .collect())
+}
+
 /// Unmount everything at or below `dir`, deepest first, reporting every failure.
 pub fn unmount_below(dir: &Path) -> Result<()> {
     let mut errors = Vec::new();

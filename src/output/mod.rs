@@ -16,48 +16,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::build::Build;
 use crate::host::cmd::Cmd;
 use crate::log;
 
+pub mod checksum;
+pub mod format;
+pub mod manifest;
 pub mod vagrant_box;
 
-/// The format of the finished image (`--format`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Format {
-    /// The raw disk image the steps wrote
-    #[default]
-    Raw,
-    /// QEMU copy-on-write (compressed clusters with --compress)
-    Qcow2,
-    /// VMware disk (stream-optimized, compressed, with --compress)
-    Vmdk,
-    /// VirtualBox disk
-    Vdi,
-    /// A Vagrant box for the libvirt provider (box.img in qcow2)
-    VagrantLibvirt,
-    /// A Vagrant box for the VirtualBox provider (vmdk and box.ovf)
-    VagrantVirtualbox,
-}
-
-impl Format {
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-            Format::Vmdk => "vmdk",
-            Format::Vdi => "vdi",
-            Format::VagrantLibvirt => "vagrant-libvirt",
-            Format::VagrantVirtualbox => "vagrant-virtualbox",
-        }
-    }
-
-    /// Whether `--compress` means something for this format.
-    pub fn compressible(self) -> bool {
-        !matches!(self, Format::Raw | Format::Vdi)
-    }
-}
+pub use format::Format;
 
 /// What the build needs to know to hand over its outputs.
 #[derive(Debug, Clone, Default)]
@@ -168,6 +135,66 @@ impl Report {
             .iter()
             .filter(|f| f.path.is_some() && f.kind != "checksum" && f.kind != "manifest")
     }
+    /// Register an output file that a step is about to write, and save the report in
+    /// `dir`: returns the temporary name to write it under. It gets `path` when the
+    /// build succeeds, and is removed otherwise. Relative paths are relative to the
+    /// current directory (as --output). `pid` goes into the temporary name.
+    pub fn add_output(
+        &mut self,
+        dir: &Path,
+        path: &Path,
+        kind: &str,
+        format: Option<&str>,
+        pid: u32,
+    ) -> Result<PathBuf> {
+        let path =
+            std::path::absolute(path).with_context(|| format!("output {}", path.display()))?;
+        if path.file_name().is_none() {
+            bail!("output {} has no file name", path.display());
+        }
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        if !parent.is_dir() {
+            bail!(
+                "cannot write {}: directory {} does not exist",
+                path.display(),
+                parent.display()
+            );
+        }
+        check_file_output(&path)?;
+        if let Some(f) = self.files.iter().find(|f| f.path.as_ref() == Some(&path)) {
+            bail!(
+                "{} is written twice by this build (already as {})",
+                path.display(),
+                f.kind
+            );
+        }
+        let partial = temp_name(&path, "partial", pid);
+        self.files.push(OutFile {
+            partial: partial.clone(),
+            path: Some(path),
+            kind: kind.to_string(),
+            format: format.map(str::to_string),
+            size: None,
+            sha256: None,
+        });
+        self.save(dir)?;
+        Ok(partial)
+    }
+
+    /// Register a temporary file or directory, removed whatever happens, and save the
+    /// report in `dir`.
+    pub fn add_temporary(&mut self, dir: &Path, p: &Path) -> Result<()> {
+        let p = std::path::absolute(p).with_context(|| format!("temporary {}", p.display()))?;
+        self.files.push(OutFile {
+            partial: p,
+            path: None,
+            kind: "temporary".into(),
+            format: None,
+            size: None,
+            sha256: None,
+        });
+        self.save(dir)
+    }
 }
 
 /// `DIR/.NAME.vmdb-WHAT-PID` for `DIR/NAME`.
@@ -224,118 +251,18 @@ pub fn remove_path(p: &Path) {
     }
 }
 
-impl Build {
-    fn report_dir(&self) -> &Path {
-        self.workdir()
-    }
-
-    /// Write the report for the parent (after every change to it).
-    pub fn save_report(&self) -> Result<()> {
-        self.report.save(self.report_dir())
-    }
-
-    /// Register an output file that a step is about to write: returns the temporary
-    /// name to write it under. It gets `path` when the build succeeds, and is removed
-    /// otherwise. Relative paths are relative to the current directory (as --output).
-    pub fn add_output(&mut self, path: &Path, kind: &str, format: Option<&str>) -> Result<PathBuf> {
-        let path =
-            std::path::absolute(path).with_context(|| format!("output {}", path.display()))?;
-        if path.file_name().is_none() {
-            bail!("output {} has no file name", path.display());
-        }
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        if !dir.is_dir() {
-            bail!(
-                "cannot write {}: directory {} does not exist",
-                path.display(),
-                dir.display()
-            );
-        }
-        check_file_output(&path)?;
-        if let Some(f) = self
-            .report
-            .files
-            .iter()
-            .find(|f| f.path.as_ref() == Some(&path))
-        {
-            bail!(
-                "{} is written twice by this build (already as {})",
-                path.display(),
-                f.kind
-            );
-        }
-        let partial = temp_name(&path, "partial", self.opts.out.pid());
-        self.report.files.push(OutFile {
-            partial: partial.clone(),
-            path: Some(path),
-            kind: kind.to_string(),
-            format: format.map(str::to_string),
-            size: None,
-            sha256: None,
-        });
-        self.save_report()?;
-        Ok(partial)
-    }
-
-    /// Register a temporary file or directory, removed whatever happens.
-    pub fn add_temporary(&mut self, p: &Path) -> Result<()> {
-        let p = std::path::absolute(p).with_context(|| format!("temporary {}", p.display()))?;
-        self.report.files.push(OutFile {
-            partial: p,
-            path: None,
-            kind: "temporary".into(),
-            format: None,
-            size: None,
-            sha256: None,
-        });
-        self.save_report()
-    }
-}
-
-/// The packages installed in the image whose root is at `root` (from its dpkg
-/// database; dpkg-query of the host reads it, nothing runs in the image).
-pub fn installed_packages(root: &Path) -> Result<Option<Vec<Package>>> {
-    // Where the image's dpkg database is, inside the image (not through its links).
-    let img = crate::host::image_root::ImageRoot::open(root)?;
-    if !img.is_file("/var/lib/dpkg/status")? {
-        return Ok(None);
-    }
-    let admindir = img.host_path("/var/lib/dpkg")?;
-    let out = Cmd::new("dpkg-query")
-        .arg(format!("--admindir={}", admindir.display()))
-        .args([
-            "-W",
-            "-f",
-            "${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n",
-        ])
-        .run()?;
-    Ok(Some(parse_packages(&out)))
-}
-
-/// Lines of `STATUS\tNAME\tVERSION\tARCH`; only installed packages ("ii").
-pub fn parse_packages(out: &str) -> Vec<Package> {
-    let mut v: Vec<Package> = out
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            match f.as_slice() {
-                [status, name, version, arch] if status.trim() == "ii" => Some(Package {
-                    name: name.to_string(),
-                    version: version.to_string(),
-                    architecture: arch.to_string(),
-                }),
-                _ => None,
-            }
-        })
-        .collect();
-    v.sort_by(|a, b| a.name.cmp(&b.name));
-    v
-}
-
 /// After the steps and their teardown succeeded, in the build process: convert the
-/// image, make the box, the checksums and the manifest, all under temporary names.
-pub fn finish(b: &mut Build, started: std::time::SystemTime, duration: f64) -> Result<()> {
-    let o = b.opts.out.clone();
+/// image, make the box, the checksums and the manifest, all under temporary names,
+/// registered in `report` (saved in `dir`). `vars` are the spec's variables, for the
+/// manifest.
+pub fn finish(
+    report: &mut Report,
+    dir: &Path,
+    o: &OutputOptions,
+    vars: &BTreeMap<String, String>,
+    started: std::time::SystemTime,
+    duration: f64,
+) -> Result<()> {
     let Some(final_path) = o.final_path.clone() else {
         return Ok(());
     };
@@ -350,7 +277,7 @@ pub fn finish(b: &mut Build, started: std::time::SystemTime, duration: f64) -> R
             .run()
             .ok()
             .and_then(|s| s.trim().parse().ok());
-        b.report.files.insert(
+        report.files.insert(
             0,
             OutFile {
                 partial: final_path.clone(),
@@ -361,46 +288,46 @@ pub fn finish(b: &mut Build, started: std::time::SystemTime, duration: f64) -> R
                 sha256: None,
             },
         );
-        b.save_report()?;
+        report.save(dir)?;
     } else if o.build_path.exists() {
-        convert(b, &o, &final_path, pid)?;
+        format::convert(report, dir, o, &final_path, pid)?;
     }
 
     let want_sums = o.checksums || o.manifest;
-    let n = b.report.files.len();
+    let n = report.files.len();
     for i in 0..n {
-        let f = &b.report.files[i];
+        let f = &report.files[i];
         if f.path.is_none() || o.device && f.partial == final_path {
             continue;
         }
         let size = sync_file(&f.partial)?;
         let sha = if want_sums {
-            Some(sha256_file(&f.partial)?)
+            Some(checksum::sha256_file(&f.partial)?)
         } else {
             None
         };
-        let f = &mut b.report.files[i];
+        let f = &mut report.files[i];
         f.size = Some(size);
         f.sha256 = sha;
     }
-    b.save_report()?;
+    report.save(dir)?;
 
     if o.checksums {
-        let outs: Vec<OutFile> = b.report.outputs().cloned().collect();
+        let outs: Vec<OutFile> = report.outputs().cloned().collect();
         for f in outs {
             let (Some(path), Some(sum)) = (f.path.as_ref(), f.sha256.as_ref()) else {
                 continue;
             };
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             let sum_path = PathBuf::from(format!("{}.sha256", path.display()));
-            let partial = b.add_output(&sum_path, "checksum", None)?;
+            let partial = report.add_output(dir, &sum_path, "checksum", None, pid)?;
             write_file(&partial, format!("{sum}  {name}\n").as_bytes())?;
         }
     }
     if o.manifest {
-        let m = manifest(b, &o, started, duration);
+        let m = manifest::manifest(report, o, vars, started, duration);
         let path = PathBuf::from(format!("{}.manifest.json", final_path.display()));
-        let partial = b.add_output(&path, "manifest", None)?;
+        let partial = report.add_output(dir, &path, "manifest", None, pid)?;
         let mut text = serde_json::to_string_pretty(&m).context("encoding the manifest")?;
         text.push('\n');
         write_file(&partial, text.as_bytes())?;
@@ -430,101 +357,8 @@ pub fn sync_file(p: &Path) -> Result<u64> {
         .len())
 }
 
-pub fn sha256_file(p: &Path) -> Result<String> {
-    let out = Cmd::new("sha256sum").arg("--binary").arg(p).run()?;
-    first_word(&out)
-}
-
-pub fn sha256_bytes(data: &[u8]) -> Result<String> {
-    let out = Cmd::new("sha256sum").stdin(data.to_vec()).run()?;
-    first_word(&out)
-}
-
-fn first_word(out: &str) -> Result<String> {
-    let w = out.split_whitespace().next().unwrap_or("").to_string();
-    if w.len() != 64 {
-        bail!("unexpected output of sha256sum: {out}");
-    }
-    Ok(w)
-}
-
-/// The image in its final format, under a temporary name registered for its final one.
-fn convert(b: &mut Build, o: &OutputOptions, final_path: &Path, pid: u32) -> Result<()> {
-    let raw = o.build_path.clone();
-    if o.format == Format::Raw {
-        b.report.files.insert(
-            0,
-            OutFile {
-                partial: raw,
-                path: Some(final_path.to_path_buf()),
-                kind: "image".into(),
-                format: Some("raw".into()),
-                size: None,
-                sha256: None,
-            },
-        );
-        return b.save_report();
-    }
-    let out = temp_name(final_path, "converting", pid);
-    b.report.files.insert(
-        0,
-        OutFile {
-            partial: out.clone(),
-            path: Some(final_path.to_path_buf()),
-            kind: if matches!(o.format, Format::VagrantLibvirt | Format::VagrantVirtualbox) {
-                "vagrant-box".into()
-            } else {
-                "image".into()
-            },
-            format: Some(o.format.name().into()),
-            size: None,
-            sha256: None,
-        },
-    );
-    b.add_temporary(&raw)?;
-    let virtual_size = sync_file(&raw)?;
-    match o.format {
-        Format::Raw => {}
-        Format::Qcow2 | Format::Vmdk | Format::Vdi => {
-            log::info(&format!(
-                "vmdb: converting the image to {}{}",
-                o.format.name(),
-                if o.compress { " (compressed)" } else { "" }
-            ));
-            qemu_img_convert(&raw, &out, o.format.name(), o.compress)?;
-        }
-        Format::VagrantLibvirt | Format::VagrantVirtualbox => {
-            log::info(&format!("vmdb: making a {} box", o.format.name()));
-            let dir = temp_name(final_path, "box", pid);
-            b.add_temporary(&dir)?;
-            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let name = final_path
-                .file_stem()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let files = if o.format == Format::VagrantLibvirt {
-                crate::output::vagrant_box::libvirt(&raw, &dir, virtual_size)?
-            } else {
-                crate::output::vagrant_box::virtualbox(&raw, &dir, virtual_size, &name)?
-            };
-            let mut tar = Cmd::new("tar")
-                .arg("--create")
-                .arg("--file")
-                .arg(&out)
-                .arg("--directory")
-                .arg(&dir)
-                .args(["--owner=0", "--group=0", "--numeric-owner"]);
-            if o.compress {
-                tar = tar.arg("--gzip");
-            }
-            tar.args(&files).run()?;
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-    }
-    // The raw image is no longer needed: free its space now.
-    std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
-    Ok(())
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 /// `qemu-img convert` from raw to `format`; compressed: qcow2 clusters, or a
@@ -538,75 +372,6 @@ pub fn qemu_img_convert(raw: &Path, out: &Path, format: &str, compress: bool) ->
     }
     c.arg(raw).arg(out).run()?;
     Ok(())
-}
-
-/// The manifest (docs/manifest.md).
-fn manifest(
-    b: &Build,
-    o: &OutputOptions,
-    started: std::time::SystemTime,
-    duration: f64,
-) -> serde_json::Value {
-    let built = o.build_path.display().to_string();
-    let shown = o
-        .final_path
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let vars: BTreeMap<&String, String> = b
-        .opts
-        .vars
-        .iter()
-        .map(|(k, v)| (k, v.replace(&built, &shown)))
-        .collect();
-    let outputs: Vec<serde_json::Value> = b
-        .report
-        .outputs()
-        .map(|f| {
-            let path = f.path.as_ref().expect("outputs have a path");
-            serde_json::json!({
-                "path": path.display().to_string(),
-                "name": path.file_name().unwrap_or_default().to_string_lossy(),
-                "kind": f.kind,
-                "format": f.format,
-                "size": f.size,
-                "sha256": f.sha256,
-            })
-        })
-        .collect();
-    let steps: Vec<StepRecord> = b
-        .report
-        .steps
-        .iter()
-        .map(|s| StepRecord {
-            description: s.description.replace(&built, &shown),
-            ..s.clone()
-        })
-        .collect();
-    let started = started
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    serde_json::json!({
-        "manifest_version": 1,
-        "vmdb_version": env!("CARGO_PKG_VERSION"),
-        "spec": {
-            "name": o.spec_name,
-            "sha256": sha256_bytes(o.spec_text.as_bytes()).ok(),
-        },
-        "variables": vars,
-        "format": o.format.name(),
-        "compressed": o.compress && o.format.compressible(),
-        "started": started,
-        "duration": round3(duration),
-        "steps": steps,
-        "packages": b.report.packages,
-        "outputs": outputs,
-    })
-}
-
-pub fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 /// In vmdb (the parent) after a successful build: rename every output into place, in
@@ -675,35 +440,6 @@ mod tests {
         assert_eq!(
             temp_name(Path::new("/srv/x.qcow2"), "converting", 42),
             PathBuf::from("/srv/.x.qcow2.vmdb-converting-42")
-        );
-    }
-
-    #[test]
-    fn only_installed_packages_sorted() {
-        let out =
-            "ii \tzlib1g\t1:1.2.13\tamd64\nrc \told\t1\tamd64\nii \tbase-files\t12.4\tamd64\n";
-        assert_eq!(
-            parse_packages(out),
-            vec![
-                Package {
-                    name: "base-files".into(),
-                    version: "12.4".into(),
-                    architecture: "amd64".into()
-                },
-                Package {
-                    name: "zlib1g".into(),
-                    version: "1:1.2.13".into(),
-                    architecture: "amd64".into()
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn sha256_of_bytes() {
-        assert_eq!(
-            sha256_bytes(b"abc").unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
 

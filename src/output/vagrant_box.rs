@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::output::qemu_img_convert;
+use super::qemu_img_convert;
 
 const GIB: u64 = 1 << 30;
 

@@ -10,6 +10,8 @@ use crate::distro::chroot as image;
 use crate::engine::build::Build;
 use crate::engine::step::{Check, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
+use crate::host::mount::mounted_virtuals;
+use crate::host::tarball::{Compression, have_pigz, pack_argv};
 use crate::log;
 
 pub struct CacheRootfs;
@@ -21,61 +23,6 @@ static SPEC: StepSpec = StepSpec {
     keys: &[],
     summary: "Save the image's file tree in the --rootfs-tarball file, unless it exists.",
 };
-
-/// How a tarball is compressed, chosen by its file name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Gzip,
-    Zstd,
-    Xz,
-    /// A name tar does not know: written uncompressed, read by tar's own detection.
-    Unknown,
-}
-
-impl Compression {
-    pub fn for_path(p: &Path) -> Compression {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().to_ascii_lowercase())
-            .unwrap_or_default();
-        let ends = |sfx: &[&str]| sfx.iter().any(|s| name.ends_with(s));
-        if ends(&[".tar.gz", ".tgz"]) {
-            Compression::Gzip
-        } else if ends(&[".tar.zst", ".tzst", ".tar.zstd"]) {
-            Compression::Zstd
-        } else if ends(&[".tar.xz", ".txz"]) {
-            Compression::Xz
-        } else if ends(&[".tar"]) {
-            Compression::None
-        } else {
-            Compression::Unknown
-        }
-    }
-
-    /// The programs that (de)compress it, any one of which will do, with their Debian
-    /// packages: what `program` (and unpack-rootfs) may pick.
-    pub fn programs(self) -> &'static [(&'static str, &'static str)] {
-        match self {
-            Compression::None | Compression::Unknown => &[],
-            Compression::Gzip => &[("pigz", "pigz"), ("gzip", "gzip")],
-            Compression::Zstd => &[("zstd", "zstd")],
-            Compression::Xz => &[("xz", "xz-utils")],
-        }
-    }
-
-    /// The program tar pipes through (`--use-compress-program`), if any; `pigz` says
-    /// whether pigz is installed. Fixed strings: nothing from the spec goes in here.
-    pub fn program(self, pigz: bool) -> Option<&'static str> {
-        match self {
-            Compression::None | Compression::Unknown => None,
-            Compression::Gzip if pigz => Some("pigz"),
-            Compression::Gzip => Some("gzip"),
-            Compression::Zstd => Some("zstd -T0"),
-            Compression::Xz => Some("xz -T0"),
-        }
-    }
-}
 
 /// Validation: the step packs or unpacks the --rootfs-tarball, if there is one, with
 /// tar and the program its name asks for.
@@ -89,44 +36,6 @@ pub fn needs_tar(c: &mut Check) {
     if !programs.is_empty() {
         c.needs_one_of(key, programs);
     }
-}
-
-pub fn have_pigz() -> bool {
-    crate::app::in_path("pigz")
-}
-
-/// Options both packing and unpacking use: owners by number, extended attributes
-/// (file capabilities, SELinux labels) and ACLs.
-pub const TAR_KEEP: &[&str] = &[
-    "--numeric-owner",
-    "--xattrs",
-    "--xattrs-include=*",
-    "--acls",
-];
-
-/// tar's arguments to pack `root` into `file`, leaving out the contents of the
-/// virtual filesystems mounted in `mounted` (paths relative to root, e.g. "proc").
-pub fn pack_argv(root: &Path, file: &Path, prog: Option<&str>, mounted: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = vec!["--create".into(), format!("--file={}", file.display())];
-    if let Some(p) = prog {
-        v.push(format!("--use-compress-program={p}"));
-    }
-    v.extend(TAR_KEEP.iter().map(|s| s.to_string()));
-    for m in mounted {
-        v.push(format!("--exclude=./{m}/*"));
-    }
-    v.extend([format!("--directory={}", root.display()), ".".to_string()]);
-    v
-}
-
-/// Those of the virtual filesystem paths that are mount points now.
-pub fn mounted_virtuals(root: &Path) -> Result<Vec<&'static str>> {
-    let mounts = crate::host::mount::mounts_below(root)?;
-    Ok(image::VIRTUAL_PATHS
-        .iter()
-        .copied()
-        .filter(|p| mounts.contains(&root.join(p)))
-        .collect())
 }
 
 fn size_mb(p: &Path) -> f64 {
@@ -237,50 +146,6 @@ mod tests {
             [
                 vec![("tar", "tar")],
                 vec![("pigz", "pigz"), ("gzip", "gzip")]
-            ]
-        );
-    }
-
-    #[test]
-    fn compression_by_file_name() {
-        let c = |n: &str| Compression::for_path(Path::new(n));
-        assert_eq!(c("/x/root.tar.gz"), Compression::Gzip);
-        assert_eq!(c("root.TGZ"), Compression::Gzip);
-        assert_eq!(c("root.tar.zst"), Compression::Zstd);
-        assert_eq!(c("root.tzst"), Compression::Zstd);
-        assert_eq!(c("root.tar.xz"), Compression::Xz);
-        assert_eq!(c("root.txz"), Compression::Xz);
-        assert_eq!(c("root.tar"), Compression::None);
-        assert_eq!(c("root.cache"), Compression::Unknown);
-        assert_eq!(Compression::Gzip.program(true), Some("pigz"));
-        assert_eq!(Compression::Gzip.program(false), Some("gzip"));
-        assert_eq!(Compression::Zstd.program(false), Some("zstd -T0"));
-        assert_eq!(Compression::Xz.program(false), Some("xz -T0"));
-        assert_eq!(Compression::None.program(true), None);
-        assert_eq!(Compression::Unknown.program(true), None);
-    }
-
-    #[test]
-    fn pack_command_line() {
-        assert_eq!(
-            pack_argv(
-                Path::new("/mnt"),
-                Path::new("/c/.r.tar.zst.x.partial"),
-                Some("zstd -T0"),
-                &["proc", "dev"]
-            ),
-            [
-                "--create",
-                "--file=/c/.r.tar.zst.x.partial",
-                "--use-compress-program=zstd -T0",
-                "--numeric-owner",
-                "--xattrs",
-                "--xattrs-include=*",
-                "--acls",
-                "--exclude=./proc/*",
-                "--exclude=./dev/*",
-                "--directory=/mnt",
-                "."
             ]
         );
     }

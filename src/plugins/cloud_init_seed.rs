@@ -64,9 +64,9 @@ const ISO_TOOLS: &[(&str, &str)] = &[("xorriso", "xorriso"), ("genisoimage", "ge
 
 /// The program that writes ISO 9660 images: xorriso, or else genisoimage.
 fn iso_tool() -> Result<Cmd> {
-    if crate::app::in_path("xorriso") {
+    if crate::host::cmd::in_path("xorriso") {
         Ok(Cmd::new("xorriso").args(["-as", "mkisofs"]))
-    } else if crate::app::in_path("genisoimage") {
+    } else if crate::host::cmd::in_path("genisoimage") {
         Ok(Cmd::new("genisoimage"))
     } else {
         bail!("writing an ISO 9660 seed needs xorriso or genisoimage (or use format: vfat)")

@@ -91,42 +91,6 @@ static SPEC: StepSpec = StepSpec {
 /// Set while debootstrap runs: its teardown then unmounts what it may have left.
 const RUNNING: &str = "vmdb:debootstrap-running:";
 
-/// The values debootstrap is run with.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Args {
-    pub suite: String,
-    pub target: String,
-    pub mirror: String,
-    pub arch: String,
-    pub variant: String,
-    pub components: Vec<String>,
-    pub include: Vec<String>,
-    pub exclude: Vec<String>,
-    pub keyring: Option<String>,
-}
-
-/// debootstrap's command line.
-pub fn argv(a: &Args) -> Vec<String> {
-    let mut v = vec!["debootstrap".to_string(), format!("--arch={}", a.arch)];
-    if a.variant != "-" && !a.variant.is_empty() {
-        v.push(format!("--variant={}", a.variant));
-    }
-    if !a.components.is_empty() {
-        v.push(format!("--components={}", a.components.join(",")));
-    }
-    if !a.include.is_empty() {
-        v.push(format!("--include={}", a.include.join(",")));
-    }
-    if !a.exclude.is_empty() {
-        v.push(format!("--exclude={}", a.exclude.join(",")));
-    }
-    if let Some(k) = &a.keyring {
-        v.push(format!("--keyring={k}"));
-    }
-    v.extend([a.suite.clone(), a.target.clone(), a.mirror.clone()]);
-    v
-}
-
 /// Anything in `dir` but lost+found and trees of empty directories: those are the
 /// mount points of filesystems mounted below the target (an ESP at /boot/efi).
 fn non_empty(dir: &Path) -> Result<Vec<String>> {
@@ -293,7 +257,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     };
     // debootstrap's second stage runs the image's programs in a chroot.
     binfmt::ensure(&arch)?;
-    let args = Args {
+    let args = bootstrap::Args {
         suite: step.arg().to_string(),
         target: dir.display().to_string(),
         mirror,
@@ -314,7 +278,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     if uses_mmdebstrap(step) {
         // Its second stage runs the image's programs with its environment.
         let mut cmd = chroot::with_image_env(
-            Cmd::new("mmdebstrap").args(&bootstrap::argv(&args, cache.is_some())[1..]),
+            Cmd::new("mmdebstrap").args(&bootstrap::mmdebstrap_argv(&args, cache.is_some())[1..]),
             &dir,
         );
         if let Some(c) = &cache {
@@ -344,7 +308,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
             seeded.len()
         ));
     }
-    let argv = argv(&args);
+    let argv = bootstrap::debootstrap_argv(&args);
     let mut cmd = chroot::with_image_env(Cmd::new(&argv[0]).args(&argv[1..]), &dir);
     if let Some(ca) = &ca {
         let rc = b.scratch_dir("wgetrc-")?.join("wgetrc");
@@ -383,7 +347,7 @@ pub fn teardown_step(step: &Step, b: &mut Build) -> Result<()> {
     if !b.state.notes.remove(&flag) {
         return Ok(());
     }
-    for p in chroot::VIRTUAL_PATHS {
+    for p in crate::host::mount::VIRTUAL_PATHS {
         crate::host::mount::unmount_below(&dir.join(p))?;
     }
     Ok(())
@@ -393,62 +357,6 @@ pub fn teardown_step(step: &Step, b: &mut Build) -> Result<()> {
 mod tests {
     use super::*;
     use crate::distro::chroot::testing;
-
-    fn args() -> Args {
-        Args {
-            suite: "bookworm".into(),
-            target: "/mnt".into(),
-            mirror: "http://mirror.example.org/debian".into(),
-            arch: "amd64".into(),
-            variant: "-".into(),
-            components: vec!["main".into()],
-            include: vec![],
-            exclude: vec![],
-            keyring: None,
-        }
-    }
-
-    #[test]
-    fn default_command_line() {
-        assert_eq!(
-            argv(&args()),
-            [
-                "debootstrap",
-                "--arch=amd64",
-                "--components=main",
-                "bookworm",
-                "/mnt",
-                "http://mirror.example.org/debian"
-            ]
-        );
-    }
-
-    #[test]
-    fn every_option_on_the_command_line() {
-        let a = Args {
-            variant: "minbase".into(),
-            components: vec!["main".into(), "contrib".into()],
-            include: vec!["less".into(), "vim".into()],
-            exclude: vec!["nano".into()],
-            keyring: Some("/k.gpg".into()),
-            ..args()
-        };
-        assert_eq!(
-            argv(&a),
-            [
-                "debootstrap",
-                "--arch=amd64",
-                "--variant=minbase",
-                "--components=main,contrib",
-                "--include=less,vim",
-                "--exclude=nano",
-                "--keyring=/k.gpg",
-                "bookworm",
-                "/mnt",
-                "http://mirror.example.org/debian"
-            ]
-        );
-    }
 
     #[test]
     fn defaults_from_the_schema() {

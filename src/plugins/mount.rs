@@ -182,7 +182,7 @@ impl Plugin for Mount {
                 }
             }
         }
-        let succeeded = !b.state.notes.contains(crate::engine::runner::BUILD_FAILED);
+        let succeeded = !b.state.failed;
         let is_root = b.state.tag(tag)?.target.as_deref() == Some("/");
         if succeeded && is_root && !step.bool("keep_resolvconf") {
             if let Err(e) = drop_host_resolv_conf(&point, Path::new(HOST_RESOLV_CONF)) {

@@ -9,8 +9,10 @@ use crate::distro::chroot as image;
 use crate::engine::build::Build;
 use crate::engine::step::{Check, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
+use crate::host::mount::mounted_virtuals;
+use crate::host::tarball::{Compression, have_pigz, unpack_argv};
 use crate::log;
-use crate::plugins::cache_rootfs::{Compression, TAR_KEEP, have_pigz, mounted_virtuals, needs_tar};
+use crate::plugins::cache_rootfs::needs_tar;
 
 pub struct UnpackRootfs;
 
@@ -24,27 +26,6 @@ static SPEC: StepSpec = StepSpec {
 
 /// The flag later steps test with `unless: rootfs_unpacked`.
 pub const FLAG: &str = "rootfs_unpacked";
-
-/// tar's arguments to unpack `file` into `root`, leaving alone the virtual filesystems
-/// mounted in `mounted` (e.g. "dev": the host's device nodes).
-pub fn unpack_argv(
-    root: &std::path::Path,
-    file: &std::path::Path,
-    prog: Option<&str>,
-    mounted: &[&str],
-) -> Vec<String> {
-    let mut v: Vec<String> = vec!["--extract".into(), format!("--file={}", file.display())];
-    if let Some(p) = prog {
-        v.push(format!("--use-compress-program={p}"));
-    }
-    v.push("--preserve-permissions".into());
-    v.extend(TAR_KEEP.iter().map(|s| s.to_string()));
-    for m in mounted {
-        v.push(format!("--exclude=./{m}/*"));
-    }
-    v.push(format!("--directory={}", root.display()));
-    v
-}
 
 impl Plugin for UnpackRootfs {
     fn spec(&self) -> &'static StepSpec {
@@ -70,14 +51,7 @@ impl Plugin for UnpackRootfs {
             return Ok(());
         }
         let root = image::tag_dir(b, step.arg())?;
-        // Decompressing; xz and zstd decompress on one thread only anyway.
-        let prog = match Compression::for_path(&tarball) {
-            Compression::Gzip if have_pigz() => Some("pigz -d"),
-            Compression::Gzip => Some("gzip -d"),
-            Compression::Zstd => Some("zstd -d"),
-            Compression::Xz => Some("xz -d"),
-            Compression::None | Compression::Unknown => None,
-        };
+        let prog = Compression::for_path(&tarball).unpack_program(have_pigz());
         let mounted = mounted_virtuals(&root)?;
         let t = Instant::now();
         Cmd::new("tar")
@@ -99,30 +73,6 @@ mod tests {
     use crate::distro::chroot::testing;
     use crate::plugins::cache_rootfs::CacheRootfs;
     use std::path::Path;
-
-    #[test]
-    fn unpack_command_line() {
-        assert_eq!(
-            unpack_argv(
-                Path::new("/mnt"),
-                Path::new("/c/r.tar.gz"),
-                Some("gzip -d"),
-                &["dev"]
-            ),
-            [
-                "--extract",
-                "--file=/c/r.tar.gz",
-                "--use-compress-program=gzip -d",
-                "--preserve-permissions",
-                "--numeric-owner",
-                "--xattrs",
-                "--xattrs-include=*",
-                "--acls",
-                "--exclude=./dev/*",
-                "--directory=/mnt"
-            ]
-        );
-    }
 
     #[test]
     fn no_tarball_no_flag() {

@@ -1,0 +1,123 @@
+//! Load, render and validate a spec, with every problem found at once, before
+//! anything on disk is touched. The front prints what this returns.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::engine::build::Options;
+use crate::engine::plan::Plan;
+use crate::engine::spec::{self, Diag};
+use crate::engine::step::{self, Plugin, Step};
+use crate::engine::template::Renderer;
+
+/// A loaded, rendered and validated spec.
+pub struct Prepared {
+    pub name: String,
+    /// The spec's text (its checksum goes into the manifest).
+    pub text: String,
+    pub steps: Vec<Step>,
+    pub opts: Options,
+    /// Problems that do not stop the build (shown before it starts).
+    pub warnings: Vec<Diag>,
+}
+
+/// Why a spec cannot be built.
+#[derive(Debug)]
+pub enum Refused {
+    /// The spec could not be read: what went wrong.
+    Unreadable(String),
+    /// The spec's problems, in the order of their lines, with its warnings.
+    Invalid {
+        name: String,
+        warnings: Vec<Diag>,
+        problems: Vec<Diag>,
+    },
+}
+
+/// Load, render (with `vars`) and validate the spec at `spec_path` ('-': standard
+/// input) against `plugins`; `rootfs_tarball` is the build's --rootfs-tarball.
+pub fn prepare(
+    spec_path: &Path,
+    vars: BTreeMap<String, String>,
+    rootfs_tarball: Option<&Path>,
+    plugins: &[&'static dyn Plugin],
+) -> Result<Prepared, Refused> {
+    let (name, text, spec_dir) = if spec_path == Path::new("-") {
+        let mut s = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+            return Err(Refused::Unreadable(format!(
+                "reading the spec from standard input: {e}"
+            )));
+        }
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        ("<stdin>".to_string(), s, cwd)
+    } else {
+        match std::fs::read_to_string(spec_path) {
+            Ok(s) => {
+                let dir = spec_path
+                    .parent()
+                    .map(|p| {
+                        if p.as_os_str().is_empty() {
+                            Path::new(".")
+                        } else {
+                            p
+                        }
+                    })
+                    .unwrap_or(Path::new("."));
+                let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+                (spec_path.display().to_string(), s, dir)
+            }
+            Err(e) => {
+                return Err(Refused::Unreadable(format!(
+                    "cannot read spec {}: {e}",
+                    spec_path.display()
+                )));
+            }
+        }
+    };
+    let invalid = |warnings: Vec<Diag>, problems: Vec<Diag>| Refused::Invalid {
+        name: name.clone(),
+        warnings,
+        problems,
+    };
+    let raw = spec::load(&text).map_err(|d| invalid(Vec::new(), d))?;
+    let renderer = Renderer::new(vars.clone());
+    let mut plan = Plan::for_this_host();
+    plan.spec_dir = spec_dir.clone();
+    plan.rootfs_tarball = rootfs_tarball.map(Path::to_path_buf);
+    let validated = step::validate(&raw.steps, &renderer, plugins, &mut plan);
+    let mut warnings = std::mem::take(&mut plan.warnings);
+    warnings.sort_by_key(|d| (d.loc.line, d.loc.col));
+    // What the host lacks is reported with the spec's own mistakes, all at once.
+    let missing = step::missing_on_host(&plan.host_needs, crate::host::cmd::host_has);
+    let steps = match validated {
+        Ok(steps) if missing.is_empty() => steps,
+        Ok(_) => return Err(invalid(warnings, missing)),
+        Err(mut diags) => {
+            diags.extend(missing);
+            diags.sort_by_key(|d| (d.loc.line, d.loc.col));
+            return Err(invalid(warnings, diags));
+        }
+    };
+    Ok(Prepared {
+        name: name.clone(),
+        text,
+        steps,
+        opts: Options {
+            spec_dir,
+            rootfs_tarball: rootfs_tarball.map(absolute),
+            vars,
+            spec_name: name,
+            cache_dir: None,
+            refresh: false,
+            out: Default::default(),
+        },
+        warnings,
+    })
+}
+
+/// A path made absolute against the current directory.
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
