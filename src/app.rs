@@ -80,7 +80,7 @@ fn prepare(
         }
     };
     let rootfs_tarball = args.rootfs_tarball.as_deref();
-    match engine::prepare::prepare(spec_path, vars, rootfs_tarball, plugins::ALL) {
+    match engine::prepare::prepare(spec_path, vars, rootfs_tarball, plugins::REGISTRY.plugins) {
         Ok(p) => {
             print(&p.name, &p.warnings);
             Ok(p)
@@ -211,7 +211,7 @@ fn build(args: BuildArgs) -> i32 {
         spec_text: prepared.text.clone(),
     };
     let started = std::time::Instant::now();
-    let result = supervisor::run_build(prepared, target, args.keep_failed, plugins::ALL);
+    let result = supervisor::run_build(prepared, target, args.keep_failed, &plugins::REGISTRY);
     let (code, outputs) = match result {
         Ok(outputs) => (0, outputs),
         Err(supervisor::Failed) => (EXIT_FAILED, Vec::new()),

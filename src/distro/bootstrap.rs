@@ -52,6 +52,24 @@ pub fn debootstrap_argv(a: &Args) -> Vec<String> {
     v
 }
 
+/// The installed versions of debootstrap and mmdebstrap, looked up once:
+/// "debootstrap 1.0.128+nmu2, mmdebstrap 1.3.5-2" (a version is empty when the tool is
+/// not installed).
+pub fn tool_versions() -> &'static str {
+    static VERSIONS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSIONS.get_or_init(|| {
+        ["debootstrap", "mmdebstrap"]
+            .map(|p| {
+                let v = crate::host::cmd::Cmd::new("dpkg-query")
+                    .args(["-W", "-f", "${Version}", p])
+                    .run()
+                    .unwrap_or_default();
+                format!("{p} {v}")
+            })
+            .join(", ")
+    })
+}
+
 /// The hook directory that merges /usr where the suite has usr-is-merged, as
 /// debootstrap does for such suites.
 const MERGED_USR_HOOKS: &str = "/usr/share/mmdebstrap/hooks/maybe-merged-usr";

@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use sha2::{Digest, Sha256};
 
+use crate::engine::cachekey::Archive;
 use crate::host::cmd::Cmd;
 
 /// Debian release names and aliases; a suite serves Debian when its part before the
@@ -294,34 +295,46 @@ pub fn sources_in(text: &str) -> Vec<(String, String)> {
     found
 }
 
-/// A suite of an archive whose state the step cache's keys follow.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Archive {
-    /// Where its Release files are: `URI/dists/SUITE` (or `URI/SUITE` for a flat
-    /// repository, whose suite ends with '/').
-    pub url: String,
-    /// CA certificates (PEM) to trust for an https archive with a private authority.
-    pub ca: Option<std::path::PathBuf>,
+/// A suite of an archive, as the step cache follows it: its Release files are in
+/// `URI/dists/SUITE` (or `URI/SUITE` for a flat repository, whose suite ends with '/').
+pub fn archive(uri: &str, suite: &str) -> Archive {
+    let uri = uri.trim_end_matches('/');
+    let url = if suite.ends_with('/') {
+        // `./` or `sub/dir/`: the Release files are in that directory.
+        let flat = suite.trim_end_matches('/').trim_start_matches("./");
+        match flat {
+            "" | "." => uri.to_string(),
+            _ => format!("{uri}/{flat}"),
+        }
+    } else {
+        format!("{uri}/dists/{suite}")
+    };
+    Archive {
+        url: url.trim_end_matches('/').to_string(),
+        ca: None,
+    }
 }
 
-impl Archive {
-    pub fn new(uri: &str, suite: &str) -> Archive {
-        let uri = uri.trim_end_matches('/');
-        let url = if suite.ends_with('/') {
-            // `./` or `sub/dir/`: the Release files are in that directory.
-            let flat = suite.trim_end_matches('/').trim_start_matches("./");
-            match flat {
-                "" | "." => uri.to_string(),
-                _ => format!("{uri}/{flat}"),
-            }
-        } else {
-            format!("{uri}/dists/{suite}")
-        };
-        Archive {
-            url: url.trim_end_matches('/').to_string(),
-            ca: None,
-        }
-    }
+/// Whether a script runs apt to install or upgrade packages (or to update its lists):
+/// then it fetches from the archives the image's sources name, as an apt step does.
+pub fn runs_apt(script: &str) -> bool {
+    script.lines().any(|l| {
+        let words: Vec<&str> = l
+            .split(|c: char| c.is_whitespace() || ";|&()".contains(c))
+            .filter(|w| !w.is_empty())
+            .collect();
+        words
+            .iter()
+            .position(|w| matches!(w.rsplit('/').next(), Some("apt" | "apt-get" | "aptitude")))
+            .is_some_and(|i| {
+                words[i + 1..].iter().any(|w| {
+                    matches!(
+                        *w,
+                        "install" | "upgrade" | "dist-upgrade" | "full-upgrade" | "update"
+                    )
+                })
+            })
+    })
 }
 
 /// What vmdb reads of a Release file: its fields, which start it, hold its Date.
@@ -646,14 +659,14 @@ deb http://later.example.org/debian bookworm main
     #[test]
     fn archive_urls() {
         assert_eq!(
-            Archive::new("http://m.example.org/debian/", "bookworm").url,
+            archive("http://m.example.org/debian/", "bookworm").url,
             "http://m.example.org/debian/dists/bookworm"
         );
         assert_eq!(
-            Archive::new("http://m.example.org/debian-security", "bookworm/updates").url,
+            archive("http://m.example.org/debian-security", "bookworm/updates").url,
             "http://m.example.org/debian-security/dists/bookworm/updates"
         );
-        assert_eq!(Archive::new("file:/srv/repo", "./").url, "file:/srv/repo");
+        assert_eq!(archive("file:/srv/repo", "./").url, "file:/srv/repo");
     }
 
     const IN_RELEASE: &str = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\n\
@@ -742,11 +755,11 @@ deb http://later.example.org/debian bookworm main
             format!("http://{}", l.local_addr().unwrap())
         };
         let archives = [
-            Archive::new(&format!("{base}/debian"), "bookworm"),
-            Archive::new(&format!("{base}/debian"), "bookworm-updates"),
-            Archive::new(&format!("{base}/debian"), "trixie"),
-            Archive::new(&closed, "bookworm"),
-            Archive::new(&format!("file://{}/debian", d.path().display()), "bookworm"),
+            archive(&format!("{base}/debian"), "bookworm"),
+            archive(&format!("{base}/debian"), "bookworm-updates"),
+            archive(&format!("{base}/debian"), "trixie"),
+            archive(&closed, "bookworm"),
+            archive(&format!("file://{}/debian", d.path().display()), "bookworm"),
         ];
         let t = std::time::Instant::now();
         let got = archive_states(&archives);

@@ -11,8 +11,34 @@ use std::path::Path;
 
 use anyhow::Result;
 
+use crate::engine::cachekey::Archive;
+use crate::engine::step::Distro;
 use crate::host::cmd::Cmd;
 use crate::output::Package;
+
+/// What the engine learns of Debian (see `Distro`).
+pub struct Debian;
+
+impl Distro for Debian {
+    fn archives_named_in(&self, text: &str) -> Vec<Archive> {
+        mirror::sources_in(text)
+            .into_iter()
+            .map(|(uri, suite)| mirror::archive(&uri, &suite))
+            .collect()
+    }
+
+    fn archive_states(&self, archives: &[Archive]) -> Vec<Result<String, String>> {
+        mirror::archive_states(archives)
+    }
+
+    fn state_date(&self, state: &str) -> String {
+        mirror::state_date(state).to_string()
+    }
+
+    fn installed_packages(&self, root: &Path) -> Result<Option<Vec<Package>>> {
+        installed_packages(root)
+    }
+}
 
 /// The packages installed in the image whose root is at `root` (from its dpkg
 /// database; dpkg-query of the host reads it, nothing runs in the image).

@@ -3,6 +3,7 @@
 //! never names a step type and knows nothing of Debian: plugins are handed in.
 
 pub mod build;
+pub mod cachekey;
 pub mod inflight;
 pub mod plan;
 pub mod prepare;

@@ -7,8 +7,8 @@ use anyhow::{Error, anyhow};
 use serde_json::json;
 
 use crate::engine::build::Build;
-use crate::engine::step::{Plugin, Step, find};
-use crate::engine::stepcache::{self, Cache, Role};
+use crate::engine::step::{CacheRole, Registry, Step, find};
+use crate::engine::stepcache::{self, Cache};
 use crate::host::cmd;
 use crate::log;
 use crate::output::{StepRecord, round3};
@@ -16,11 +16,11 @@ use crate::progress::Progress;
 
 /// Run every step; on the first failure (or a signal) stop, then tear down every step
 /// that started, newest first, carrying on past teardown errors. Returns all errors.
-pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Vec<Error> {
+pub fn run(steps: &[Step], registry: &Registry, b: &mut Build) -> Vec<Error> {
     let total = steps.len();
     let mut started: Vec<&Step> = Vec::new();
     let mut errors = Vec::new();
-    let cache = open_cache(steps, b);
+    let cache = open_cache(steps, b, registry);
     let restore_at = cache
         .as_ref()
         .and_then(|(_, p)| p.restore.as_ref().map(|(i, _)| *i));
@@ -29,10 +29,11 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
             errors.push(anyhow!("interrupted before step {}", step.index));
             break;
         }
+        let plugin = find(registry.plugins, step.kind).expect("validated steps have a plugin");
         let head = format!("[{}/{total}] {}", step.index, step.describe());
         // Up to the restored state, tree steps are stood in for by the cached tree,
         // unpacked in place of the last of them.
-        if restore_at.is_some_and(|r| i <= r) && stepcache::role(step.kind) == Role::Tree {
+        if restore_at.is_some_and(|r| i <= r) && plugin.spec().cache == CacheRole::Tree {
             log::info(&format!("{head}: from the step cache"));
             log::event(
                 "step-cached",
@@ -89,7 +90,6 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
             }),
         );
         log::set_step(step.index);
-        let plugin = find(plugins, step.kind).expect("validated steps have a plugin");
         // Recorded before it runs, so a step that fails half-way still gets its teardown.
         started.push(step);
         let t = Instant::now();
@@ -110,7 +110,7 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
                     step.index, step.kind
                 ));
                 if let Some((c, p)) = &cache {
-                    if stepcache::worth_saving(p, steps, i, secs) {
+                    if stepcache::worth_saving(p, i, secs) {
                         save(c, p, i, step, b);
                     }
                 }
@@ -145,7 +145,7 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
     if errors.is_empty() && b.opts.out.manifest {
         // Before teardown, while the image's root is mounted.
         match b.state.root_dir().map(Path::to_path_buf) {
-            Ok(root) => match crate::distro::installed_packages(&root) {
+            Ok(root) => match registry.distro.installed_packages(&root) {
                 Ok(Some(p)) => b.report.packages = Some(p),
                 Ok(None) => {
                     log::warn("the image has no dpkg database: the manifest lists no packages")
@@ -164,7 +164,7 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
     stop_leftover_processes();
     for step in started.iter().rev() {
         log::verbose(&format!("teardown [{}/{total}] {}", step.index, step.kind));
-        let plugin = find(plugins, step.kind).expect("validated steps have a plugin");
+        let plugin = find(registry.plugins, step.kind).expect("validated steps have a plugin");
         let t = Instant::now();
         let r = plugin.teardown(step, b);
         let mut ev = json!({
@@ -189,10 +189,10 @@ pub fn run(steps: &[Step], plugins: &[&'static dyn Plugin], b: &mut Build) -> Ve
 
 /// The step cache and where this build starts from, unless caching is off; a cache
 /// that cannot be used is reported and the build goes on without it.
-fn open_cache(steps: &[Step], b: &Build) -> Option<(Cache, stepcache::Plan)> {
+fn open_cache(steps: &[Step], b: &Build, registry: &Registry) -> Option<(Cache, stepcache::Plan)> {
     let dir = b.opts.cache_dir.as_ref()?;
     let r = Cache::open(dir).and_then(|c| {
-        let p = stepcache::plan(steps, &b.opts, &c)?;
+        let p = stepcache::plan(steps, &b.opts, &c, registry)?;
         Ok((c, p))
     });
     match r {

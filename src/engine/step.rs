@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 use anyhow::{Result, anyhow};
 
 use crate::engine::build::Build;
+use crate::engine::cachekey::{Archive, CacheInputs};
 use crate::engine::plan::{HostNeed, Plan};
 use crate::engine::spec::{Diag, Loc, Node, Value};
 use crate::engine::template::Renderer;
+use crate::output::Package;
 
 /// What a key's value must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +81,19 @@ impl Key {
     }
 }
 
+/// What the step cache (src/engine/stepcache.rs) does with a step type's steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheRole {
+    /// Its effects are on the disk, not in the image's tree (partitioning, mkfs,
+    /// mounts): it always runs.
+    Setup,
+    /// It only changes the tree: a tree restored from the cache stands in for it.
+    Tree,
+    /// It depends on this build's disk (fstab and grub write its UUIDs) or on the
+    /// outside world: no state after it is ever cached or restored.
+    Volatile,
+}
+
 /// A plugin's description of its step type.
 #[derive(Debug)]
 pub struct StepSpec {
@@ -88,6 +103,10 @@ pub struct StepSpec {
     pub value_doc: &'static str,
     pub keys: &'static [Key],
     pub summary: &'static str,
+    /// What the step cache does with its steps.
+    pub cache: CacheRole,
+    /// A tree step whose state is saved however quick it was (it needs the network).
+    pub always_saved: bool,
 }
 
 /// One step type. Teardown must cope with a run that stopped anywhere: it undoes only
@@ -102,10 +121,38 @@ pub trait Plugin: Sync {
     fn shell_keys(&self) -> &'static [&'static str] {
         &[]
     }
+    /// What the step's cache key covers besides its text and its `inputs:`: the host
+    /// files it reads, the versions of the tools it runs, the archives it fetches from.
+    fn cache_inputs(&self, _step: &Step, _inputs: &mut CacheInputs) -> Result<()> {
+        Ok(())
+    }
     fn run(&self, step: &Step, b: &mut Build) -> Result<()>;
     fn teardown(&self, _step: &Step, _b: &mut Build) -> Result<()> {
         Ok(())
     }
+}
+
+/// What the engine learns of the distribution from src/distro/: the package archives
+/// the step cache follows, and the packages an image has (for the manifest).
+pub trait Distro: Sync {
+    /// The archives (suites) a text names as package sources.
+    fn archives_named_in(&self, text: &str) -> Vec<Archive>;
+    /// The state each archive is in now, looked up at the same time; Err says why it
+    /// is unknown.
+    fn archive_states(&self, archives: &[Archive]) -> Vec<Result<String, String>>;
+    /// When an archive in state `state` published it.
+    fn state_date(&self, state: &str) -> String;
+    /// The packages installed in the image whose root is at `root`; None when it has
+    /// no package database.
+    fn installed_packages(&self, root: &std::path::Path) -> Result<Option<Vec<Package>>>;
+}
+
+/// Everything the engine is handed about what it builds with (src/plugins/mod.rs
+/// makes it): it never names a step type itself.
+pub struct Registry {
+    /// The step types, in the order a step's keys are matched against them.
+    pub plugins: &'static [&'static dyn Plugin],
+    pub distro: &'static dyn Distro,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +229,20 @@ impl Step {
             Some(Val::Map(m)) => m.clone(),
             _ => BTreeMap::new(),
         }
+    }
+    /// Every string the step was written with (its value, keys, list items, mapping
+    /// values).
+    pub fn strings(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        for v in std::iter::once(&self.value.val).chain(self.params.values().map(|p| &p.val)) {
+            match v {
+                Val::Str(t) => out.push(t.as_str()),
+                Val::List(l) => out.extend(l.iter().map(String::as_str)),
+                Val::Map(m) => out.extend(m.values().map(String::as_str)),
+                Val::Bool(_) | Val::Int(_) => {}
+            }
+        }
+        out
     }
     /// The host files the step names under `inputs:` (relative to the spec's directory).
     pub fn inputs(&self) -> Vec<String> {

@@ -29,51 +29,16 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::distro::mirror::{self, Archive};
 use crate::engine::build::Options;
-use crate::engine::step::{Step, Val};
+use crate::engine::cachekey::{Archive, CacheInputs, hex};
+use crate::engine::step::Step;
+use crate::engine::step::{CacheRole, Distro, Registry, StepSpec, find};
 use crate::host::cachefile::{
     Temp, Usage, is_temporary, lock_dir, remove_orphans, temporaries_usage,
 };
 use crate::host::cmd::Cmd;
 use crate::host::mount::mounted_virtuals;
 use crate::host::tarball::{Compression, pack_argv, unpack_argv};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Setup,
-    Tree,
-    Volatile,
-}
-
-/// The role of a step type. Types not listed are volatile: never cached across.
-pub fn role(kind: &str) -> Role {
-    match kind {
-        "mkimg"
-        | "mklabel"
-        | "mkpart"
-        | "set_part_flag"
-        | "kpartx"
-        | "mkfs"
-        | "mount"
-        | "virtual-filesystems"
-        | "echo"
-        | "error"
-        | "cryptsetup"
-        | "vgcreate"
-        | "lvcreate"
-        | "lvscan" => Role::Setup,
-        "debootstrap" | "qemu-debootstrap" | "apt" | "chroot" | "shell" | "ansible"
-        | "create-file" | "create-dir" | "copy-file" | "copy-dir" | "unpack-rootfs"
-        | "resize-rootfs" => Role::Tree,
-        _ => Role::Volatile,
-    }
-}
-
-/// Steps worth a cache entry even when quick (they need the network).
-fn always_saved(kind: &str) -> bool {
-    matches!(kind, "debootstrap" | "qemu-debootstrap" | "apt" | "ansible")
-}
 
 /// A tree step that ran at least this long gets a cache entry.
 const SAVE_AFTER_SECS: f64 = 1.0;
@@ -424,10 +389,6 @@ pub fn sha256_reader(f: &mut impl Read) -> std::io::Result<String> {
     Ok(hex(&h.finalize()))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// vmdb's version and its executable's size and modification time: how vmdb runs a
 /// step (its dpkg settings, its stand-ins in the image, the options it gives
 /// mmdebstrap) changes with vmdb itself, and a development build keeps its version
@@ -466,8 +427,6 @@ pub struct KeyInputs {
 /// up to this size: a word that happens to name a big tree must not slow every build.
 const AUTO_MAX_ENTRIES: usize = 10_000;
 const AUTO_MAX_BYTES: u64 = 64 << 20;
-/// Small files are also read for apt sources (`deb URI SUITE` lines, deb822 stanzas).
-const SOURCES_MAX_BYTES: u64 = 64 << 10;
 /// The value of an archive input whose state could not be looked up.
 const UNREACHABLE: &str = "not reachable";
 
@@ -517,9 +476,11 @@ pub fn chain(base: &str, steps: &[StepInputs]) -> Vec<String> {
 }
 
 /// The keys of a spec's steps, with the archives' states as they are now.
-pub fn keys(steps: &[Step], opts: &Options) -> Result<Vec<String>> {
-    let g = gather(steps, opts)?;
-    let states: Vec<Option<String>> = mirror::archive_states(&g.archives)
+pub fn keys(steps: &[Step], opts: &Options, registry: &Registry) -> Result<Vec<String>> {
+    let g = gather(steps, opts, registry)?;
+    let states: Vec<Option<String>> = registry
+        .distro
+        .archive_states(&g.archives)
         .into_iter()
         .map(Result::ok)
         .collect();
@@ -527,9 +488,9 @@ pub fn keys(steps: &[Step], opts: &Options) -> Result<Vec<String>> {
 }
 
 /// What each step's key covers, but the archives' states: its text, the host files it
-/// reads (copied, named under `inputs:`, or named in its text), tool versions, and which
-/// archives it fetches from.
-pub fn gather(steps: &[Step], opts: &Options) -> Result<Gathered> {
+/// reads (declared by its plugin, named under `inputs:`, or named in its text), tool
+/// versions, and which archives it fetches from.
+pub fn gather(steps: &[Step], opts: &Options, registry: &Registry) -> Result<Gathered> {
     // The image is built under a name that changes with every run: keys use a fixed one.
     let built: Vec<&String> = ["output", "image"]
         .iter()
@@ -541,23 +502,25 @@ pub fn gather(steps: &[Step], opts: &Options) -> Result<Gathered> {
         archives: Vec::new(),
         fetches: Vec::with_capacity(steps.len()),
     };
-    // The apt sources the image will have, as far as the spec shows them.
+    // The package sources the image will have, as far as the spec shows them.
     let mut sources: Vec<usize> = Vec::new();
-    let mut tools = ToolVersions::default();
     for s in steps {
-        let mut items = BTreeMap::new();
-        let mut text = match role(s.kind) {
-            // A setup step matters to the tree only by where it mounts a filesystem:
-            // the image's size or partitioning does not change what debootstrap makes.
-            Role::Setup if s.kind == "mount" => format!(
-                "mount {:?} on {:?}\n",
-                s.opt_str("dirname").unwrap_or("/"),
-                s.opt_str("mount-on")
-            ),
-            Role::Setup => String::new(),
+        let plugin = find(registry.plugins, s.kind).expect("validated steps have a plugin");
+        let role = plugin.spec().cache;
+        let mut inputs = CacheInputs::new(opts);
+        for input in s.inputs() {
+            inputs.file(&input)?;
+        }
+        plugin.cache_inputs(s, &mut inputs)?;
+        let mut text = match (inputs.text.take(), role) {
+            (Some(t), _) => t,
+            // A setup step matters to the tree only as its plugin says (a mount, by
+            // where it mounts): the image's size or partitioning does not change what
+            // debootstrap makes.
+            (None, CacheRole::Setup) => String::new(),
             // Values only, not where they stand: a comment added above a step
             // changes nothing.
-            _ => format!(
+            (None, _) => format!(
                 "{}\n{:?}\n{:?}\n{:?}\n",
                 s.kind,
                 s.value.val,
@@ -571,48 +534,40 @@ pub fn gather(steps: &[Step], opts: &Options) -> Result<Gathered> {
         for b in &built {
             text = text.replace(b.as_str(), "@OUTPUT@");
         }
-        items.insert("text".to_string(), hex(&Sha256::digest(text.as_bytes())));
-        let mut texts: Vec<String> = Vec::new();
-        step_inputs(s, opts, &built, &mut tools, &mut items, &mut texts)?;
+        inputs
+            .items
+            .insert("text".to_string(), hex(&Sha256::digest(text.as_bytes())));
+        if role == CacheRole::Tree {
+            named_inputs(s, opts, &built, &mut inputs);
+        }
 
         let mut fetches = Vec::new();
-        if role(s.kind) == Role::Tree {
-            texts.extend(strings(s).into_iter().map(str::to_string));
+        if role == CacheRole::Tree {
+            let mut texts = std::mem::take(&mut inputs.texts);
+            texts.extend(s.strings().into_iter().map(str::to_string));
             for t in &texts {
-                for (uri, suite) in mirror::sources_in(t) {
-                    let a = add_archive(&mut g.archives, Archive::new(&uri, &suite));
+                for a in registry.distro.archives_named_in(t) {
+                    let a = add_archive(&mut g.archives, a);
                     if !sources.contains(&a) {
                         sources.push(a);
                     }
                 }
             }
         }
-        match s.kind {
-            "debootstrap" | "qemu-debootstrap" => {
-                // debootstrap reads the one suite it installs, which the image's apt
-                // sources then name.
-                let m = match s.opt_str("mirror") {
-                    Some(m) => m.to_string(),
-                    None => tools.host_mirror().to_string(),
-                };
-                let mut a = Archive::new(&m, s.arg());
-                a.ca = s.opt_str("tls_ca_certs").map(|p| opts.spec_dir.join(p));
-                let a = add_archive(&mut g.archives, a);
-                fetches.push(a);
-                if !sources.contains(&a) {
-                    sources.push(a);
-                }
+        for a in std::mem::take(&mut inputs.fetches) {
+            let a = add_archive(&mut g.archives, a);
+            fetches.push(a);
+            if !sources.contains(&a) {
+                sources.push(a);
             }
-            "apt" | "ansible" => fetches = sources.clone(),
-            "chroot" | "shell" if strings(s).iter().any(|t| runs_apt(t)) => {
-                fetches = sources.clone()
-            }
-            _ => {}
+        }
+        if inputs.fetches_from_sources {
+            fetches = sources.clone();
         }
         g.steps.push(StepInputs {
             step: s.index,
             kind: s.kind.to_string(),
-            items,
+            items: inputs.items,
         });
         g.fetches.push(fetches);
     }
@@ -630,150 +585,33 @@ fn add_archive(archives: &mut Vec<Archive>, a: Archive) -> usize {
     }
 }
 
-/// Every string a step was written with (its value, keys, list items, mapping values).
-fn strings(s: &Step) -> Vec<&str> {
-    let mut out = Vec::new();
-    for v in std::iter::once(&s.value.val).chain(s.params.values().map(|p| &p.val)) {
-        match v {
-            Val::Str(t) => out.push(t.as_str()),
-            Val::List(l) => out.extend(l.iter().map(String::as_str)),
-            Val::Map(m) => out.extend(m.values().map(String::as_str)),
-            Val::Bool(_) | Val::Int(_) => {}
+/// The files a tree step's text names (see `named_files`), unless they are inputs
+/// already.
+fn named_inputs(s: &Step, opts: &Options, built: &[&String], inputs: &mut CacheInputs) {
+    for (name, path) in named_files(s, opts, built) {
+        if inputs.items.contains_key(&format!("file {name}")) {
+            continue;
+        }
+        if !small_tree(&path) {
+            crate::log::info(&format!(
+                "vmdb: warning: step {} ({}) names {name}, too big for the step cache to \
+                 watch (over {AUTO_MAX_ENTRIES} files or {} MB): list it under `inputs:` \
+                 to have it hashed anyway",
+                s.index,
+                s.kind,
+                AUTO_MAX_BYTES >> 20
+            ));
+            continue;
+        }
+        // Unlike `inputs:`, a word may name what the step does not read (a dangling
+        // link in a list of names): what cannot be read is left out, and said so.
+        if let Err(e) = inputs.file_at(&name, &path) {
+            crate::log::info(&format!(
+                "vmdb: warning: step {} ({}) names {name}, which the step cache cannot watch: {e:#}",
+                s.index, s.kind
+            ));
         }
     }
-    out
-}
-
-/// Whether a script runs apt to install or upgrade packages (or to update its lists):
-/// then it fetches from the archive as an apt step does.
-fn runs_apt(script: &str) -> bool {
-    script.lines().any(|l| {
-        let words: Vec<&str> = l
-            .split(|c: char| c.is_whitespace() || ";|&()".contains(c))
-            .filter(|w| !w.is_empty())
-            .collect();
-        words
-            .iter()
-            .position(|w| matches!(w.rsplit('/').next(), Some("apt" | "apt-get" | "aptitude")))
-            .is_some_and(|i| {
-                words[i + 1..].iter().any(|w| {
-                    matches!(
-                        *w,
-                        "install" | "upgrade" | "dist-upgrade" | "full-upgrade" | "update"
-                    )
-                })
-            })
-    })
-}
-
-#[derive(Default)]
-struct ToolVersions {
-    debootstrap: Option<String>,
-    mirror: Option<String>,
-}
-
-impl ToolVersions {
-    fn host_mirror(&mut self) -> &str {
-        self.mirror
-            .get_or_insert_with(|| crate::distro::mirror::host_default().unwrap_or_default())
-    }
-}
-
-/// What a step reads besides its own text: host files, the default mirror, tool
-/// versions. The text of small files goes to `texts`, to be read for apt sources.
-fn step_inputs(
-    s: &Step,
-    opts: &Options,
-    built: &[&String],
-    tools: &mut ToolVersions,
-    items: &mut BTreeMap<String, String>,
-    texts: &mut Vec<String>,
-) -> Result<()> {
-    let mut file = |name: &str, path: &Path, items: &mut BTreeMap<String, String>| {
-        let mut h = Sha256::new();
-        hash_tree(path, true, &mut h, texts)?;
-        items.insert(format!("file {name}"), hex(&h.finalize()));
-        anyhow::Ok(())
-    };
-    for input in s.inputs() {
-        file(&input, &opts.spec_dir.join(&input), items)?;
-    }
-    match s.kind {
-        "copy-file" | "copy-dir" => {
-            if let Some(src) = s.opt_str("src") {
-                file(src, &opts.spec_dir.join(src), items)?;
-            }
-        }
-        "ansible" => {
-            // The playbook's directory: roles, vars and templates beside it.
-            if let Some(pb) = s.opt_str("playbook") {
-                let dir = Path::new(pb).parent().unwrap_or(Path::new(""));
-                let name = match dir.display().to_string() {
-                    d if d.is_empty() => ".".to_string(),
-                    d => d,
-                };
-                file(&name, &opts.spec_dir.join(dir), items)?;
-            }
-        }
-        "unpack-rootfs" => {
-            // Whether the tarball is there decides what the step does.
-            if let Some(t) = &opts.rootfs_tarball {
-                if let Ok(m) = std::fs::metadata(t) {
-                    use std::os::unix::fs::MetadataExt;
-                    items.insert(
-                        "tarball".to_string(),
-                        format!("{} {} {}", m.len(), m.mtime(), m.ino()),
-                    );
-                }
-            }
-        }
-        "debootstrap" | "qemu-debootstrap" => {
-            // Either tool may do the step (its `tool: auto`), so both versions count.
-            let v = tools.debootstrap.get_or_insert_with(|| {
-                ["debootstrap", "mmdebstrap"]
-                    .map(|p| {
-                        let v = Cmd::new("dpkg-query")
-                            .args(["-W", "-f", "${Version}", p])
-                            .run()
-                            .unwrap_or_default();
-                        format!("{p} {v}")
-                    })
-                    .join(", ")
-            });
-            items.insert("bootstrap tools".to_string(), v.clone());
-            if !s.has("mirror") {
-                items.insert("mirror".to_string(), tools.host_mirror().to_string());
-            }
-        }
-        _ => {}
-    }
-    if role(s.kind) == Role::Tree {
-        for (name, path) in named_files(s, opts, built) {
-            if items.contains_key(&format!("file {name}")) {
-                continue;
-            }
-            if !small_tree(&path) {
-                crate::log::info(&format!(
-                    "vmdb: warning: step {} ({}) names {name}, too big for the step cache to \
-                     watch (over {AUTO_MAX_ENTRIES} files or {} MB): list it under `inputs:` \
-                     to have it hashed anyway",
-                    s.index,
-                    s.kind,
-                    AUTO_MAX_BYTES >> 20
-                ));
-                continue;
-            }
-            // Unlike `inputs:`, a word may name what the step does not read (a dangling
-            // link in a list of names): what cannot be read is left out, and said so.
-            if let Err(e) = file(&name, &path, items) {
-                crate::log::info(&format!(
-                    "vmdb: warning: step {} ({}) names {name}, which the step cache cannot watch: {e:#}",
-                    s.index, s.kind
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Files and directories below the spec's directory that a step's text names, such as
@@ -790,7 +628,7 @@ fn named_files(s: &Step, opts: &Options, built: &[&String]) -> Vec<(String, Path
         .chain(opts.cache_dir.clone())
         .collect();
     let mut found = BTreeSet::new();
-    for text in strings(s) {
+    for text in s.strings() {
         for word in text.split(|c: char| c.is_whitespace() || "\"'`;|&()<>=,".contains(c)) {
             if word.is_empty() || word.len() > 1024 || word.contains('$') || word.starts_with('-') {
                 continue;
@@ -858,56 +696,6 @@ fn small_tree(path: &Path) -> bool {
     true
 }
 
-/// Hash a file or a directory tree: relative paths, modes, owners, link targets and
-/// contents, in a fixed order. A symbolic link at the top is followed (steps read
-/// through it); those inside a directory are hashed as links. The text of small files
-/// is added to `texts`.
-fn hash_tree(path: &Path, follow: bool, h: &mut Sha256, texts: &mut Vec<String>) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let m = if follow {
-        std::fs::metadata(path)
-    } else {
-        std::fs::symlink_metadata(path)
-    }
-    .with_context(|| format!("reading {}", path.display()))?;
-    h.update(format!("{:o} {} {}\n", m.mode(), m.uid(), m.gid()).as_bytes());
-    if m.file_type().is_symlink() {
-        h.update(std::fs::read_link(path)?.as_os_str().as_encoded_bytes());
-    } else if m.is_dir() {
-        let mut names: Vec<_> = std::fs::read_dir(path)?
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        names.sort();
-        for n in names {
-            h.update(n.as_encoded_bytes());
-            h.update(b"\n");
-            hash_tree(&path.join(&n), false, h, texts)?;
-        }
-    } else if m.is_file() {
-        let mut f =
-            std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-        if m.len() <= SOURCES_MAX_BYTES {
-            let mut data = Vec::new();
-            f.read_to_end(&mut data)?;
-            h.update(&data);
-            if let Ok(t) = String::from_utf8(data) {
-                texts.push(t);
-            }
-            return Ok(());
-        }
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-    }
-    Ok(())
-}
-
 /// Where a build can start from: the deepest cached state it may use.
 #[derive(Debug)]
 pub struct Plan {
@@ -919,6 +707,8 @@ pub struct Plan {
     pub first_uncached: usize,
     /// What the keys were made of (each entry keeps its part).
     pub inputs: KeyInputs,
+    /// Each step's type, which says what the cache does with it.
+    pub specs: Vec<&'static StepSpec>,
 }
 
 impl Plan {
@@ -932,18 +722,24 @@ impl Plan {
 }
 
 /// The first step (index) whose state is never cached.
-fn first_uncached(steps: &[Step]) -> usize {
+fn first_uncached(steps: &[Step], specs: &[&StepSpec]) -> usize {
     steps
         .iter()
-        .position(|s| role(s.kind) == Role::Volatile || !s.cached())
+        .zip(specs)
+        .position(|(s, spec)| spec.cache == CacheRole::Volatile || !s.cached())
         .unwrap_or(steps.len())
 }
 
 /// The deepest tree step before `upto` whose state the cache holds under its key.
-fn deepest(keys: &[String], steps: &[Step], upto: usize, cache: &Cache) -> Option<(usize, Meta)> {
+fn deepest(
+    keys: &[String],
+    specs: &[&StepSpec],
+    upto: usize,
+    cache: &Cache,
+) -> Option<(usize, Meta)> {
     (0..upto)
         .rev()
-        .filter(|&i| role(steps[i].kind) == Role::Tree)
+        .filter(|&i| specs[i].cache == CacheRole::Tree)
         .find_map(|i| cache.lookup(&keys[i]).map(|m| (i, m)))
 }
 
@@ -957,9 +753,18 @@ fn recorded_state<'a>(m: &'a Meta, item: &str) -> Option<&'a str> {
         .filter(|v| *v != UNREACHABLE)
 }
 
-pub fn plan(steps: &[Step], opts: &Options, cache: &Cache) -> Result<Plan> {
-    let g = gather(steps, opts)?;
-    let mut first_uncached = first_uncached(steps);
+/// Where the build of `steps` starts from, with the cache in `cache`.
+pub fn plan(steps: &[Step], opts: &Options, cache: &Cache, registry: &Registry) -> Result<Plan> {
+    let g = gather(steps, opts, registry)?;
+    let specs: Vec<&'static StepSpec> = steps
+        .iter()
+        .map(|s| {
+            find(registry.plugins, s.kind)
+                .expect("validated steps have a plugin")
+                .spec()
+        })
+        .collect();
+    let mut first_uncached = first_uncached(steps, &specs);
     if let Some(s) = steps.get(first_uncached).filter(|s| !s.cached()) {
         crate::log::verbose(&format!(
             "step cache: step {} ({}) says cache: false: it and the steps after it run",
@@ -967,7 +772,7 @@ pub fn plan(steps: &[Step], opts: &Options, cache: &Cache) -> Result<Plan> {
         ));
     }
     let t = std::time::Instant::now();
-    let looked_up = mirror::archive_states(&g.archives);
+    let looked_up = registry.distro.archive_states(&g.archives);
     if !g.archives.is_empty() {
         crate::log::verbose(&format!(
             "step cache: looked up the state of {} archive suite(s) in {:.2}s",
@@ -985,7 +790,7 @@ pub fn plan(steps: &[Step], opts: &Options, cache: &Cache) -> Result<Plan> {
             &g,
             &states,
             &unknown,
-            steps,
+            &specs,
             first_uncached,
             cache,
             &entries,
@@ -997,7 +802,7 @@ pub fn plan(steps: &[Step], opts: &Options, cache: &Cache) -> Result<Plan> {
                 Some(s) => crate::log::info(&format!(
                     "step cache: archive not reachable ({url}: {why}): using the newest \
                      cached state from {}",
-                    mirror::state_date(s)
+                    registry.distro.state_date(s)
                 )),
                 None => crate::log::info(&format!(
                     "step cache: archive not reachable ({url}: {why}) and no saved state \
@@ -1019,7 +824,7 @@ pub fn plan(steps: &[Step], opts: &Options, cache: &Cache) -> Result<Plan> {
         crate::log::info("step cache: --refresh: every step runs, and fresh states are saved");
     } else {
         let mut upto = first_uncached;
-        while let Some((i, meta)) = deepest(&keys, steps, upto, cache) {
+        while let Some((i, meta)) = deepest(&keys, &specs, upto, cache) {
             // Checked before the build relies on it: a damaged entry is dropped, and a
             // shallower one (or none) is used instead.
             match cache.verify(&meta) {
@@ -1039,7 +844,8 @@ pub fn plan(steps: &[Step], opts: &Options, cache: &Cache) -> Result<Plan> {
             }
         }
         let from = restore.as_ref().map_or(0, |(i, _)| i + 1);
-        if let Some(why) = what_changed(&inputs, from, &opts.spec_name, &entries) {
+        let changed = what_changed(&inputs, from, &opts.spec_name, &entries, registry.distro);
+        if let Some(why) = changed {
             crate::log::info(&format!("step cache: {why}"));
         }
     }
@@ -1055,6 +861,7 @@ pub fn plan(steps: &[Step], opts: &Options, cache: &Cache) -> Result<Plan> {
         restore,
         first_uncached,
         inputs,
+        specs,
     })
 }
 
@@ -1066,7 +873,7 @@ fn newest_usable_states(
     g: &Gathered,
     states: &[Option<String>],
     unknown: &[usize],
-    steps: &[Step],
+    specs: &[&StepSpec],
     first_uncached: usize,
     cache: &Cache,
     entries: &[Meta],
@@ -1096,7 +903,7 @@ fn newest_usable_states(
             with[a] = Some(r.to_string());
         }
         let keys = chain(&g.base, &g.with_states(&with));
-        if deepest(&keys, steps, first_uncached, cache).is_some_and(|(i, _)| i >= first_fetch) {
+        if deepest(&keys, specs, first_uncached, cache).is_some_and(|(i, _)| i >= first_fetch) {
             return Some(with);
         }
         tried.push(recorded);
@@ -1107,7 +914,13 @@ fn newest_usable_states(
 /// Why the build cannot start deeper than step index `from`: the first difference
 /// between this build's inputs and those of the saved entry of the same spec that
 /// matches them longest (the newest of those), among entries past `from`.
-pub fn what_changed(ours: &KeyInputs, from: usize, spec: &str, entries: &[Meta]) -> Option<String> {
+pub fn what_changed(
+    ours: &KeyInputs,
+    from: usize,
+    spec: &str,
+    entries: &[Meta],
+    distro: &dyn Distro,
+) -> Option<String> {
     let mut best: Option<(usize, &Meta)> = None;
     for m in entries
         .iter()
@@ -1150,7 +963,7 @@ pub fn what_changed(ours: &KeyInputs, from: usize, spec: &str, entries: &[Meta])
         let names: BTreeSet<&String> = old.items.keys().chain(new.items.keys()).collect();
         for n in names {
             match (old.items.get(n), new.items.get(n)) {
-                (Some(a), Some(b)) if a != b => what.push(differs(n, a, b)),
+                (Some(a), Some(b)) if a != b => what.push(differs(n, a, b, distro)),
                 (None, Some(_)) => what.push(format!("{n} is new")),
                 (Some(_), None) => what.push(format!("{n} is no longer read")),
                 _ => {}
@@ -1166,16 +979,16 @@ pub fn what_changed(ours: &KeyInputs, from: usize, spec: &str, entries: &[Meta])
 }
 
 /// One changed input, in words.
-fn differs(name: &str, old: &str, new: &str) -> String {
+fn differs(name: &str, old: &str, new: &str, distro: &dyn Distro) -> String {
     if name == "text" {
         "its text differs".to_string()
     } else if name.starts_with("archive ") {
         format!(
             "{name} differs (Release of {}, now {})",
-            mirror::state_date(old),
-            mirror::state_date(new)
+            distro.state_date(old),
+            distro.state_date(new)
         )
-    } else if name.starts_with("file ") || name == "tarball" {
+    } else if name.starts_with("file ") {
         format!("{name} differs")
     } else {
         format!("{name} differs (was {old}, now {new})")
@@ -1198,17 +1011,20 @@ pub fn age(created: u64) -> String {
 }
 
 /// Whether the state after step `i`, which ran for `secs`, should be stored.
-pub fn worth_saving(plan: &Plan, steps: &[Step], i: usize, secs: f64) -> bool {
-    role(steps[i].kind) == Role::Tree
+pub fn worth_saving(plan: &Plan, i: usize, secs: f64) -> bool {
+    plan.specs[i].cache == CacheRole::Tree
         && i < plan.first_uncached
         && plan.restore.as_ref().is_none_or(|(r, _)| i > *r)
-        && (always_saved(steps[i].kind) || secs >= SAVE_AFTER_SECS)
+        && (plan.specs[i].always_saved || secs >= SAVE_AFTER_SECS)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::step::Registry;
     use crate::plugins::testing::{plan_with_root, steps, validate_step};
+
+    const REG: &Registry = &crate::plugins::REGISTRY;
 
     /// Validated steps whose relative paths are relative to `dir`.
     fn steps_in(dir: &Path, yaml: &[&str]) -> Vec<Step> {
@@ -1246,7 +1062,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("b.txt"), "one").unwrap();
         let s = steps_in(d.path(), SPEC);
-        let k1 = keys(&s, &opts(d.path())).unwrap();
+        let k1 = keys(&s, &opts(d.path()), REG).unwrap();
         // The same spec built again, under another temporary image name: same keys.
         let mut o = opts(d.path());
         o.vars
@@ -1260,7 +1076,7 @@ mod tests {
                 SPEC[3],
             ],
         );
-        assert_eq!(keys(&s2, &o).unwrap(), k1);
+        assert_eq!(keys(&s2, &o, REG).unwrap(), k1);
         // A comment above a step moves it down a line: nothing changes.
         let s5 = steps_in(
             d.path(),
@@ -1271,7 +1087,7 @@ mod tests {
                 SPEC[3],
             ],
         );
-        assert_eq!(keys(&s5, &opts(d.path())).unwrap(), k1);
+        assert_eq!(keys(&s5, &opts(d.path()), REG).unwrap(), k1);
         // Another image size: the tree does not depend on it.
         let s4 = steps_in(
             d.path(),
@@ -1282,10 +1098,10 @@ mod tests {
                 SPEC[3],
             ],
         );
-        assert_eq!(keys(&s4, &opts(d.path())).unwrap()[1..], k1[1..]);
+        assert_eq!(keys(&s4, &opts(d.path()), REG).unwrap()[1..], k1[1..]);
         // A copied file changes: that step and later ones change, earlier ones do not.
         std::fs::write(d.path().join("b.txt"), "two").unwrap();
-        let k2 = keys(&s, &opts(d.path())).unwrap();
+        let k2 = keys(&s, &opts(d.path()), REG).unwrap();
         assert_eq!(k1[..2], k2[..2]);
         assert!(k1[2] != k2[2] && k1[3] != k2[3]);
         // A step's text changes.
@@ -1298,18 +1114,9 @@ mod tests {
                 SPEC[3],
             ],
         );
-        let k3 = keys(&s3, &opts(d.path())).unwrap();
+        let k3 = keys(&s3, &opts(d.path()), REG).unwrap();
         assert_eq!(k3[0], k2[0]);
         assert!(k3[1..].iter().zip(&k2[1..]).all(|(a, b)| a != b));
-    }
-
-    #[test]
-    fn roles_put_fstab_and_grub_past_the_cache() {
-        assert_eq!(role("mount"), Role::Setup);
-        assert_eq!(role("debootstrap"), Role::Tree);
-        assert_eq!(role("fstab"), Role::Volatile);
-        assert_eq!(role("grub"), Role::Volatile);
-        assert_eq!(role("some-future-step"), Role::Volatile);
     }
 
     fn tree(root: &Path) {
@@ -1466,28 +1273,28 @@ mod tests {
         o.cache_dir = Some(dir.join("cache"));
         // Not `$ROOT/...`, not outside the spec's directory, not what is not there, not
         // the image being built nor the cache, not the spec's directory itself.
-        let g = gather(&s, &o).unwrap();
+        let g = gather(&s, &o, REG).unwrap();
         assert_eq!(input_names(&g), [["file conf.d/a.conf", "file files/motd"]]);
-        let k1 = keys(&s, &o).unwrap();
+        let k1 = keys(&s, &o, REG).unwrap();
         std::fs::write(dir.join("files/motd"), "two\n").unwrap();
-        let k2 = keys(&s, &o).unwrap();
+        let k2 = keys(&s, &o, REG).unwrap();
         assert_ne!(k1, k2);
         std::fs::write(dir.join("conf.d/a.conf"), "b\n").unwrap();
-        let k3 = keys(&s, &o).unwrap();
+        let k3 = keys(&s, &o, REG).unwrap();
         assert_ne!(k2, k3);
         std::fs::write(d.path().join("secret"), "changed\n").unwrap();
         std::fs::write(dir.join(".a.img.vmdb-partial-1"), "another image").unwrap();
-        assert_eq!(keys(&s, &o).unwrap(), k3);
+        assert_eq!(keys(&s, &o, REG).unwrap(), k3);
         // A dangling link named in the text is left out; a symbolic link is read
         // through.
         std::os::unix::fs::symlink("nowhere", dir.join("files/none")).unwrap();
-        assert_eq!(keys(&s, &o).unwrap(), k3);
+        assert_eq!(keys(&s, &o, REG).unwrap(), k3);
         std::fs::write(d.path().join("real-motd"), "real\n").unwrap();
         std::fs::remove_file(dir.join("files/motd")).unwrap();
         std::os::unix::fs::symlink(d.path().join("real-motd"), dir.join("files/motd")).unwrap();
-        let k4 = keys(&s, &o).unwrap();
+        let k4 = keys(&s, &o, REG).unwrap();
         std::fs::write(d.path().join("real-motd"), "real, edited\n").unwrap();
-        assert_ne!(keys(&s, &o).unwrap(), k4);
+        assert_ne!(keys(&s, &o, REG).unwrap(), k4);
     }
 
     #[test]
@@ -1520,7 +1327,7 @@ mod tests {
                 "shell: ls\nroot-fs: /\ninputs: [big]",
             ],
         );
-        let g = gather(&s, &opts(d.path())).unwrap();
+        let g = gather(&s, &opts(d.path()), REG).unwrap();
         assert_eq!(input_names(&g), [vec!["file small"], vec!["file big"]]);
     }
 
@@ -1534,15 +1341,15 @@ mod tests {
         let without = "shell: cat conf/*.conf > \"$ROOT/etc/all.conf\"\nroot-fs: /";
         let s = steps_in(d.path(), &[with, without]);
         let o = opts(d.path());
-        let k1 = keys(&s[..1], &o).unwrap();
-        let n1 = keys(&s[1..], &o).unwrap();
+        let k1 = keys(&s[..1], &o, REG).unwrap();
+        let n1 = keys(&s[1..], &o, REG).unwrap();
         std::fs::write(conf.join("a.conf"), "A\n").unwrap();
-        let k2 = keys(&s[..1], &o).unwrap();
+        let k2 = keys(&s[..1], &o, REG).unwrap();
         assert_ne!(k1, k2);
         // The glob names no file: without `inputs:` the change goes unseen.
-        assert_eq!(keys(&s[1..], &o).unwrap(), n1);
+        assert_eq!(keys(&s[1..], &o, REG).unwrap(), n1);
         std::fs::write(conf.join("b.conf"), "b\n").unwrap();
-        assert_ne!(keys(&s[..1], &o).unwrap(), k2);
+        assert_ne!(keys(&s[..1], &o, REG).unwrap(), k2);
 
         // Any step type takes it; a path that is not there is a spec error.
         let mut plan = plan_with_root();
@@ -1603,7 +1410,7 @@ mod tests {
             ],
         );
         let o = opts(d.path());
-        let g = gather(&s, &o).unwrap();
+        let g = gather(&s, &o, REG).unwrap();
         let urls: Vec<&str> = g.archives.iter().map(|a| a.url.as_str()).collect();
         assert_eq!(
             urls,
@@ -1616,15 +1423,15 @@ mod tests {
             g.fetches,
             [vec![], vec![0], vec![], vec![], vec![0, 1], vec![0, 1]]
         );
-        let k1 = keys(&s, &o).unwrap();
+        let k1 = keys(&s, &o, REG).unwrap();
         // A new publication of -updates: from the first step that installs from it.
         publish(d.path(), "bookworm-updates", TUE);
-        let k2 = keys(&s, &o).unwrap();
+        let k2 = keys(&s, &o, REG).unwrap();
         assert_eq!(k1[..4], k2[..4]);
         assert!(k1[4..].iter().zip(&k2[4..]).all(|(a, b)| a != b));
         // Of the suite itself: from debootstrap on.
         publish(d.path(), "bookworm", TUE);
-        let k3 = keys(&s, &o).unwrap();
+        let k3 = keys(&s, &o, REG).unwrap();
         assert_eq!(k3[0], k2[0]);
         assert!(k3[1..].iter().zip(&k2[1..]).all(|(a, b)| a != b));
         // The state is in the step's inputs, readable.
@@ -1670,24 +1477,24 @@ mod tests {
             set_created(&cache, &p.keys[i], created);
         };
 
-        let mon = plan(&s, &o, &cache).unwrap();
+        let mon = plan(&s, &o, &cache, REG).unwrap();
         assert!(mon.restore.is_none());
         save(&mon, 1, 1);
         save(&mon, 2, 2);
         save(&mon, 3, 3);
-        assert_eq!(plan(&s, &o, &cache).unwrap().restore.unwrap().0, 3);
+        assert_eq!(plan(&s, &o, &cache, REG).unwrap().restore.unwrap().0, 3);
 
         // The archive publishes anew: only the state before debootstrap matches, and
         // the log can say why.
         publish(d.path(), "bookworm", TUE);
-        let tue = plan(&s, &o, &cache).unwrap();
+        let tue = plan(&s, &o, &cache, REG).unwrap();
         assert_eq!(tue.restore.as_ref().unwrap().0, 1);
         let mon_state = mon.inputs.steps[2].items[&item].clone();
         let tue_state = tue.inputs.steps[2].items[&item].clone();
-        assert_eq!(mirror::state_date(&mon_state), MON);
-        assert_eq!(mirror::state_date(&tue_state), TUE);
+        assert_eq!(crate::distro::mirror::state_date(&mon_state), MON);
+        assert_eq!(crate::distro::mirror::state_date(&tue_state), TUE);
         assert_eq!(
-            what_changed(&tue.inputs, 2, "spec", &cache.list()).unwrap(),
+            what_changed(&tue.inputs, 2, "spec", &cache.list(), REG.distro).unwrap(),
             format!(
                 "step 3 (debootstrap) changed: archive {url} differs (Release of {MON}, now {TUE})"
             )
@@ -1696,7 +1503,7 @@ mod tests {
 
         // Offline: the newest state that an entry matching the rest was made with.
         std::fs::remove_file(d.path().join("debian/dists/bookworm/Release")).unwrap();
-        let off = plan(&s, &o, &cache).unwrap();
+        let off = plan(&s, &o, &cache, REG).unwrap();
         assert_eq!(off.restore.as_ref().unwrap().1.key, tue.keys[3]);
         assert_eq!(off.inputs.steps[2].items[&item], tue_state);
         assert_eq!(off.first_uncached, 4);
@@ -1710,7 +1517,7 @@ mod tests {
                 "create-file: /etc/a\ncontents: A",
             ],
         );
-        let off = plan(&edited, &o, &cache).unwrap();
+        let off = plan(&edited, &o, &cache, REG).unwrap();
         assert_eq!(off.restore.as_ref().unwrap().1.key, mon.keys[2]);
         assert_eq!(off.inputs.steps[2].items[&item], mon_state);
         assert_eq!(off.first_uncached, 4);
@@ -1718,12 +1525,12 @@ mod tests {
         // it runs, and nothing from it on is saved.
         let other = format!("{debootstrap}\nvariant: minbase");
         let other = steps_in(d.path(), &[SPEC[0], pre, &other, SPEC[1]]);
-        let off = plan(&other, &o, &cache).unwrap();
+        let off = plan(&other, &o, &cache, REG).unwrap();
         assert_eq!(off.restore.as_ref().unwrap().1.key, mon.keys[1]);
         assert_eq!(off.inputs.steps[2].items[&item], UNREACHABLE);
         assert_eq!(off.first_uncached, 2);
-        assert!(!worth_saving(&off, &other, 2, 60.0));
-        assert!(!worth_saving(&off, &other, 3, 60.0));
+        assert!(!worth_saving(&off, 2, 60.0));
+        assert!(!worth_saving(&off, 3, 60.0));
     }
 
     #[test]
@@ -1735,7 +1542,7 @@ mod tests {
         tree(&root);
         let s = steps_in(d.path(), SPEC);
         let mut o = opts(d.path());
-        let p = plan(&s, &o, &cache).unwrap();
+        let p = plan(&s, &o, &cache, REG).unwrap();
         cache
             .save(
                 &p.keys[3],
@@ -1746,11 +1553,11 @@ mod tests {
                 p.inputs_upto(3),
             )
             .unwrap();
-        assert_eq!(plan(&s, &o, &cache).unwrap().restore.unwrap().0, 3);
+        assert_eq!(plan(&s, &o, &cache, REG).unwrap().restore.unwrap().0, 3);
         o.refresh = true;
-        let p = plan(&s, &o, &cache).unwrap();
+        let p = plan(&s, &o, &cache, REG).unwrap();
         assert!(p.restore.is_none());
-        assert!(worth_saving(&p, &s, 3, 2.0));
+        assert!(worth_saving(&p, 3, 2.0));
     }
 
     #[test]
@@ -1769,11 +1576,11 @@ mod tests {
         let s = steps_in(d.path(), &spec);
         assert!(s[1].cached() && !s[2].cached());
         let o = opts(d.path());
-        let p = plan(&s, &o, &cache).unwrap();
+        let p = plan(&s, &o, &cache, REG).unwrap();
         assert_eq!(p.first_uncached, 2);
-        assert!(worth_saving(&p, &s, 1, 2.0));
-        assert!(!worth_saving(&p, &s, 2, 2.0));
-        assert!(!worth_saving(&p, &s, 3, 2.0));
+        assert!(worth_saving(&p, 1, 2.0));
+        assert!(!worth_saving(&p, 2, 2.0));
+        assert!(!worth_saving(&p, 3, 2.0));
         // Even an entry saved for a later step (before `cache: false` was added) is
         // not used: the step runs.
         for i in [1, 3] {
@@ -1788,7 +1595,7 @@ mod tests {
                 )
                 .unwrap();
         }
-        assert_eq!(plan(&s, &o, &cache).unwrap().restore.unwrap().0, 1);
+        assert_eq!(plan(&s, &o, &cache, REG).unwrap().restore.unwrap().0, 1);
     }
 
     fn entry(spec: &str, created: u64, inputs: KeyInputs) -> Meta {
@@ -1822,7 +1629,7 @@ mod tests {
         ];
         let s = steps_in(d.path(), &spec);
         let o = opts(d.path());
-        let before = gather(&s, &o).unwrap();
+        let before = gather(&s, &o, REG).unwrap();
         let old = KeyInputs {
             base: before.base.clone(),
             steps: before.with_states(&[]),
@@ -1833,34 +1640,34 @@ mod tests {
             entry("other.vmdb", 2, KeyInputs::default()),
         ];
         // Nothing changed: nothing to say.
-        assert_eq!(what_changed(&old, 4, "spec", &entries), None);
+        assert_eq!(what_changed(&old, 4, "spec", &entries, REG.distro), None);
 
         std::fs::write(d.path().join("files/motd"), "two\n").unwrap();
         std::fs::write(d.path().join("b.txt"), "two").unwrap();
-        let now = gather(&s, &o).unwrap();
+        let now = gather(&s, &o, REG).unwrap();
         let ours = KeyInputs {
             base: now.base.clone(),
             steps: now.with_states(&[]),
         };
         assert_eq!(
-            what_changed(&ours, 2, "spec", &entries).as_deref(),
+            what_changed(&ours, 2, "spec", &entries, REG.distro).as_deref(),
             Some("step 3 (shell) changed: file files/motd differs")
         );
         // An entry that parts from this build before where it starts says nothing.
-        assert_eq!(what_changed(&ours, 3, "spec", &entries), None);
+        assert_eq!(what_changed(&ours, 3, "spec", &entries, REG.distro), None);
 
         let mut edited = ours.clone();
         edited.steps[1]
             .items
             .insert("text".into(), "another".into());
         assert_eq!(
-            what_changed(&edited, 0, "spec", &entries).as_deref(),
+            what_changed(&edited, 0, "spec", &entries, REG.distro).as_deref(),
             Some("step 2 (create-file) changed: its text differs")
         );
         let mut newer = ours.clone();
         newer.base = "vmdb-step-cache-2 vmdb 9.9".into();
         assert_eq!(
-            what_changed(&newer, 0, "spec", &entries).as_deref(),
+            what_changed(&newer, 0, "spec", &entries, REG.distro).as_deref(),
             Some(
                 "vmdb itself changed since the saved states were made (another version or \
                  executable): every step runs"
@@ -1871,7 +1678,7 @@ mod tests {
         mid.steps[2] = ours.steps[2].clone();
         let entries = [entry("spec", 1, old), entry("spec", 2, mid)];
         assert_eq!(
-            what_changed(&ours, 0, "spec", &entries).as_deref(),
+            what_changed(&ours, 0, "spec", &entries, REG.distro).as_deref(),
             Some("step 4 (copy-file) changed: file b.txt differs")
         );
     }

@@ -19,7 +19,7 @@ use crate::engine::build::Build;
 use crate::engine::inflight::{self, InFlight, OutputLock};
 use crate::engine::prepare::Prepared;
 use crate::engine::runner;
-use crate::engine::step::Plugin;
+use crate::engine::step::Registry;
 use crate::host::blockdev::busy;
 use crate::host::{cmd, mount};
 use crate::log;
@@ -149,14 +149,14 @@ pub struct Failed;
 /// The exit status of the build process when the build failed (only vmdb reads it).
 const BUILD_PROCESS_FAILED: i32 = 1;
 
-/// Run the build of `p` with `plugins`, in its own process, and put its outputs in
+/// Run the build of `p` with the step types of `registry`, in its own process, and put its outputs in
 /// place; returns their final paths. Whatever fails is said here; the caller only
 /// learns that it failed.
 pub fn run_build(
     p: Prepared,
     target: Target,
     keep_failed: bool,
-    plugins: &'static [&'static dyn Plugin],
+    registry: &'static Registry,
 ) -> Result<Vec<PathBuf>, Failed> {
     let started = Instant::now();
     log::event(
@@ -202,7 +202,7 @@ pub fn run_build(
             return Err(Failed);
         }
     };
-    let result = supervise(p, &scratch, plugins);
+    let result = supervise(p, &scratch, registry);
     let report = Report::load(&scratch.0);
     let outcome = match result {
         // The build finished, but a signal came first: that is a failed build too.
@@ -304,11 +304,7 @@ impl Drop for Scratch {
 }
 
 /// Fork the build into its namespaces and wait for it; true if it succeeded.
-fn supervise(
-    p: Prepared,
-    scratch: &Scratch,
-    plugins: &'static [&'static dyn Plugin],
-) -> Result<bool> {
+fn supervise(p: Prepared, scratch: &Scratch, registry: &'static Registry) -> Result<bool> {
     if interrupted() {
         bail!("interrupted before the build started");
     }
@@ -323,7 +319,7 @@ fn supervise(
     match unsafe { fork() }.context("forking the build")? {
         ForkResult::Child => {
             drop(alive_w);
-            let code = child_main(p, scratch.0.clone(), alive_r, plugins);
+            let code = child_main(p, scratch.0.clone(), alive_r, registry);
             std::process::exit(code);
         }
         ForkResult::Parent { child } => {
@@ -400,7 +396,7 @@ fn child_main(
     p: Prepared,
     workdir: PathBuf,
     alive: std::os::fd::OwnedFd,
-    plugins: &[&'static dyn Plugin],
+    registry: &Registry,
 ) -> i32 {
     // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's attributes.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
@@ -418,7 +414,7 @@ fn child_main(
     let started = SystemTime::now();
     let t = Instant::now();
     let mut b = Build::in_workdir(p.opts, workdir.clone());
-    let mut errors = runner::run(&p.steps, plugins, &mut b);
+    let mut errors = runner::run(&p.steps, registry, &mut b);
     // A signal after the last step (while tearing down) fails the build as well.
     if errors.is_empty() && cmd::interrupted() {
         errors.push(anyhow!("interrupted while tearing down"));

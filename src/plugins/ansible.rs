@@ -14,7 +14,8 @@ use anyhow::{Context, Result};
 
 use crate::distro::chroot;
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 
 pub struct Ansible;
@@ -44,6 +45,8 @@ static SPEC: StepSpec = StepSpec {
         Key::opt("extra_vars", Kind::Map, "more variables for the playbook"),
     ],
     summary: "Run an Ansible playbook in the image with the chroot connection.",
+    cache: CacheRole::Tree,
+    always_saved: true,
 };
 
 /// Owner of the virtual filesystems mounted for the step's duration.
@@ -128,6 +131,22 @@ impl Plugin for Ansible {
                 c.err("group", format!("'{g}' is not an inventory group name"));
             }
         }
+    }
+
+    /// The playbook's directory (roles, vars and templates beside it), and the archives
+    /// of the image's sources, which its tasks may install packages from.
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        if let Some(pb) = step.opt_str("playbook") {
+            let dir = Path::new(pb).parent().unwrap_or(Path::new(""));
+            let name = match dir.display().to_string() {
+                d if d.is_empty() => ".".to_string(),
+                d => d,
+            };
+            let path = inputs.opts().spec_dir.join(dir);
+            inputs.file_at(&name, &path)?;
+        }
+        inputs.fetches_from_sources();
+        Ok(())
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {

@@ -6,7 +6,8 @@ use anyhow::Result;
 
 use crate::distro::chroot;
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Apt;
 
@@ -26,6 +27,8 @@ static SPEC: StepSpec = StepSpec {
         Key::opt("clean", Kind::Bool, "empty apt's package cache afterwards").default("true"),
     ],
     summary: "Install packages in the image with apt-get.",
+    cache: CacheRole::Tree,
+    always_saved: true,
 };
 
 /// Owner of the virtual filesystems mounted for the step's duration.
@@ -148,6 +151,12 @@ impl Plugin for Apt {
             chroot::check_mounted_tag(c, "tag", tag);
         }
         chroot::needs_chroot(c);
+    }
+
+    /// It installs packages from the archives of the image's sources.
+    fn cache_inputs(&self, _step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        inputs.fetches_from_sources();
+        Ok(())
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {

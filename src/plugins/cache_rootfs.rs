@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 use crate::distro::chroot as image;
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 use crate::host::mount::mounted_virtuals;
 use crate::host::tarball::{Compression, have_pigz, pack_argv};
@@ -22,6 +22,8 @@ static SPEC: StepSpec = StepSpec {
     value_doc: "tag of the mounted filesystem to pack (the image's root)",
     keys: &[],
     summary: "Save the image's file tree in the --rootfs-tarball file, unless it exists.",
+    cache: CacheRole::Volatile,
+    always_saved: false,
 };
 
 /// Validation: the step packs or unpacks the --rootfs-tarball, if there is one, with

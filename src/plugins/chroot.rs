@@ -4,7 +4,8 @@ use anyhow::Result;
 
 use crate::distro::chroot as image;
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Chroot;
 
@@ -18,6 +19,8 @@ static SPEC: StepSpec = StepSpec {
         "shell script to run with 'sh -ec' inside the image",
     )],
     summary: "Run a shell script inside the image, with proc, sys and dev mounted.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 const OWNER: &str = "chroot";
@@ -40,6 +43,18 @@ impl Plugin for Chroot {
 
     fn shell_keys(&self) -> &'static [&'static str] {
         &["shell"]
+    }
+
+    /// A script that runs apt fetches from the archives of the image's sources.
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        if step
+            .strings()
+            .iter()
+            .any(|t| crate::distro::mirror::runs_apt(t))
+        {
+            inputs.fetches_from_sources();
+        }
+        Ok(())
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 
 pub struct CloudInitSeed;
@@ -31,6 +31,8 @@ static SPEC: StepSpec = StepSpec {
         Key::opt("format", Kind::Str, "iso (ISO 9660) or vfat").default("iso"),
     ],
     summary: "Write a cloud-init NoCloud seed (volume label cidata) as an output of the build.",
+    cache: CacheRole::Volatile,
+    always_saved: false,
 };
 
 /// The volume label cloud-init's NoCloud datasource looks for.

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::image_root::ImageRoot;
 use crate::plugins::create_dir::{
     Owner, check_image_path, check_owner, check_root_mounted, target,
@@ -36,6 +37,8 @@ static SPEC: StepSpec = StepSpec {
     ],
     summary: "Copy a directory tree from the host into the image; symlinks are copied as \
               symlinks (missing parent directories are created with mode 0755).",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 fn source(spec_dir: &Path, src: &str) -> PathBuf {
@@ -59,6 +62,14 @@ impl Plugin for CopyDir {
         }
         check_root_mounted(c);
     }
+    /// The copied file (or tree) is what the step puts in the image.
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        match step.opt_str("src") {
+            Some(src) => inputs.file(src),
+            None => Ok(()),
+        }
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let src = source(&b.opts.spec_dir, step.str("src")?);
         let (img, owner) = target(step, b)?;

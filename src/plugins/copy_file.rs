@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::plugins::create_dir::{check_image_path, check_owner, check_root_mounted, mode, target};
 
 pub struct CopyFile;
@@ -26,6 +27,8 @@ static SPEC: StepSpec = StepSpec {
     ],
     summary: "Copy a file from the host into the image \
               (missing parent directories are created with mode 0755).",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 /// The host path of `src`: relative to the spec's directory.
@@ -50,6 +53,14 @@ impl Plugin for CopyFile {
         }
         check_root_mounted(c);
     }
+    /// The copied file (or tree) is what the step puts in the image.
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        match step.opt_str("src") {
+            Some(src) => inputs.file(src),
+            None => Ok(()),
+        }
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let src = source(&b.opts.spec_dir, step.str("src")?);
         let (img, owner) = target(step, b)?;

@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::image_root::{ImageRoot, check_path};
 
 pub struct CreateDir;
@@ -27,6 +27,8 @@ static SPEC: StepSpec = StepSpec {
         Key::opt("gid", Kind::Int, "numeric group of the directory").default("0"),
     ],
     summary: "Create a directory in the image, and any missing parents.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 impl Plugin for CreateDir {

@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::plugins::create_dir::{check_image_path, check_owner, check_root_mounted, mode, target};
 
 pub struct CreateFile;
@@ -24,6 +24,8 @@ static SPEC: StepSpec = StepSpec {
     ],
     summary: "Create a file in the image with the given contents \
               (missing parent directories are created with mode 0755).",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 impl Plugin for CreateFile {

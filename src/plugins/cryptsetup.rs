@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use crate::engine::build::Build;
 use crate::engine::plan::PlanTag;
 use crate::engine::state::Tag;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 use crate::plugins::devmapper;
 use crate::plugins::shell::SH;
@@ -39,6 +39,8 @@ static SPEC: StepSpec = StepSpec {
         ),
     ],
     summary: "Encrypt a partition with LUKS and open it as a new tag.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 /// `cryptsetup luksFormat`'s command line.

@@ -9,7 +9,8 @@ use crate::distro::bootstrap;
 use crate::distro::chroot;
 use crate::distro::mirror;
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 
 pub struct Debootstrap;
@@ -86,6 +87,8 @@ static SPEC: StepSpec = StepSpec {
     value_doc: "the suite to install (bookworm, stable, ...)",
     keys: &KEYS,
     summary: "Install a basic Debian system with debootstrap (or mmdebstrap, which is faster).",
+    cache: CacheRole::Tree,
+    always_saved: true,
 };
 
 /// Set while debootstrap runs: its teardown then unmounts what it may have left.
@@ -119,6 +122,10 @@ impl Plugin for Debootstrap {
         check_step(c);
     }
 
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        cache_inputs_of(step, inputs)
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         run_step(step, b)
     }
@@ -126,6 +133,27 @@ impl Plugin for Debootstrap {
     fn teardown(&self, step: &Step, b: &mut Build) -> Result<()> {
         teardown_step(step, b)
     }
+}
+
+/// The cache inputs of debootstrap and qemu-debootstrap: the versions of both tools
+/// (either may do the step, by its `tool: auto`), the host's mirror when the step names
+/// none, and the suite it installs, which the image's apt sources then name.
+pub fn cache_inputs_of(step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+    inputs.value("bootstrap tools", bootstrap::tool_versions());
+    let m = match step.opt_str("mirror") {
+        Some(m) => m.to_string(),
+        None => {
+            let m = mirror::host_default().unwrap_or_default();
+            inputs.value("mirror", m.clone());
+            m
+        }
+    };
+    let mut a = mirror::archive(&m, step.arg());
+    a.ca = step
+        .opt_str("tls_ca_certs")
+        .map(|p| inputs.opts().spec_dir.join(p));
+    inputs.fetches(a);
+    Ok(())
 }
 
 /// Validation shared by debootstrap and qemu-debootstrap (the suite is the step's value).

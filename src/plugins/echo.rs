@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use crate::engine::build::Build;
-use crate::engine::step::{Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Echo;
 
@@ -13,6 +13,8 @@ static SPEC: StepSpec = StepSpec {
     value_doc: "text to print when the step runs",
     keys: &[Key::opt("teardown", Kind::Str, "text to print at teardown")],
     summary: "Print a message, and another at teardown.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Echo {

@@ -4,7 +4,7 @@ use anyhow::Result;
 
 use crate::engine::build::Build;
 use crate::engine::state::Tag;
-use crate::engine::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Kind, Plugin, Step, StepSpec};
 use crate::host::image_root::ImageRoot;
 
 pub struct Fstab;
@@ -15,6 +15,8 @@ static SPEC: StepSpec = StepSpec {
     value_doc: "tag of the root filesystem (the file is written to its /etc/fstab)",
     keys: &[],
     summary: "Write /etc/fstab with a UUID line for each filesystem mounted in the image.",
+    cache: CacheRole::Volatile,
+    always_saved: false,
 };
 
 impl Plugin for Fstab {

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::engine::build::Build;
 use crate::engine::state::Tag;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::blockdev::table;
 use crate::host::cmd::Cmd;
 use crate::host::image_root::ImageRoot;
@@ -52,6 +52,8 @@ static SPEC: StepSpec = StepSpec {
         ),
     ],
     summary: "Install the GRUB boot loader for BIOS or UEFI.",
+    cache: CacheRole::Volatile,
+    always_saved: false,
 };
 
 impl Plugin for Grub {

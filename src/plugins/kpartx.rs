@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use crate::engine::build::Build;
 use crate::engine::plan::PlanTag;
 use crate::engine::state::Tag;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::blockdev::table;
 
 pub struct Kpartx;
@@ -23,6 +23,8 @@ static SPEC: StepSpec = StepSpec {
         "for a disk partitioned outside this spec: tags to give its partitions, in order",
     )],
     summary: "Map a disk's partitions to block devices (loop devices at each partition's offset).",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Kpartx {

@@ -9,7 +9,7 @@ use anyhow::Result;
 use crate::engine::build::Build;
 use crate::engine::plan::PlanTag;
 use crate::engine::state::Tag;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::plugins::devmapper;
 
 use super::vgcreate::{run_cmd, valid_lvm_name};
@@ -33,6 +33,8 @@ static SPEC: StepSpec = StepSpec {
         ),
     ],
     summary: "Make an LVM logical volume, as a new tag.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 /// How the size is given to lvcreate: `-L SIZE` or `-l EXTENTS`.

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use crate::engine::build::Build;
 use crate::engine::plan::PlanTag;
 use crate::engine::state::Tag;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::plugins::devmapper;
 
 use super::lvcreate;
@@ -27,6 +27,8 @@ static SPEC: StepSpec = StepSpec {
         "names of its logical volumes, each becoming a tag",
     )],
     summary: "Activate an existing LVM volume group and tag its logical volumes.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 /// The commands that find and activate the volume group.

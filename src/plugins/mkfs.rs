@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 
 pub struct Mkfs;
@@ -40,6 +40,8 @@ static SPEC: StepSpec = StepSpec {
         ),
     ],
     summary: "Make a filesystem on a partition.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Mkfs {

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 
 use crate::engine::build::{Build, is_block_device};
 use crate::engine::plan::PlanDisk;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::size;
 
 pub struct Mkimg;
@@ -21,6 +21,8 @@ static SPEC: StepSpec = StepSpec {
         "size of the image: 4G, 512M, 300MiB (K, M, G, T are binary, as with qemu-img; KB, MB, GB are decimal)",
     )],
     summary: "Create a sparse raw disk image file.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Mkimg {

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::blockdev::table::{self, LabelKind};
 
 pub struct Mklabel;
@@ -20,6 +20,8 @@ static SPEC: StepSpec = StepSpec {
         "image file or block device to label",
     )],
     summary: "Write an empty partition table.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Mklabel {

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use crate::engine::build::Build;
 use crate::engine::plan::PlanTag;
 use crate::engine::state::Tag;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::blockdev::table::{self, LabelKind, NewPartition};
 
 pub struct Mkpart;
@@ -33,6 +33,8 @@ static SPEC: StepSpec = StepSpec {
         .default("ext2"),
     ],
     summary: "Create a partition on a labelled disk.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Mkpart {

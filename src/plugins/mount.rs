@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use nix::mount::MsFlags;
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 use crate::host::image_root::ImageRoot;
 use crate::host::{fat, mount};
@@ -47,6 +48,8 @@ static SPEC: StepSpec = StepSpec {
         .default("false"),
     ],
     summary: "Mount a filesystem for the rest of the build.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Mount {
@@ -102,6 +105,17 @@ impl Plugin for Mount {
             c.needs("zerofree", ZEROFREE, ZEROFREE);
         }
         c.plan.mount(&tag);
+    }
+
+    /// Where it mounts a filesystem matters to the image's tree, not what the
+    /// filesystem is.
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        inputs.text(format!(
+            "mount {:?} on {:?}\n",
+            step.opt_str("dirname").unwrap_or("/"),
+            step.opt_str("mount-on")
+        ));
+        Ok(())
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {

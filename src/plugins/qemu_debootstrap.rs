@@ -6,7 +6,8 @@
 use anyhow::Result;
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 
 use super::debootstrap;
 
@@ -24,6 +25,8 @@ static SPEC: StepSpec = StepSpec {
     value_doc: "the suite to install (bookworm, stable, ...)",
     keys: &KEYS,
     summary: "Install a basic Debian system for another architecture with debootstrap and qemu-user-static.",
+    cache: CacheRole::Tree,
+    always_saved: true,
 };
 
 impl Plugin for QemuDebootstrap {
@@ -33,6 +36,10 @@ impl Plugin for QemuDebootstrap {
 
     fn check(&self, c: &mut Check) {
         debootstrap::check_step(c);
+    }
+
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        debootstrap::cache_inputs_of(step, inputs)
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {

@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 
 use crate::distro::chroot;
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Kind, Plugin, Step, StepSpec};
 use crate::host::image_root::ImageRoot;
 
 pub struct ResizeRootfs;
@@ -24,6 +24,8 @@ static SPEC: StepSpec = StepSpec {
     value_doc: "tag of the image's mounted root filesystem",
     keys: &[],
     summary: "Grow the root partition and filesystem to fill the disk at first boot.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 /// Where the step writes its files, in the image.

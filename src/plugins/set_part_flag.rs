@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::blockdev::table;
 
 pub struct SetPartFlag;
@@ -24,6 +24,8 @@ static SPEC: StepSpec = StepSpec {
         Key::opt("state", Kind::Str, "enabled or disabled").default("enabled"),
     ],
     summary: "Set or clear a flag on a partition.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for SetPartFlag {

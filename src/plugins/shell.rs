@@ -3,7 +3,8 @@
 use anyhow::Result;
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 
 pub struct Shell;
@@ -19,6 +20,8 @@ static SPEC: StepSpec = StepSpec {
     )],
     summary: "Run a shell script on the host (not in the image) with $ROOT set to the \
               mount point of a filesystem.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 /// The shell that runs the script, and its Debian package.
@@ -43,6 +46,18 @@ impl Plugin for Shell {
             );
         }
     }
+    /// A script that runs apt fetches from the archives of the image's sources.
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        if step
+            .strings()
+            .iter()
+            .any(|t| crate::distro::mirror::runs_apt(t))
+        {
+            inputs.fetches_from_sources();
+        }
+        Ok(())
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let root = b.state.mount_point(step.str("root-fs")?)?;
         let mut cmd = Cmd::new(SH.0).arg("-ec").arg(step.arg()).env("ROOT", root);

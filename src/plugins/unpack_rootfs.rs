@@ -7,7 +7,8 @@ use anyhow::Result;
 
 use crate::distro::chroot as image;
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 use crate::host::mount::mounted_virtuals;
 use crate::host::tarball::{Compression, have_pigz, unpack_argv};
@@ -22,6 +23,8 @@ static SPEC: StepSpec = StepSpec {
     value_doc: "tag of the mounted filesystem to unpack into (the image's root)",
     keys: &[],
     summary: "Unpack the --rootfs-tarball file into the image, if it exists; sets rootfs_unpacked.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 /// The flag later steps test with `unless: rootfs_unpacked`.
@@ -36,6 +39,14 @@ impl Plugin for UnpackRootfs {
         let tag = c.step.arg();
         image::check_mounted_tag(c, "unpack-rootfs", tag);
         needs_tar(c);
+    }
+
+    /// Whether the tarball is there decides what the step does.
+    fn cache_inputs(&self, _step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        if let Some(t) = inputs.opts().rootfs_tarball.clone() {
+            inputs.file_identity(&t);
+        }
+        Ok(())
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {

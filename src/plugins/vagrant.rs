@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 
 use crate::distro::chroot as image;
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 use crate::host::image_root::ImageRoot;
 
@@ -34,6 +34,8 @@ static SPEC: StepSpec = StepSpec {
         .default("true"),
     ],
     summary: "Make the image a Vagrant base box: user, insecure keys, sudo, sshd, DHCP.",
+    cache: CacheRole::Volatile,
+    always_saved: false,
 };
 
 const OWNER: &str = "vagrant";

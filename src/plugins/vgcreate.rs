@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 use crate::plugins::devmapper;
 
@@ -23,6 +23,8 @@ static SPEC: StepSpec = StepSpec {
         "tags of the partitions or devices to make physical volumes of",
     )],
     summary: "Make an LVM volume group of tagged partitions.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 /// The commands that make the volume group: one pvcreate per device, then vgcreate.

@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use crate::distro::chroot as image;
 use crate::engine::build::Build;
-use crate::engine::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::engine::step::{CacheRole, Check, Kind, Plugin, Step, StepSpec};
 
 pub struct VirtualFilesystems;
 
@@ -15,6 +15,8 @@ static SPEC: StepSpec = StepSpec {
     value_doc: "tag of the mounted filesystem (the image's root)",
     keys: &[],
     summary: "Mount proc, sysfs, devtmpfs, devpts and /run in the image until teardown.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 const OWNER: &str = "virtual-filesystems";
