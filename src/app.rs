@@ -7,6 +7,7 @@ use crate::cli::{BuildArgs, Cli, Command, EXIT_FAILED, EXIT_USAGE, SpecArgs};
 use crate::engine::prepare::{Prepared, Refused, absolute};
 use crate::engine::spec::Diag;
 use crate::engine::{self, supervisor};
+use crate::event::{Event, Status, round3};
 use crate::output::{Format, OutputOptions};
 use crate::plugins;
 
@@ -216,15 +217,16 @@ fn build(args: BuildArgs) -> i32 {
         Ok(outputs) => (0, outputs),
         Err(supervisor::Failed) => (EXIT_FAILED, Vec::new()),
     };
-    crate::log::event(
-        "build-end",
-        serde_json::json!({
-            "status": if code == 0 { "ok" } else { "failed" },
-            "exit_code": code,
-            "duration": crate::output::round3(started.elapsed().as_secs_f64()),
-            "outputs": outputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-        }),
-    );
+    crate::log::event(Event::BuildEnd {
+        status: if code == 0 {
+            Status::Ok
+        } else {
+            Status::Failed
+        },
+        exit_code: code,
+        duration: round3(started.elapsed().as_secs_f64()),
+        outputs: outputs.iter().map(|p| p.display().to_string()).collect(),
+    });
     code
 }
 

@@ -1,8 +1,8 @@
 //! vmdb: build disk images from a YAML spec of steps.
 //!
 //! The front (main, cli, app, matrix, cachecmd) over layers whose imports only point
-//! down: plugins -> distro -> engine -> output -> host -> base (log, progress, size);
-//! boot (`vmdb boot`) uses host and base only.
+//! down: plugins -> distro -> engine -> output -> host -> base (log, event, progress,
+//! size); boot (`vmdb boot`) uses host and base only.
 
 pub mod app;
 pub mod cachecmd;
@@ -16,6 +16,7 @@ pub mod host;
 pub mod output;
 pub mod plugins;
 
+pub mod event;
 pub mod log;
 pub mod progress;
 pub mod size;

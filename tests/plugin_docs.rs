@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use vmdb::engine::plan::{Plan, PlanTag};
+use vmdb::engine::plan::{Filesystem, Plan, PlanTag};
 use vmdb::engine::step::validate;
 use vmdb::engine::template::Renderer;
 
@@ -38,7 +38,7 @@ fn plan_with_disk(spec_dir: &Path) -> Plan {
             PlanTag {
                 step: 0,
                 disk: Some("disk.img".into()),
-                fs_type: Some(fs.into()),
+                filesystem: Filesystem::Made(fs.into()),
                 mounted: true,
             },
         )

@@ -2,8 +2,8 @@
 //! policy-rc.d that keeps services from starting, and the command itself.
 //!
 //! Everything mounted or written here is recorded in the build state's notes
-//! (`vmdb:mounted:OWNER:PATH`, `vmdb:policy-rc.d:PATH`), so that a teardown after a
-//! step that failed half-way undoes exactly that and nothing else.
+//! (`Mounted`, `Written`), so that a teardown after a step that failed half-way
+//! undoes exactly that and nothing else.
 
 use std::path::{Path, PathBuf};
 
@@ -58,11 +58,19 @@ pub const FOR_CHROOT: &[Vfs] = &[PROC, SYS, DEV, DEVPTS];
 /// What the virtual-filesystems step mounts for the rest of the build.
 pub const FOR_BUILD: &[Vfs] = &[PROC, SYS, DEV, DEVPTS, RUN];
 
-const MOUNTED: &str = "vmdb:mounted:";
-const POLICY: &str = "vmdb:policy-rc.d:";
+/// A virtual filesystem mounted at `path` (on the host) for `owner` (a step type).
+#[derive(Debug, PartialEq)]
+struct Mounted {
+    owner: String,
+    path: PathBuf,
+}
 
-fn mounted_note(owner: &str, p: &Path) -> String {
-    format!("{MOUNTED}{owner}:{}", p.display())
+/// A file vmdb wrote at `path` in the image whose root is `root` (on the host), for
+/// as long as it runs programs there.
+#[derive(Debug, PartialEq)]
+struct Written {
+    root: PathBuf,
+    path: String,
 }
 
 /// The host directory of a mounted tag, canonical (mountinfo has canonical paths).
@@ -113,7 +121,10 @@ pub fn mount_vfs(b: &mut Build, root: &Path, set: &[Vfs], owner: &str) -> Result
             mount::mount(Path::new("/dev"), &target, None, MsFlags::MS_BIND, None)
                 .context("binding /dev into the image")?;
         }
-        b.state.notes.insert(mounted_note(owner, &target));
+        b.state.notes.insert(Mounted {
+            owner: owner.to_string(),
+            path: target,
+        });
     }
     Ok(())
 }
@@ -121,22 +132,22 @@ pub fn mount_vfs(b: &mut Build, root: &Path, set: &[Vfs], owner: &str) -> Result
 /// Unmount what `mount_vfs` mounted for `owner`, deepest first (with anything mounted
 /// below them since), and forget it.
 pub fn unmount_vfs(b: &mut Build, owner: &str) -> Result<()> {
-    let prefix = format!("{MOUNTED}{owner}:");
-    let mut paths: Vec<(String, PathBuf)> = b
+    let mut paths: Vec<PathBuf> = b
         .state
         .notes
-        .iter()
-        .filter_map(|f| {
-            f.strip_prefix(&prefix)
-                .map(|p| (f.clone(), PathBuf::from(p)))
-        })
+        .of::<Mounted>()
+        .filter(|m| m.owner == owner)
+        .map(|m| m.path.clone())
         .collect();
-    paths.sort_by_key(|(_, p)| std::cmp::Reverse(p.components().count()));
+    paths.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     let mut errors = Vec::new();
-    for (flag, p) in paths {
-        match mount::unmount_below(&p) {
+    for path in paths {
+        match mount::unmount_below(&path) {
             Ok(()) => {
-                b.state.notes.remove(&flag);
+                b.state.notes.remove(&Mounted {
+                    owner: owner.to_string(),
+                    path,
+                });
             }
             Err(e) => errors.push(format!("{e:#}")),
         }
@@ -166,7 +177,7 @@ pub fn forbid_services(b: &mut Build, root: &Path) -> Result<()> {
         if !img.is_dir(dir)? || img.kind_nofollow(&path)?.is_some() {
             return Ok(false);
         }
-        notes.insert(policy_note(&img, &path));
+        notes.insert(written(&img, &path));
         img.write_file(&path, &mut text.as_bytes(), mode, None)?;
         Ok(true)
     };
@@ -183,14 +194,17 @@ pub fn forbid_services(b: &mut Build, root: &Path) -> Result<()> {
     )? {
         // apt runs dpkg, and so the maintainer scripts, with a PATH of its own.
         add("etc/apt/apt.conf.d", "00vmdb-dpkg-path", DPKG_PATH, 0o644)?;
-        b.state.notes.insert(policy_note(&img, INITRAMFS_PENDING));
+        b.state.notes.insert(written(&img, INITRAMFS_PENDING));
     }
     Ok(())
 }
 
-/// The note of a file vmdb wrote in the image: `PATH:ROOT` (vmdb's paths have no ':').
-fn policy_note(img: &ImageRoot, path: &str) -> String {
-    format!("{POLICY}{path}:{}", img.host_root().display())
+/// The note of a file vmdb wrote in the image.
+fn written(img: &ImageRoot, path: &str) -> Written {
+    Written {
+        root: img.host_root().to_path_buf(),
+        path: path.to_string(),
+    }
 }
 
 const DPKG_PATH: &str = "// Written by vmdb for the duration of the build.\nDPkg::Path \"/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin\";\n";
@@ -202,26 +216,22 @@ const UNSAFE_IO: &str = "# Written by vmdb for the duration of the build.\nforce
 
 /// Remove the files vmdb wrote to keep services from starting and dpkg fast.
 pub fn allow_services(b: &mut Build) -> Result<()> {
-    let ours: Vec<String> = b
+    let ours: Vec<(PathBuf, String)> = b
         .state
         .notes
-        .iter()
-        .filter(|f| f.starts_with(POLICY))
-        .cloned()
+        .of::<Written>()
+        .map(|w| (w.root.clone(), w.path.clone()))
         .collect();
-    for flag in ours {
-        let Some((path, root)) = flag[POLICY.len()..].split_once(':') else {
-            continue;
-        };
-        match ImageRoot::open(Path::new(root)) {
+    for (root, path) in ours {
+        match ImageRoot::open(&root) {
             Ok(img) => {
-                img.remove_file(path)?;
+                img.remove_file(&path)?;
             }
             // The image is not there any more: nothing left to remove.
-            Err(_) if !Path::new(root).exists() => {}
+            Err(_) if !root.exists() => {}
             Err(e) => return Err(e),
         }
-        b.state.notes.remove(&flag);
+        b.state.notes.remove(&Written { root, path });
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 
 use crate::engine::state::State;
 use crate::host::blockdev::loopdev::LoopDevice;
+use crate::output::OutKind;
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -90,7 +91,12 @@ impl Build {
 
     /// Register an output file that a step is about to write: returns the temporary
     /// name to write it under (see `Report::add_output`).
-    pub fn add_output(&mut self, path: &Path, kind: &str, format: Option<&str>) -> Result<PathBuf> {
+    pub fn add_output(
+        &mut self,
+        path: &Path,
+        kind: OutKind,
+        format: Option<&str>,
+    ) -> Result<PathBuf> {
         let pid = self.opts.out.pid();
         self.report
             .add_output(&self.workdir, path, kind, format, pid)

@@ -251,7 +251,7 @@ mod tests {
         let file = |partial: &str, path: Option<&str>| crate::output::OutFile {
             partial: p(partial),
             path: path.map(p),
-            kind: "image".into(),
+            kind: crate::output::OutKind::Image,
             format: None,
             size: None,
             sha256: None,

@@ -7,13 +7,36 @@ use std::path::PathBuf;
 use crate::engine::spec::{Diag, Loc};
 use crate::host::blockdev::table::LabelKind;
 
+/// The filesystem a tag carries, as far as validation knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Filesystem {
+    /// None yet: a partition before its mkfs step.
+    #[default]
+    None,
+    /// Made by a step of the spec (mkfs), of this type.
+    Made(String),
+    /// Already on a disk partitioned outside the spec (kpartx `tags`): its type is
+    /// only known when the build reads it.
+    Existing,
+}
+
+impl Filesystem {
+    /// The type, when a step of the spec makes it.
+    pub fn made(&self) -> Option<&str> {
+        match self {
+            Filesystem::Made(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct PlanTag {
     /// Index of the step that defined it.
     pub step: usize,
     /// Image or device path holding it, for partitions.
     pub disk: Option<String>,
-    pub fs_type: Option<String>,
+    pub filesystem: Filesystem,
     pub mounted: bool,
 }
 

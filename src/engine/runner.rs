@@ -4,14 +4,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Error, anyhow};
-use serde_json::json;
 
 use crate::engine::build::Build;
 use crate::engine::step::{CacheRole, Registry, Step, find};
 use crate::engine::stepcache::{self, Cache};
+use crate::event::{Event, Status, StepInfo, round3};
 use crate::host::cmd;
 use crate::log;
-use crate::output::{StepRecord, round3};
+use crate::output::StepRecord;
 use crate::progress::Progress;
 
 /// Run every step; on the first failure (or a signal) stop, then tear down every step
@@ -35,17 +35,10 @@ pub fn run(steps: &[Step], registry: &Registry, b: &mut Build) -> Vec<Error> {
         // unpacked in place of the last of them.
         if restore_at.is_some_and(|r| i <= r) && plugin.spec().cache == CacheRole::Tree {
             log::info(&format!("{head}: from the step cache"));
-            log::event(
-                "step-cached",
-                json!({
-                    "step": step.index,
-                    "steps": total,
-                    "type": step.kind,
-                    "line": step.loc.line,
-                    "description": step.describe(),
-                }),
-            );
-            record(b, step, "cached", None);
+            log::event(Event::StepCached {
+                step: step_info(step, total),
+            });
+            record(b, step, Status::Cached, None);
             if restore_at == Some(i) {
                 let (c, p) = cache.as_ref().expect("a restore point comes from a cache");
                 let meta = &p.restore.as_ref().expect("restore point").1;
@@ -64,31 +57,17 @@ pub fn run(steps: &[Step], registry: &Registry, b: &mut Build) -> Vec<Error> {
                 "{head}: skipped (unless: {})",
                 step.unless.join(", ")
             ));
-            log::event(
-                "step-skipped",
-                json!({
-                    "step": step.index,
-                    "steps": total,
-                    "type": step.kind,
-                    "line": step.loc.line,
-                    "description": step.describe(),
-                    "unless": step.unless,
-                }),
-            );
-            record(b, step, "skipped", None);
+            log::event(Event::StepSkipped {
+                step: step_info(step, total),
+                unless: step.unless.clone(),
+            });
+            record(b, step, Status::Skipped, None);
             continue;
         }
         log::info(&head);
-        log::event(
-            "step-start",
-            json!({
-                "step": step.index,
-                "steps": total,
-                "type": step.kind,
-                "line": step.loc.line,
-                "description": step.describe(),
-            }),
-        );
+        log::event(Event::StepStart {
+            step: step_info(step, total),
+        });
         log::set_step(step.index);
         // Recorded before it runs, so a step that fails half-way still gets its teardown.
         started.push(step);
@@ -102,7 +81,7 @@ pub fn run(steps: &[Step], registry: &Registry, b: &mut Build) -> Vec<Error> {
         let (status, error) = match result {
             Ok(()) if cmd::interrupted() => {
                 errors.push(anyhow!("interrupted during step {}", step.index));
-                ("interrupted", None)
+                (Status::Interrupted, None)
             }
             Ok(()) => {
                 log::verbose(&format!(
@@ -114,7 +93,7 @@ pub fn run(steps: &[Step], registry: &Registry, b: &mut Build) -> Vec<Error> {
                         save(c, p, i, step, b);
                     }
                 }
-                ("ok", None)
+                (Status::Ok, None)
             }
             Err(e) => {
                 let e = e.context(format!(
@@ -123,22 +102,19 @@ pub fn run(steps: &[Step], registry: &Registry, b: &mut Build) -> Vec<Error> {
                 ));
                 let msg = format!("{e:#}");
                 errors.push(e);
-                ("failed", Some(msg))
+                (Status::Failed, Some(msg))
             }
         };
-        let mut ev = json!({
-            "step": step.index,
-            "steps": total,
-            "type": step.kind,
-            "status": status,
-            "duration": round3(secs),
+        log::event(Event::StepEnd {
+            step: step.index,
+            steps: total,
+            kind: step.kind.to_string(),
+            status,
+            duration: round3(secs),
+            error,
         });
-        if let Some(m) = error {
-            ev["error"] = m.into();
-        }
-        log::event("step-end", ev);
         record(b, step, status, Some(secs));
-        if status != "ok" {
+        if status != Status::Ok {
             break;
         }
     }
@@ -167,21 +143,26 @@ pub fn run(steps: &[Step], registry: &Registry, b: &mut Build) -> Vec<Error> {
         let plugin = find(registry.plugins, step.kind).expect("validated steps have a plugin");
         let t = Instant::now();
         let r = plugin.teardown(step, b);
-        let mut ev = json!({
-            "step": step.index,
-            "type": step.kind,
-            "status": if r.is_ok() { "ok" } else { "failed" },
-            "duration": round3(t.elapsed().as_secs_f64()),
+        let duration = round3(t.elapsed().as_secs_f64());
+        let (status, error) = match r {
+            Ok(()) => (Status::Ok, None),
+            Err(e) => {
+                let e = e.context(format!(
+                    "teardown of step {} ({}) at line {}",
+                    step.index, step.kind, step.loc.line
+                ));
+                let msg = format!("{e:#}");
+                errors.push(e);
+                (Status::Failed, Some(msg))
+            }
+        };
+        log::event(Event::Teardown {
+            step: step.index,
+            kind: step.kind.to_string(),
+            status,
+            duration,
+            error,
         });
-        if let Err(e) = r {
-            let e = e.context(format!(
-                "teardown of step {} ({}) at line {}",
-                step.index, step.kind, step.loc.line
-            ));
-            ev["error"] = format!("{e:#}").into();
-            errors.push(e);
-        }
-        log::event("teardown", ev);
     }
     errors.extend(b.release_all_loops());
     errors
@@ -261,14 +242,25 @@ fn save(c: &Cache, p: &stepcache::Plan, i: usize, step: &Step, b: &Build) {
     }
 }
 
+/// What a step event says about `step`, of `total`.
+fn step_info(step: &Step, total: usize) -> StepInfo {
+    StepInfo {
+        step: step.index,
+        steps: total,
+        kind: step.kind.to_string(),
+        line: step.loc.line,
+        description: step.describe(),
+    }
+}
+
 /// Note in the report how a step went (for the manifest).
-fn record(b: &mut Build, step: &Step, status: &str, secs: Option<f64>) {
+fn record(b: &mut Build, step: &Step, status: Status, secs: Option<f64>) {
     b.report.steps.push(StepRecord {
         index: step.index,
         kind: step.kind.to_string(),
         line: step.loc.line,
         description: step.describe(),
-        status: status.to_string(),
+        status,
         duration: secs.map(round3),
         unless: step.unless.clone(),
     });

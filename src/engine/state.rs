@@ -1,6 +1,8 @@
 //! The build state the steps share: tags (partitions, filesystems, mount points) and flags.
 
+use std::any::Any;
 use std::collections::BTreeSet;
+use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow, bail};
@@ -39,7 +41,52 @@ pub struct State {
     pub flags: BTreeSet<String>,
     /// What steps did that their teardown must undo, or later steps need not redo
     /// (mounts of virtual filesystems, files written for the build's duration).
-    pub notes: BTreeSet<String>,
+    pub notes: Notes,
+}
+
+/// A record in `Notes`: a type of the module that writes it.
+pub trait Note: Any + Debug + Send {}
+
+impl<T: Any + Debug + Send> Note for T {}
+
+/// Typed records of what steps did, each kind a type of the module that writes and
+/// reads it (the engine keeps them, never reads them); a record is kept once.
+#[derive(Debug, Default)]
+pub struct Notes(Vec<Box<dyn Note>>);
+
+impl Notes {
+    pub fn insert<T: Note + PartialEq>(&mut self, note: T) {
+        if !self.contains(&note) {
+            self.0.push(Box::new(note));
+        }
+    }
+
+    pub fn contains<T: Note + PartialEq>(&self, note: &T) -> bool {
+        self.of::<T>().any(|n| n == note)
+    }
+
+    /// Forget `note`; whether it was there.
+    pub fn remove<T: Note + PartialEq>(&mut self, note: &T) -> bool {
+        let before = self.0.len();
+        self.0
+            .retain(|n| (n.as_ref() as &dyn Any).downcast_ref::<T>() != Some(note));
+        self.0.len() != before
+    }
+
+    /// The notes of type `T`, oldest first.
+    pub fn of<T: Note>(&self) -> impl Iterator<Item = &T> {
+        self.0
+            .iter()
+            .filter_map(|n| (n.as_ref() as &dyn Any).downcast_ref::<T>())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl State {
@@ -97,6 +144,26 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notes_are_kept_once_by_type_and_value() {
+        #[derive(Debug, PartialEq)]
+        struct A(u32);
+        #[derive(Debug, PartialEq)]
+        struct B(u32);
+        let mut n = Notes::default();
+        n.insert(A(1));
+        n.insert(A(1));
+        n.insert(B(1));
+        n.insert(A(2));
+        assert_eq!(n.len(), 3);
+        assert!(n.contains(&A(1)) && n.contains(&B(1)) && !n.contains(&B(2)));
+        assert_eq!(n.of::<A>().collect::<Vec<_>>(), [&A(1), &A(2)]);
+        assert!(n.remove(&A(1)));
+        assert!(!n.remove(&A(1)));
+        assert_eq!(n.of::<A>().collect::<Vec<_>>(), [&A(2)]);
+        assert!(n.contains(&B(1)));
+    }
 
     #[test]
     fn unless_needs_all_flags() {

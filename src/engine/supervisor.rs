@@ -20,6 +20,7 @@ use crate::engine::inflight::{self, InFlight, OutputLock};
 use crate::engine::prepare::Prepared;
 use crate::engine::runner;
 use crate::engine::step::Registry;
+use crate::event::{Event, round3};
 use crate::host::blockdev::busy;
 use crate::host::{cmd, mount};
 use crate::log;
@@ -159,20 +160,19 @@ pub fn run_build(
     registry: &'static Registry,
 ) -> Result<Vec<PathBuf>, Failed> {
     let started = Instant::now();
-    log::event(
-        "build-start",
-        serde_json::json!({
-            "vmdb_version": env!("CARGO_PKG_VERSION"),
-            "spec": p.name,
-            "output": target.final_path.display().to_string(),
-            "format": p.opts.out.format.name(),
-            "steps": p.steps.len(),
-        }),
-    );
-    let secs = || output::round3(started.elapsed().as_secs_f64());
+    log::event(Event::BuildStart {
+        vmdb_version: env!("CARGO_PKG_VERSION").to_string(),
+        spec: p.name.clone(),
+        output: target.final_path.display().to_string(),
+        format: p.opts.out.format.name().to_string(),
+        steps: p.steps.len(),
+    });
+    let secs = || round3(started.elapsed().as_secs_f64());
     let fail = |e: anyhow::Error| {
         log::info(&format!("vmdb: {e:#}"));
-        log::event("error", serde_json::json!({ "message": format!("{e:#}") }));
+        log::event(Event::Error {
+            message: format!("{e:#}"),
+        });
     };
     // From here on a signal never ends vmdb before it cleaned up: it is passed on to
     // the build, and makes the build fail whatever phase it lands in.

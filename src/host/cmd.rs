@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 
+use crate::event::Event;
 use crate::log;
 
 /// Set by SIGINT/SIGTERM; the runner stops before the next step.
@@ -188,17 +189,14 @@ impl Cmd {
     pub fn run(&self) -> Result<String> {
         let shown = self.display();
         log::verbose(&format!("  $ {shown}"));
-        log::event(
-            "command",
-            serde_json::json!({
-                "step": log::current_step(),
-                "command": shown,
-                "argv": std::iter::once(&self.prog)
-                    .chain(&self.args)
-                    .map(|a| a.to_string_lossy())
-                    .collect::<Vec<_>>(),
-            }),
-        );
+        log::event(Event::Command {
+            step: log::current_step(),
+            command: shown.clone(),
+            argv: std::iter::once(&self.prog)
+                .chain(&self.args)
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+        });
         let mut c = Command::new(&self.prog);
         if self.clear_env {
             c.env_clear();

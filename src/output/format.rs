@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::qemu_img_convert;
-use super::{OutFile, OutputOptions, Report, sync_file, temp_name};
+use super::{OutFile, OutKind, OutputOptions, Report, sync_file, temp_name};
 use crate::host::cmd::Cmd;
 use crate::log;
 
@@ -64,7 +64,7 @@ pub(super) fn convert(
             OutFile {
                 partial: raw,
                 path: Some(final_path.to_path_buf()),
-                kind: "image".into(),
+                kind: OutKind::Image,
                 format: Some("raw".into()),
                 size: None,
                 sha256: None,
@@ -79,9 +79,9 @@ pub(super) fn convert(
             partial: out.clone(),
             path: Some(final_path.to_path_buf()),
             kind: if matches!(o.format, Format::VagrantLibvirt | Format::VagrantVirtualbox) {
-                "vagrant-box".into()
+                OutKind::VagrantBox
             } else {
-                "image".into()
+                OutKind::Image
             },
             format: Some(o.format.name().into()),
             size: None,

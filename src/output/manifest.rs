@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use super::checksum::sha256_bytes;
-use super::{OutputOptions, Report, StepRecord, round3};
+use super::{OutputOptions, Report, StepRecord};
+use crate::event::round3;
 
 /// The manifest (docs/manifest.md).
 pub(super) fn manifest(

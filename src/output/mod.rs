@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::event::Status;
 use crate::host::cmd::Cmd;
 use crate::log;
 
@@ -59,6 +60,28 @@ impl OutputOptions {
     }
 }
 
+/// What a file the build writes is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutKind {
+    Image,
+    VagrantBox,
+    /// Made by a step beside the image.
+    CloudInitSeed,
+    /// FILE.sha256 beside an output.
+    Checksum,
+    Manifest,
+    /// Removed whatever happens.
+    Temporary,
+}
+
+impl std::fmt::Display for OutKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let name = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(name.as_str().unwrap_or_default())
+    }
+}
+
 /// One file the build writes under a temporary name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutFile {
@@ -66,8 +89,7 @@ pub struct OutFile {
     pub partial: PathBuf,
     /// Its final name; None for a temporary file (or directory) that is always removed.
     pub path: Option<PathBuf>,
-    /// image, cloud-init-seed, checksum, manifest, or temporary.
-    pub kind: String,
+    pub kind: OutKind,
     pub format: Option<String>,
     /// Filled in when the file is complete.
     pub size: Option<u64>,
@@ -81,8 +103,7 @@ pub struct StepRecord {
     pub kind: String,
     pub line: usize,
     pub description: String,
-    /// ok, failed, interrupted or skipped.
-    pub status: String,
+    pub status: Status,
     /// Seconds; absent for a skipped step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration: Option<f64>,
@@ -131,9 +152,9 @@ impl Report {
 
     /// Outputs that get a final name, other than checksums and the manifest.
     pub fn outputs(&self) -> impl Iterator<Item = &OutFile> {
-        self.files
-            .iter()
-            .filter(|f| f.path.is_some() && f.kind != "checksum" && f.kind != "manifest")
+        self.files.iter().filter(|f| {
+            f.path.is_some() && !matches!(f.kind, OutKind::Checksum | OutKind::Manifest)
+        })
     }
     /// Register an output file that a step is about to write, and save the report in
     /// `dir`: returns the temporary name to write it under. It gets `path` when the
@@ -143,7 +164,7 @@ impl Report {
         &mut self,
         dir: &Path,
         path: &Path,
-        kind: &str,
+        kind: OutKind,
         format: Option<&str>,
         pid: u32,
     ) -> Result<PathBuf> {
@@ -172,7 +193,7 @@ impl Report {
         self.files.push(OutFile {
             partial: partial.clone(),
             path: Some(path),
-            kind: kind.to_string(),
+            kind,
             format: format.map(str::to_string),
             size: None,
             sha256: None,
@@ -188,7 +209,7 @@ impl Report {
         self.files.push(OutFile {
             partial: p,
             path: None,
-            kind: "temporary".into(),
+            kind: OutKind::Temporary,
             format: None,
             size: None,
             sha256: None,
@@ -282,7 +303,7 @@ pub fn finish(
             OutFile {
                 partial: final_path.clone(),
                 path: Some(final_path.clone()),
-                kind: "image".into(),
+                kind: OutKind::Image,
                 format: Some("raw".into()),
                 size,
                 sha256: None,
@@ -320,14 +341,14 @@ pub fn finish(
             };
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             let sum_path = PathBuf::from(format!("{}.sha256", path.display()));
-            let partial = report.add_output(dir, &sum_path, "checksum", None, pid)?;
+            let partial = report.add_output(dir, &sum_path, OutKind::Checksum, None, pid)?;
             write_file(&partial, format!("{sum}  {name}\n").as_bytes())?;
         }
     }
     if o.manifest {
         let m = manifest::manifest(report, o, vars, started, duration);
         let path = PathBuf::from(format!("{}.manifest.json", final_path.display()));
-        let partial = report.add_output(dir, &path, "manifest", None, pid)?;
+        let partial = report.add_output(dir, &path, OutKind::Manifest, None, pid)?;
         let mut text = serde_json::to_string_pretty(&m).context("encoding the manifest")?;
         text.push('\n');
         write_file(&partial, text.as_bytes())?;
@@ -355,10 +376,6 @@ pub fn sync_file(p: &Path) -> Result<u64> {
     Ok(f.metadata()
         .with_context(|| format!("output {}", p.display()))?
         .len())
-}
-
-pub fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 /// `qemu-img convert` from raw to `format`; compressed: qcow2 clusters, or a
@@ -450,19 +467,23 @@ mod tests {
         std::fs::write(p(".a.vmdb-partial-1"), "a").unwrap();
         std::fs::write(p(".a.sha256.vmdb-partial-1"), "s").unwrap();
         std::fs::write(p(".a.vmdb-partial-1.raw"), "r").unwrap();
-        let file = |partial: &str, path: Option<&str>, kind: &str| OutFile {
+        let file = |partial: &str, path: Option<&str>, kind: OutKind| OutFile {
             partial: p(partial),
             path: path.map(p),
-            kind: kind.into(),
+            kind,
             format: None,
             size: None,
             sha256: None,
         };
         let r = Report {
             files: vec![
-                file(".a.vmdb-partial-1", Some("a"), "image"),
-                file(".a.vmdb-partial-1.raw", None, "temporary"),
-                file(".a.sha256.vmdb-partial-1", Some("a.sha256"), "checksum"),
+                file(".a.vmdb-partial-1", Some("a"), OutKind::Image),
+                file(".a.vmdb-partial-1.raw", None, OutKind::Temporary),
+                file(
+                    ".a.sha256.vmdb-partial-1",
+                    Some("a.sha256"),
+                    OutKind::Checksum,
+                ),
             ],
             ..Report::default()
         };
@@ -488,7 +509,7 @@ mod tests {
                 OutFile {
                     partial: p(".a.vmdb-partial-1"),
                     path: Some(p("a")),
-                    kind: "image".into(),
+                    kind: OutKind::Image,
                     format: None,
                     size: None,
                     sha256: None,
@@ -496,7 +517,7 @@ mod tests {
                 OutFile {
                     partial: p(".b.vmdb-partial-1"),
                     path: Some(p("b")),
-                    kind: "checksum".into(),
+                    kind: OutKind::Checksum,
                     format: None,
                     size: None,
                     sha256: None,

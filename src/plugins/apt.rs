@@ -33,8 +33,12 @@ static SPEC: StepSpec = StepSpec {
 
 /// Owner of the virtual filesystems mounted for the step's duration.
 const OWNER: &str = "apt";
-/// `vmdb:apt-updated:ROOT:FINGERPRINT`: apt-get update ran with these sources.
-const UPDATED: &str = "vmdb:apt-updated:";
+/// apt-get update ran in the image at `root` with the sources of this fingerprint.
+#[derive(Debug, PartialEq)]
+pub struct Updated {
+    pub root: std::path::PathBuf,
+    pub sources: String,
+}
 
 /// apt-get's command line (inside the chroot) to install the packages.
 pub fn install_argv(packages: &[String], recommends: bool) -> Vec<String> {
@@ -96,7 +100,10 @@ pub fn install(
     owner: &str,
 ) -> Result<()> {
     chroot::enter(b, root, owner)?;
-    let updated = format!("{UPDATED}{}:{}", root.display(), sources_fingerprint(root));
+    let updated = Updated {
+        root: root.to_path_buf(),
+        sources: sources_fingerprint(root),
+    };
     if !b.state.notes.contains(&updated) || !has_lists(root) {
         apt_get(root, &["apt-get".into(), "update".into()])?;
         b.state.notes.insert(updated);

@@ -136,7 +136,11 @@ impl Plugin for CloudInitSeed {
             let p = dir.join(name);
             std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
         }
-        let out = b.add_output(Path::new(step.arg()), "cloud-init-seed", Some(format))?;
+        let out = b.add_output(
+            Path::new(step.arg()),
+            crate::output::OutKind::CloudInitSeed,
+            Some(format),
+        )?;
         let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
         write_seed(format, &dir, &names, &out)?;
         let _ = std::fs::remove_dir_all(&dir);

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::engine::build::Build;
 use crate::engine::plan::PlanTag;
-use crate::engine::state::Tag;
+use crate::engine::state::{Notes, Tag};
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 use crate::plugins::devmapper;
@@ -73,13 +73,10 @@ pub fn close_argv(name: &str) -> Vec<String> {
 }
 
 /// The teardown's command, if the step opened its mapping.
-pub fn teardown_argv(
-    step: &Step,
-    flags: &std::collections::BTreeSet<String>,
-) -> Option<Vec<String>> {
+pub fn teardown_argv(step: &Step, notes: &Notes) -> Option<Vec<String>> {
     let name = step.opt_str("tag")?;
-    flags
-        .contains(&devmapper::flag("luks-open", name))
+    notes
+        .contains(&devmapper::Active::Luks(name.to_string()))
         .then(|| close_argv(name))
 }
 
@@ -173,7 +170,9 @@ impl Plugin for Cryptsetup {
             }
         };
         run_cmd(&format_argv(&dev, &key))?;
-        b.state.notes.insert(devmapper::flag("luks-open", &name));
+        b.state
+            .notes
+            .insert(devmapper::Active::Luks(name.to_string()));
         run_cmd(&open_argv(&dev, &key, &name))?;
         let mapped = PathBuf::from("/dev/mapper").join(&name);
         b.state.add_tag(Tag {
@@ -192,7 +191,7 @@ impl Plugin for Cryptsetup {
             }
             b.state
                 .notes
-                .remove(&devmapper::flag("luks-open", &argv[2]));
+                .remove(&devmapper::Active::Luks(argv[2].to_string()));
         }
         Ok(())
     }

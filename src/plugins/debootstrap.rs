@@ -91,8 +91,10 @@ static SPEC: StepSpec = StepSpec {
     always_saved: true,
 };
 
-/// Set while debootstrap runs: its teardown then unmounts what it may have left.
-const RUNNING: &str = "vmdb:debootstrap-running:";
+/// Noted while debootstrap runs in the directory: its teardown then unmounts what it
+/// may have left.
+#[derive(Debug, PartialEq)]
+struct Running(std::path::PathBuf);
 
 /// Anything in `dir` but lost+found and trees of empty directories: those are the
 /// mount points of filesystems mounted below the target (an ESP at /boot/efi).
@@ -300,8 +302,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     };
     let ca = step.opt_str("tls_ca_certs").map(|p| b.spec_path(p));
     mirror::check_suite_with(&args.mirror, &args.suite, ca.as_deref())?;
-    let flag = format!("{RUNNING}{}", dir.display());
-    b.state.notes.insert(flag.clone());
+    b.state.notes.insert(Running(dir.clone()));
     let cache = crate::distro::debcache::dir(&b.opts);
     if uses_mmdebstrap(step) {
         // Its second stage runs the image's programs with its environment.
@@ -320,7 +321,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
             collect(c, &dir);
         }
         bootstrap::tidy(&dir)?;
-        b.state.notes.remove(&flag);
+        b.state.notes.remove(&Running(dir.clone()));
         return Ok(());
     }
     // debootstrap gets no --cache-dir: it would download into the shared cache under
@@ -348,7 +349,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
         collect(c, &dir);
         crate::distro::debcache::unseed(&dir, &seeded)?;
     }
-    b.state.notes.remove(&flag);
+    b.state.notes.remove(&Running(dir.clone()));
     Ok(())
 }
 
@@ -371,8 +372,7 @@ pub fn teardown_step(step: &Step, b: &mut Build) -> Result<()> {
     let Ok(dir) = chroot::tag_dir(b, step.str("target")?) else {
         return Ok(());
     };
-    let flag = format!("{RUNNING}{}", dir.display());
-    if !b.state.notes.remove(&flag) {
+    if !b.state.notes.remove(&Running(dir.clone())) {
         return Ok(());
     }
     for p in crate::host::mount::VIRTUAL_PATHS {
@@ -555,9 +555,9 @@ mod root_tests {
         assert!(!root.join("etc/apt/apt.conf.d/00vmdb-dpkg-path").exists());
         assert!(crate::host::mount::mounts_below(&root).unwrap().is_empty());
         // apt ran its update once and remembers it; nothing else is left in the state.
-        let flags: Vec<&String> = b.state.notes.iter().collect();
-        assert_eq!(flags.len(), 1, "{flags:?}");
-        assert!(flags[0].starts_with("vmdb:apt-updated:"));
+        assert_eq!(b.state.notes.len(), 1, "{:?}", b.state.notes);
+        let updated: Vec<_> = b.state.notes.of::<crate::plugins::apt::Updated>().collect();
+        assert_eq!(updated.len(), 1);
         eprintln!(
             "TIMING tarball {:.0} MB",
             std::fs::metadata(&tarball).unwrap().len() as f64 / 1e6

@@ -34,18 +34,24 @@ pub fn device(b: &mut Build, tag: &str) -> Result<PathBuf> {
     b.partition_device(tag)
 }
 
-/// Flags in the build state: what a step opened or activated, for its teardown.
-pub fn flag(what: &str, name: &str) -> String {
-    format!("vmdb:{what}:{name}")
+/// Notes in the build state: what a step opened or activated, for its teardown.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Active {
+    /// A LUKS mapping, by name.
+    Luks(String),
+    /// A volume group, by name.
+    VolumeGroup(String),
+    /// A logical volume, as VG/LV.
+    LogicalVolume(String),
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
     use std::path::{Path, PathBuf};
 
     use crate::engine::plan::Plan;
     use crate::engine::spec::Diag;
+    use crate::engine::state::Notes;
     use crate::engine::step::Step;
     use crate::engine::template::Renderer;
     use crate::plugins::testing::plan_with_root;
@@ -194,7 +200,12 @@ mod tests {
 
     /// What the teardowns of the dm steps run, newest step first (as the runner calls
     /// them), given the flags their runs left.
-    fn teardown_commands(steps: &[Step], flags: &BTreeSet<String>) -> Vec<Vec<String>> {
+    fn teardown_commands(steps: &[Step], notes: &[super::Active]) -> Vec<Vec<String>> {
+        let mut flags = Notes::default();
+        for n in notes {
+            flags.insert(n.clone());
+        }
+        let flags = &flags;
         steps
             .iter()
             .rev()
@@ -212,14 +223,13 @@ mod tests {
     fn teardown_closes_and_deactivates_in_reverse() {
         let steps = validate(&[LVM_SPEC, &["lvscan: oldvg\ntags: [data]"]].concat(), true).unwrap();
         // Everything ran: every run recorded what it opened or activated.
-        let all: BTreeSet<String> = [
-            super::flag("luks-open", "pv_crypt"),
-            super::flag("vg-active", "rootvg"),
-            super::flag("lv-active", "rootvg/rootfs"),
-            super::flag("lv-active", "rootvg/home"),
-            super::flag("vg-active", "oldvg"),
-        ]
-        .into();
+        let all = [
+            super::Active::Luks("pv_crypt".into()),
+            super::Active::VolumeGroup("rootvg".into()),
+            super::Active::LogicalVolume("rootvg/rootfs".into()),
+            super::Active::LogicalVolume("rootvg/home".into()),
+            super::Active::VolumeGroup("oldvg".into()),
+        ];
         assert_eq!(
             teardown_commands(&steps, &all),
             [
@@ -232,11 +242,10 @@ mod tests {
         );
         // The build failed in vgcreate: only the LUKS mapping and the half-made
         // volume group are undone.
-        let part: BTreeSet<String> = [
-            super::flag("luks-open", "pv_crypt"),
-            super::flag("vg-active", "rootvg"),
-        ]
-        .into();
+        let part = [
+            super::Active::Luks("pv_crypt".into()),
+            super::Active::VolumeGroup("rootvg".into()),
+        ];
         assert_eq!(
             teardown_commands(&steps, &part),
             [
@@ -244,6 +253,6 @@ mod tests {
                 vec!["cryptsetup", "close", "pv_crypt"],
             ]
         );
-        assert!(teardown_commands(&steps, &BTreeSet::new()).is_empty());
+        assert!(teardown_commands(&steps, &[]).is_empty());
     }
 }

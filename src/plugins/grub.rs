@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::engine::build::Build;
+use crate::engine::plan::Filesystem;
 use crate::engine::state::Tag;
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::blockdev::table;
@@ -79,8 +80,9 @@ impl Plugin for Grub {
         match c.step.opt_str("efi").map(str::to_string) {
             Some(efi) => {
                 if c.use_tag("efi", &efi) {
-                    let fs = c.plan.tags[&efi].fs_type.clone();
-                    if !matches!(fs.as_deref(), Some("vfat" | "fat" | "(existing)")) {
+                    let fs = &c.plan.tags[&efi].filesystem;
+                    // An existing filesystem is checked when the build reads it.
+                    if !matches!(fs.made(), Some("vfat" | "fat")) && *fs != Filesystem::Existing {
                         c.err(
                             "efi",
                             format!(

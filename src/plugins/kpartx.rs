@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 
 use crate::engine::build::Build;
-use crate::engine::plan::PlanTag;
+use crate::engine::plan::{Filesystem, PlanTag};
 use crate::engine::state::Tag;
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::blockdev::table;
@@ -44,7 +44,7 @@ impl Plugin for Kpartx {
             let t = PlanTag {
                 step: c.step.index,
                 disk: Some(disk.clone()),
-                fs_type: Some("(existing)".into()),
+                filesystem: Filesystem::Existing,
                 ..PlanTag::default()
             };
             if let Err(e) = c.plan.define_tag(&tag, t) {

@@ -1,14 +1,13 @@
 //! `lvcreate: VG`: make a logical volume in a volume group; the volume becomes a tag
 //! (its name) for mkfs and mount. Needs device-mapper on the host.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::Result;
 
 use crate::engine::build::Build;
 use crate::engine::plan::PlanTag;
-use crate::engine::state::Tag;
+use crate::engine::state::{Notes, Tag};
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::plugins::devmapper;
 
@@ -98,13 +97,13 @@ pub fn deactivate_argv(vg: &str, name: &str) -> Vec<String> {
 }
 
 /// The teardown's command, if the step made its volume.
-pub fn teardown_argv(step: &Step, flags: &BTreeSet<String>) -> Option<Vec<String>> {
+pub fn teardown_argv(step: &Step, notes: &Notes) -> Option<Vec<String>> {
     let name = step.opt_str("name")?;
-    flags
-        .contains(&devmapper::flag(
-            "lv-active",
-            &format!("{}/{name}", step.arg()),
-        ))
+    notes
+        .contains(&devmapper::Active::LogicalVolume(format!(
+            "{}/{name}",
+            step.arg()
+        )))
         .then(|| deactivate_argv(step.arg(), name))
 }
 
@@ -153,7 +152,7 @@ impl Plugin for Lvcreate {
         let argv = argv(vg, name, step.str("size")?).map_err(anyhow::Error::msg)?;
         b.state
             .notes
-            .insert(devmapper::flag("lv-active", &format!("{vg}/{name}")));
+            .insert(devmapper::Active::LogicalVolume(format!("{vg}/{name}")));
         run_cmd(&argv)?;
         b.state.add_tag(Tag {
             name: name.to_string(),
@@ -170,7 +169,7 @@ impl Plugin for Lvcreate {
             }
             b.state
                 .notes
-                .remove(&devmapper::flag("lv-active", &format!("{vg}/{name}")));
+                .remove(&devmapper::Active::LogicalVolume(format!("{vg}/{name}")));
         }
         Ok(())
     }

@@ -2,13 +2,11 @@
 //! spec, see kpartx's `tags`) and give tags to its logical volumes. Needs
 //! device-mapper on the host.
 
-use std::collections::BTreeSet;
-
 use anyhow::{Result, bail};
 
 use crate::engine::build::Build;
 use crate::engine::plan::PlanTag;
-use crate::engine::state::Tag;
+use crate::engine::state::{Notes, Tag};
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::plugins::devmapper;
 
@@ -40,9 +38,9 @@ pub fn argvs(vg: &str) -> Vec<Vec<String>> {
 }
 
 /// The teardown's command, if the step activated the volume group.
-pub fn teardown_argv(step: &Step, flags: &BTreeSet<String>) -> Option<Vec<String>> {
-    flags
-        .contains(&devmapper::flag("vg-active", step.arg()))
+pub fn teardown_argv(step: &Step, notes: &Notes) -> Option<Vec<String>> {
+    notes
+        .contains(&devmapper::Active::VolumeGroup(step.arg().to_string()))
         .then(|| deactivate_argv(step.arg()))
 }
 
@@ -82,7 +80,9 @@ impl Plugin for Lvscan {
             (v.pop().expect("two commands"), a)
         };
         run_cmd(&scan)?;
-        b.state.notes.insert(devmapper::flag("vg-active", vg));
+        b.state
+            .notes
+            .insert(devmapper::Active::VolumeGroup(vg.to_string()));
         run_cmd(&activate)?;
         for lv in step.list("tags") {
             let dev = lvcreate::device(vg, &lv);
@@ -106,7 +106,7 @@ impl Plugin for Lvscan {
             run_cmd(&argv)?;
             b.state
                 .notes
-                .remove(&devmapper::flag("vg-active", step.arg()));
+                .remove(&devmapper::Active::VolumeGroup(step.arg().to_string()));
         }
         Ok(())
     }

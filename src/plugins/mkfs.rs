@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 
 use crate::engine::build::Build;
+use crate::engine::plan::Filesystem;
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 
@@ -81,7 +82,7 @@ impl Plugin for Mkfs {
         let part = c.step.opt_str("partition").unwrap_or_default().to_string();
         if c.use_tag("partition", &part) {
             if let Some(t) = c.plan.tags.get_mut(&part) {
-                t.fs_type = Some(fs);
+                t.filesystem = Filesystem::Made(fs);
             }
         }
     }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 
 use crate::engine::build::Build;
-use crate::engine::plan::PlanTag;
+use crate::engine::plan::{Filesystem, PlanTag};
 use crate::engine::state::Tag;
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::blockdev::table::{self, LabelKind, NewPartition};
@@ -70,7 +70,7 @@ impl Plugin for Mkpart {
             let t = PlanTag {
                 step: step.index,
                 disk: Some(device),
-                fs_type: None,
+                filesystem: Filesystem::None,
                 mounted: false,
             };
             if let Err(e) = c.plan.define_tag(tag, t) {

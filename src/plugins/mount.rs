@@ -12,6 +12,7 @@ use nix::mount::MsFlags;
 
 use crate::engine::build::Build;
 use crate::engine::cachekey::CacheInputs;
+use crate::engine::plan::Filesystem;
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 use crate::host::image_root::ImageRoot;
@@ -63,7 +64,7 @@ impl Plugin for Mount {
             let t = &c.plan.tags[&tag];
             if t.mounted {
                 c.err("mount", format!("tag '{tag}' is already mounted"));
-            } else if t.fs_type.is_none() {
+            } else if t.filesystem == Filesystem::None {
                 c.err(
                     "mount",
                     format!("tag '{tag}' has no filesystem: add an mkfs step before mounting it"),
@@ -93,7 +94,11 @@ impl Plugin for Mount {
                 );
             }
         }
-        let fs = c.plan.tags.get(&tag).and_then(|t| t.fs_type.clone());
+        let fs = c
+            .plan
+            .tags
+            .get(&tag)
+            .and_then(|t| t.filesystem.made().map(str::to_string));
         if matches!(fs.as_deref(), Some("vfat" | "fat")) {
             // FAT is not mounted but staged: mtools copy its files out and back in.
             c.needs("mount", "mdir", "mtools");

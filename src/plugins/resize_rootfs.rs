@@ -92,6 +92,16 @@ const NEEDS: &[(&[&str], &str)] = &[
     (&["usr/bin/systemctl", "bin/systemctl"], "systemd"),
 ];
 
+/// Why the filesystem of `tag`, of type `fs`, cannot be resized; None when it can.
+fn not_growable(tag: &str, fs: &str) -> Option<String> {
+    (!GROWABLE.contains(&fs)).then(|| {
+        format!(
+            "tag '{tag}' has a {fs} filesystem, which cannot be grown while mounted: expected one of {}",
+            GROWABLE.join(", ")
+        )
+    })
+}
+
 /// What a root filesystem of type `fs` needs to grow, in the image.
 fn grower(fs: &str) -> Option<(&'static [&'static str], &'static str)> {
     Some(match fs {
@@ -132,29 +142,26 @@ impl Plugin for ResizeRootfs {
     fn check(&self, c: &mut Check) {
         let tag = c.step.arg().to_string();
         chroot::check_mounted_tag(c, "resize-rootfs", &tag);
-        let fs = c.plan.tags.get(&tag).and_then(|t| t.fs_type.clone());
-        if let Some(fs) = fs {
-            if !GROWABLE.contains(&fs.as_str()) {
-                c.err(
-                    "resize-rootfs",
-                    format!(
-                        "tag '{tag}' has a {fs} filesystem, which cannot be grown while mounted: expected one of {}",
-                        GROWABLE.join(", ")
-                    ),
-                );
-            }
+        // An existing filesystem (kpartx tags) is checked when the build knows its type.
+        let fs = c
+            .plan
+            .tags
+            .get(&tag)
+            .and_then(|t| t.filesystem.made().map(str::to_string));
+        if let Some(why) = fs.and_then(|fs| not_growable(&tag, &fs)) {
+            c.err("resize-rootfs", why);
         }
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let tag = step.arg();
         let root = chroot::tag_dir(b, tag)?;
-        let fs = b
-            .state
-            .tag(tag)?
-            .fs_type
-            .clone()
-            .unwrap_or_else(|| "ext4".into());
+        let Some(fs) = b.state.tag(tag)?.fs_type.clone() else {
+            bail!("the type of the filesystem of tag '{tag}' is not known (blkid found none)");
+        };
+        if let Some(why) = not_growable(tag, &fs) {
+            bail!(why);
+        }
         let img = ImageRoot::open(&root)?;
         let missing = missing_packages(&img, &fs)?;
         if !missing.is_empty() {
@@ -206,6 +213,35 @@ mod tests {
             ]
         );
         assert!(check_errors("resize-rootfs: /").is_empty());
+    }
+
+    /// A disk partitioned outside the spec (kpartx `tags`): the filesystem's type is
+    /// only known when the build reads it.
+    #[test]
+    fn an_existing_filesystem_is_checked_when_the_build_reads_it() {
+        let s = crate::plugins::testing::steps(&[
+            "kpartx: disk.img\ntags: [root]",
+            "mount: root",
+            "resize-rootfs: root",
+        ]);
+        assert!(s.is_ok(), "{s:?}");
+        let (mut b, _root) = test_build_with_root();
+        b.state.tag_mut("/").unwrap().fs_type = Some("vfat".into());
+        let e = ResizeRootfs
+            .run(&test_step("resize-rootfs: /"), &mut b)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tag '/' has a vfat filesystem, which cannot be grown while mounted: expected one of ext2, ext3, ext4, xfs, btrfs"
+        );
+        b.state.tag_mut("/").unwrap().fs_type = None;
+        let e = ResizeRootfs
+            .run(&test_step("resize-rootfs: /"), &mut b)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the type of the filesystem of tag '/' is not known (blkid found none)"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! would be, and a build with a root filesystem.
 
 use crate::engine::build::{Build, Options};
-use crate::engine::plan::{Plan, PlanTag};
+use crate::engine::plan::{Filesystem, Plan, PlanTag};
 use crate::engine::spec::Diag;
 use crate::engine::state::Tag;
 use crate::engine::step::{Step, validate};
@@ -15,7 +15,7 @@ pub(crate) fn plan_with_root() -> Plan {
         "/",
         PlanTag {
             step: 0,
-            fs_type: Some("ext4".into()),
+            filesystem: Filesystem::Made("ext4".into()),
             mounted: true,
             ..PlanTag::default()
         },
@@ -98,7 +98,7 @@ pub fn steps(yaml_steps: &[&str]) -> Result<Vec<Step>, Vec<String>> {
         PlanTag {
             step: 0,
             mounted: true,
-            fs_type: Some("ext4".into()),
+            filesystem: Filesystem::Made("ext4".into()),
             ..PlanTag::default()
         },
     );

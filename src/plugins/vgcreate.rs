@@ -1,12 +1,12 @@
 //! `vgcreate: VG`: make LVM physical volumes of tagged devices and a volume group of
 //! them. Needs device-mapper on the host.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::Result;
 
 use crate::engine::build::Build;
+use crate::engine::state::Notes;
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
 use crate::plugins::devmapper;
@@ -52,9 +52,9 @@ pub fn deactivate_argv(vg: &str) -> Vec<String> {
 }
 
 /// The teardown's command, if the step made its volume group.
-pub fn teardown_argv(step: &Step, flags: &BTreeSet<String>) -> Option<Vec<String>> {
-    flags
-        .contains(&devmapper::flag("vg-active", step.arg()))
+pub fn teardown_argv(step: &Step, notes: &Notes) -> Option<Vec<String>> {
+    notes
+        .contains(&devmapper::Active::VolumeGroup(step.arg().to_string()))
         .then(|| deactivate_argv(step.arg()))
 }
 
@@ -120,7 +120,7 @@ impl Plugin for Vgcreate {
         }
         b.state
             .notes
-            .insert(devmapper::flag("vg-active", step.arg()));
+            .insert(devmapper::Active::VolumeGroup(step.arg().to_string()));
         run_cmd(vgcreate)?;
         Ok(())
     }
@@ -130,7 +130,7 @@ impl Plugin for Vgcreate {
             run_cmd(&argv)?;
             b.state
                 .notes
-                .remove(&devmapper::flag("vg-active", step.arg()));
+                .remove(&devmapper::Active::VolumeGroup(step.arg().to_string()));
         }
         Ok(())
     }
