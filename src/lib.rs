@@ -2,7 +2,7 @@
 //!
 //! The front (main, cli, app, matrix, cachecmd) over layers whose imports only point
 //! down: plugins -> distro -> engine -> output -> host -> base (log, event, progress,
-//! size); boot (`vmdb boot`) uses host and base only.
+//! size, digest); boot (`vmdb boot`) uses host and base only.
 
 pub mod app;
 pub mod cachecmd;
@@ -16,6 +16,7 @@ pub mod host;
 pub mod output;
 pub mod plugins;
 
+pub mod digest;
 pub mod event;
 pub mod log;
 pub mod progress;

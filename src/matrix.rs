@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{BuildArgs, EXIT_FAILED, EXIT_USAGE};
 use crate::engine::template::Renderer;
+use crate::host::signals;
 
 /// One image of the matrix.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,17 +90,9 @@ static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 /// SIGINT, SIGTERM, SIGHUP: start nothing more, and stop the running builds (each
 /// tears down and removes its image).
 fn forward_signals_to_children() {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
-        return;
-    };
-    std::thread::spawn(move || {
-        for _ in signals.forever() {
-            crate::host::cmd::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-            for pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                // SAFETY: kill(2) has no memory-safety preconditions.
-                unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
-            }
+    let _ = signals::catch(|_| {
+        for pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            signals::send(*pid, nix::sys::signal::Signal::SIGTERM);
         }
     });
 }
@@ -204,7 +197,7 @@ pub fn run(args: &BuildArgs, spec: &Path, output: &Path, image_var: bool) -> i32
     let mut results: Vec<(&Cell, bool, f64)> = Vec::new();
     forward_signals_to_children();
     while !waiting.is_empty() || !running.is_empty() {
-        while running.len() < jobs && !crate::host::cmd::interrupted() {
+        while running.len() < jobs && !signals::interrupted() {
             let Some(c) = waiting.pop() else { break };
             let log = match std::fs::File::create(log_path(c)) {
                 Ok(f) => f,
@@ -235,7 +228,7 @@ pub fn run(args: &BuildArgs, spec: &Path, output: &Path, image_var: bool) -> i32
                 }
             }
         }
-        if crate::host::cmd::interrupted() {
+        if signals::interrupted() {
             waiting.clear();
         }
         let mut i = 0;

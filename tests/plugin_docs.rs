@@ -27,7 +27,7 @@ fn example(name: &str, page: &str) -> String {
 /// A plan in which earlier steps made and mounted "/" (ext4) and "efi" (vfat).
 fn plan_with_disk(spec_dir: &Path) -> Plan {
     let mut plan = Plan {
-        spec_dir: spec_dir.to_path_buf(),
+        spec_dir: spec_dir.into(),
         // The device-mapper steps' examples are for hosts that have it.
         host_has_device_mapper: true,
         ..Plan::default()
@@ -101,7 +101,7 @@ fn every_example_validates() {
             .unwrap_or_else(|d| panic!("plugins/{name}.md example: {d:?}"));
         let mut plan = if yaml.starts_with("- mkimg:") {
             Plan {
-                spec_dir: dir.path().to_path_buf(),
+                spec_dir: dir.path().into(),
                 host_has_device_mapper: true,
                 ..Plan::default()
             }

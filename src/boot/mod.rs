@@ -20,10 +20,13 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::host::signals;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BootArgs {
@@ -76,7 +79,7 @@ pub fn boot(args: &BootArgs, verbose: bool) -> Result<()> {
     };
     // Catch Ctrl-C/SIGTERM so we can kill qemu and remove temp files
     // ourselves; PR_SET_PDEATHSIG covers the cases where we cannot.
-    let _signals = SignalGuard::install();
+    signals::catch(|_| {})?;
     run_boot(args, verbose, &opts)
 }
 
@@ -788,7 +791,7 @@ struct Vm {
 
 impl Vm {
     fn spawn(program: &Path, args: &[OsString], arch: Arch) -> Result<Vm> {
-        let parent = std::process::id() as libc::pid_t;
+        let parent = nix::unistd::getpid();
         let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::piped())
@@ -797,17 +800,15 @@ impl Vm {
             // Own process group: Ctrl-C in the terminal reaches only us,
             // and we can kill qemu with everything it started in one go.
             .process_group(0);
-        // SAFETY: only async-signal-safe calls between fork and exec.
+        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 // If vmdb dies without cleaning up (SIGKILL, panic=abort),
                 // the kernel kills qemu for us.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // We may have died before prctl took effect.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
+                signals::die_with_parent()?;
+                // We may have died before that took effect.
+                if nix::unistd::getppid() != parent {
+                    return Err(std::io::Error::other("vmdb is gone"));
                 }
                 Ok(())
             });
@@ -908,10 +909,7 @@ impl Vm {
     fn kill(&mut self) {
         // The whole group: qemu may have helpers, and a wrapper script
         // standing in for qemu has children.
-        // SAFETY: plain kill(2) on our own child's process group.
-        unsafe {
-            libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
-        }
+        signals::send_group(self.child.id(), Signal::SIGKILL);
         if self.status.is_none() {
             self.status = self.child.wait().ok();
         }
@@ -922,49 +920,6 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.stdin = None;
         self.kill();
-    }
-}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_sig: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Installs handlers for SIGINT/SIGTERM/SIGHUP that only set a flag, and
-/// puts the previous handlers back when dropped.
-struct SignalGuard {
-    old: Vec<(libc::c_int, libc::sigaction)>,
-}
-
-impl SignalGuard {
-    fn install() -> SignalGuard {
-        INTERRUPTED.store(false, Ordering::SeqCst);
-        let mut old = Vec::new();
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            // SAFETY: sigaction with a handler that only touches an atomic.
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-                libc::sigemptyset(&mut sa.sa_mask);
-                let mut prev: libc::sigaction = std::mem::zeroed();
-                if libc::sigaction(sig, &sa, &mut prev) == 0 {
-                    old.push((sig, prev));
-                }
-            }
-        }
-        SignalGuard { old }
-    }
-}
-
-impl Drop for SignalGuard {
-    fn drop(&mut self) {
-        for (sig, prev) in &self.old {
-            // SAFETY: restoring the handler we replaced.
-            unsafe {
-                libc::sigaction(*sig, prev, std::ptr::null_mut());
-            }
-        }
     }
 }
 
@@ -1104,7 +1059,7 @@ fn drive(
         Ok(())
     };
     loop {
-        if opts.handle_signals && INTERRUPTED.load(Ordering::SeqCst) {
+        if opts.handle_signals && signals::interrupted() {
             return Err(Failure::Interrupted);
         }
         let now = Instant::now();

@@ -17,12 +17,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
 
+use crate::digest::sha256_of_stream;
 use crate::engine::build::Options;
 use crate::host::cachefile::Temp;
 use crate::host::image_root::ImageRoot;
@@ -67,21 +67,7 @@ fn recorded_sum(f: &File) -> Option<String> {
 
 /// Copy what is left to read of `src` into `dest`, returning its SHA-256.
 fn copy_hashing(src: &mut File, dest: &mut File) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = src.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        dest.write_all(&buf[..n])?;
-    }
-    Ok(hex(&h.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    sha256_of_stream(src, |b| dest.write_all(b))
 }
 
 /// Remove a cached package found damaged (unless another build replaced it meanwhile)
@@ -255,7 +241,7 @@ pub fn list_for_bootstrap(cache: &Path, root: &Path, arch: &str, list: &Path) ->
             let Ok(mut f) = File::open(cache.join(&name)) else {
                 continue;
             };
-            let got = crate::engine::stepcache::sha256_reader(&mut f)
+            let got = crate::digest::sha256_reader(&mut f)
                 .with_context(|| format!("reading {name} in the package cache"))?;
             if got == sum {
                 good.push(cache.join(&name));
@@ -475,7 +461,7 @@ mod tests {
     use super::*;
 
     fn sha(data: &[u8]) -> String {
-        hex(&Sha256::digest(data))
+        crate::digest::sha256(data)
     }
 
     fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use sha2::{Digest, Sha256};
 
+use crate::digest::{Digest, Sha256, hex};
 use crate::engine::cachekey::Archive;
 use crate::host::cmd::Cmd;
 
@@ -379,10 +379,7 @@ pub fn release_state(text: &[u8]) -> Option<String> {
         h.update(l.trim_end().as_bytes());
         h.update(b"\n");
     }
-    let sum: String = h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sum = hex(&h.finalize()[..8]);
     date.map(|d| format!("{d} ({sum})"))
 }
 
@@ -480,10 +477,7 @@ pub fn archive_state(a: &Archive) -> Result<String, String> {
                     FetchError::NotFound => format!("{url} went away"),
                     FetchError::Failed(m) => m,
                 })?;
-                let sum: String = Sha256::digest(&all)[..8]
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
+                let sum = hex(&Sha256::digest(&all)[..8]);
                 return Ok(format!("undated ({sum})"));
             }
             Err(FetchError::NotFound) => continue,

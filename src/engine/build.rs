@@ -6,14 +6,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::engine::spec::SpecDir;
 use crate::engine::state::State;
+use crate::host::blockdev::is_block_device;
 use crate::host::blockdev::loopdev::LoopDevice;
 use crate::output::OutKind;
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Directory of the spec file: relative paths in steps are relative to it.
-    pub spec_dir: PathBuf,
+    pub spec_dir: SpecDir,
     pub rootfs_tarball: Option<PathBuf>,
     /// The rendered template variables.
     pub vars: BTreeMap<String, String>,
@@ -71,16 +73,6 @@ impl Build {
             part_loops: Vec::new(),
             mounted: Vec::new(),
             held: Vec::new(),
-        }
-    }
-
-    /// A path from the spec, relative to the spec's directory.
-    pub fn spec_path(&self, p: &str) -> PathBuf {
-        let p = Path::new(p);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.opts.spec_dir.join(p)
         }
     }
 
@@ -256,11 +248,4 @@ fn write_back_failed(e: anyhow::Error) -> anyhow::Error {
     e.context(
         "the image is incomplete: a write to it was lost (is the disk holding the image full?)",
     )
-}
-
-pub fn is_block_device(p: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(p)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false)
 }

@@ -8,8 +8,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
 
+use crate::digest::{Digest, Sha256, hex};
 use crate::engine::build::Options;
 
 /// A suite of a package archive whose state the step cache's keys follow: a rebuild
@@ -63,7 +63,7 @@ impl<'a> CacheInputs<'a> {
     /// The step reads the host file or directory `name` (relative to the spec's
     /// directory): its contents, modes and owners go into the key.
     pub fn file(&mut self, name: &str) -> Result<()> {
-        let path = self.opts.spec_dir.join(name);
+        let path = self.opts.spec_dir.path(name);
         self.file_at(name, &path)
     }
 
@@ -109,10 +109,6 @@ impl<'a> CacheInputs<'a> {
     pub fn fetches_from_sources(&mut self) {
         self.fetches_from_sources = true;
     }
-}
-
-pub(super) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Hash a file or a directory tree: relative paths, modes, owners, link targets and

@@ -43,11 +43,8 @@ pub struct OutputLock {
 /// (its absolute path, or a block device's number). Fails, saying which vmdb holds it,
 /// if another build has it.
 pub fn lock_output(key: &str, shown: &Path) -> Result<OutputLock> {
-    use sha2::Digest;
-    let sum: String = sha2::Sha256::digest(key.as_bytes())[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    use crate::digest::{Digest, Sha256, hex};
+    let sum = hex(&Sha256::digest(key.as_bytes())[..16]);
     let path = dir("outputs")?.join(format!("{sum}.lock"));
     // The file may be removed by its holder between our open and our lock: then the
     // lock is on a file nobody else will find, and we try again.

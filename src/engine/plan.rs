@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use crate::engine::spec::{Diag, Loc};
+use crate::engine::spec::{Diag, Loc, SpecDir};
 use crate::host::blockdev::table::LabelKind;
 
 /// The filesystem a tag carries, as far as validation knows.
@@ -73,7 +73,7 @@ pub struct Plan {
     /// Whether the host can use device-mapper (cryptsetup, LVM).
     pub host_has_device_mapper: bool,
     /// Directory of the spec file, for checking that source files named in steps exist.
-    pub spec_dir: std::path::PathBuf,
+    pub spec_dir: SpecDir,
     /// LVM volume groups made (vgcreate) or activated (lvscan) by earlier steps.
     pub volume_groups: BTreeSet<String>,
     /// The tags mounted so far (see `mount`).
@@ -92,11 +92,8 @@ const TAGS_LISTED: usize = 10;
 
 impl Plan {
     pub fn for_this_host() -> Plan {
-        let dm = std::fs::read_to_string("/proc/misc")
-            .map(|s| s.lines().any(|l| l.ends_with(" device-mapper")))
-            .unwrap_or(false);
         Plan {
-            host_has_device_mapper: dm,
+            host_has_device_mapper: crate::host::blockdev::has_device_mapper(),
             ..Plan::default()
         }
     }

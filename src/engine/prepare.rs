@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::build::Options;
 use crate::engine::plan::Plan;
-use crate::engine::spec::{self, Diag};
+use crate::engine::spec::{self, Diag, SpecDir};
 use crate::engine::step::{self, Plugin, Step};
 use crate::engine::template::Renderer;
 
@@ -43,31 +43,17 @@ pub fn prepare(
     rootfs_tarball: Option<&Path>,
     plugins: &[&'static dyn Plugin],
 ) -> Result<Prepared, Refused> {
-    let (name, text, spec_dir) = if spec_path == Path::new("-") {
+    let (name, text) = if spec_path == Path::new("-") {
         let mut s = String::new();
         if let Err(e) = std::io::stdin().read_to_string(&mut s) {
             return Err(Refused::Unreadable(format!(
                 "reading the spec from standard input: {e}"
             )));
         }
-        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-        ("<stdin>".to_string(), s, cwd)
+        ("<stdin>".to_string(), s)
     } else {
         match std::fs::read_to_string(spec_path) {
-            Ok(s) => {
-                let dir = spec_path
-                    .parent()
-                    .map(|p| {
-                        if p.as_os_str().is_empty() {
-                            Path::new(".")
-                        } else {
-                            p
-                        }
-                    })
-                    .unwrap_or(Path::new("."));
-                let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-                (spec_path.display().to_string(), s, dir)
-            }
+            Ok(s) => (spec_path.display().to_string(), s),
             Err(e) => {
                 return Err(Refused::Unreadable(format!(
                     "cannot read spec {}: {e}",
@@ -76,6 +62,7 @@ pub fn prepare(
             }
         }
     };
+    let spec_dir = SpecDir::of(spec_path);
     let invalid = |warnings: Vec<Diag>, problems: Vec<Diag>| Refused::Invalid {
         name: name.clone(),
         warnings,

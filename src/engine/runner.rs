@@ -4,12 +4,13 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Error, anyhow};
+use nix::sys::signal::Signal;
 
 use crate::engine::build::Build;
 use crate::engine::step::{CacheRole, Registry, Step, find};
 use crate::engine::stepcache::{self, Cache};
 use crate::event::{Event, Status, StepInfo, round3};
-use crate::host::cmd;
+use crate::host::signals;
 use crate::log;
 use crate::output::StepRecord;
 use crate::progress::Progress;
@@ -25,7 +26,7 @@ pub fn run(steps: &[Step], registry: &Registry, b: &mut Build) -> Vec<Error> {
         .as_ref()
         .and_then(|(_, p)| p.restore.as_ref().map(|(i, _)| *i));
     for (i, step) in steps.iter().enumerate() {
-        if cmd::interrupted() {
+        if signals::interrupted() {
             errors.push(anyhow!("interrupted before step {}", step.index));
             break;
         }
@@ -79,7 +80,7 @@ pub fn run(steps: &[Step], registry: &Registry, b: &mut Build) -> Vec<Error> {
         let secs = t.elapsed().as_secs_f64();
         log::set_step(0);
         let (status, error) = match result {
-            Ok(()) if cmd::interrupted() => {
+            Ok(()) if signals::interrupted() => {
                 errors.push(anyhow!("interrupted during step {}", step.index));
                 (Status::Interrupted, None)
             }
@@ -273,17 +274,9 @@ fn record(b: &mut Build, step: &Step, status: Status, secs: Option<f64>) {
 /// the image's filesystems busy or outlives the build.
 fn stop_leftover_processes() {
     if std::process::id() == 1 {
-        // SAFETY: kill(2) has no memory-safety preconditions; -1 from the namespace's
-        // init reaches every other process in the namespace and never the caller.
-        unsafe { libc::kill(-1, libc::SIGKILL) };
+        signals::send_all(Signal::SIGKILL);
         // Reap them all (until there is no child left) so that their open files are
         // closed before we unmount.
-        loop {
-            // SAFETY: waitpid with a null status pointer is allowed.
-            let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) };
-            if r <= 0 {
-                break;
-            }
-        }
+        while nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(-1), None).is_ok() {}
     }
 }

@@ -328,9 +328,64 @@ impl MarkedEventReceiver for TreeBuilder {
     }
 }
 
+/// The directory of the spec file: relative paths in steps (files to copy, keyrings,
+/// `inputs:`) are relative to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecDir(std::path::PathBuf);
+
+impl SpecDir {
+    /// The directory of the spec file at `spec` (canonical where it can be), or the
+    /// current directory for a spec read from standard input ('-').
+    pub fn of(spec: &std::path::Path) -> SpecDir {
+        use std::path::Path;
+        if spec == Path::new("-") {
+            return SpecDir(std::env::current_dir().unwrap_or_else(|_| ".".into()));
+        }
+        let dir = match spec.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        SpecDir(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()))
+    }
+
+    /// A path written in the spec: an absolute one as it is, a relative one below the
+    /// spec's directory.
+    pub fn path(&self, p: impl AsRef<std::path::Path>) -> std::path::PathBuf {
+        self.0.join(p)
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl<P: Into<std::path::PathBuf>> From<P> for SpecDir {
+    fn from(dir: P) -> SpecDir {
+        SpecDir(dir.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_in_the_spec_are_relative_to_its_directory() {
+        let d = SpecDir::from("/srv/specs");
+        assert_eq!(
+            d.path("files/motd"),
+            std::path::Path::new("/srv/specs/files/motd")
+        );
+        assert_eq!(d.path("/etc/motd"), std::path::Path::new("/etc/motd"));
+        assert_eq!(
+            SpecDir::of(std::path::Path::new("/nonexistent/x.vmdb")).dir(),
+            std::path::Path::new("/nonexistent")
+        );
+        assert_eq!(
+            SpecDir::of(std::path::Path::new("-")).dir(),
+            std::env::current_dir().unwrap()
+        );
+    }
 
     #[test]
     fn steps_keep_their_lines() {

@@ -8,7 +8,7 @@ use anyhow::{Result, anyhow};
 use crate::engine::build::Build;
 use crate::engine::cachekey::{Archive, CacheInputs};
 use crate::engine::plan::{HostNeed, Plan};
-use crate::engine::spec::{Diag, Loc, Node, Value};
+use crate::engine::spec::{Diag, Loc, Node, SpecDir, Value};
 use crate::engine::template::Renderer;
 use crate::output::Package;
 
@@ -496,12 +496,12 @@ const CACHE: Key = Key::opt(
 pub const COMMON_KEYS: &[Key] = &[UNLESS, INPUTS, CACHE];
 
 /// Every path in the step's `inputs` must be there to be hashed.
-fn check_inputs(step: &Step, spec_dir: &std::path::Path, diags: &mut Vec<Diag>) {
+fn check_inputs(step: &Step, spec_dir: &SpecDir, diags: &mut Vec<Diag>) {
     for input in step.inputs() {
         let problem = if input.trim().is_empty() {
             "an empty path: name a file or directory".to_string()
         } else {
-            match std::fs::metadata(spec_dir.join(&input)) {
+            match std::fs::metadata(spec_dir.path(&input)) {
                 Ok(_) => continue,
                 Err(e) => {
                     format!("cannot read '{input}' (relative to the spec file's directory): {e}")

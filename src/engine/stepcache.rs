@@ -20,17 +20,17 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use crate::digest::{Digest, Sha256, hex, sha256, sha256_reader};
 use crate::engine::build::Options;
-use crate::engine::cachekey::{Archive, CacheInputs, hex};
+use crate::engine::cachekey::{Archive, CacheInputs};
 use crate::engine::step::Step;
 use crate::engine::step::{CacheRole, Distro, Registry, StepSpec, find};
 use crate::host::cachefile::{
@@ -157,7 +157,7 @@ impl Cache {
             .run();
         if let Err(e) = test {
             // Stopped by a signal, or no zstd: nothing is known about the entry.
-            if crate::host::cmd::interrupted() || !crate::host::cmd::in_path("zstd") {
+            if crate::host::signals::interrupted() || !crate::host::cmd::in_path("zstd") {
                 return Err(e.context(format!("checking step cache entry {}", meta.key)));
             }
             return Err(damaged(format!("it does not decompress: {e:#}")));
@@ -375,20 +375,6 @@ impl Cache {
     }
 }
 
-/// The SHA-256 of what is left to read in `f`.
-pub fn sha256_reader(f: &mut impl Read) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
-}
-
 /// vmdb's version and its executable's size and modification time: how vmdb runs a
 /// step (its dpkg settings, its stand-ins in the image, the options it gives
 /// mmdebstrap) changes with vmdb itself, and a development build keeps its version
@@ -459,7 +445,7 @@ impl Gathered {
 
 /// The cache key of the state after each step: a hash chain over the steps' inputs.
 pub fn chain(base: &str, steps: &[StepInputs]) -> Vec<String> {
-    let mut prev = hex(&Sha256::digest(base.as_bytes()));
+    let mut prev = sha256(base.as_bytes());
     steps
         .iter()
         .map(|s| {
@@ -536,7 +522,7 @@ pub fn gather(steps: &[Step], opts: &Options, registry: &Registry) -> Result<Gat
         }
         inputs
             .items
-            .insert("text".to_string(), hex(&Sha256::digest(text.as_bytes())));
+            .insert("text".to_string(), sha256(text.as_bytes()));
         if role == CacheRole::Tree {
             named_inputs(s, opts, &built, &mut inputs);
         }
@@ -621,7 +607,7 @@ fn named_inputs(s: &Step, opts: &Options, built: &[&String], inputs: &mut CacheI
 /// image being built and the cache directory are never among them.
 fn named_files(s: &Step, opts: &Options, built: &[&String]) -> Vec<(String, PathBuf)> {
     use std::path::Component;
-    let dir = &opts.spec_dir;
+    let dir = opts.spec_dir.dir();
     let ours: Vec<PathBuf> = built
         .iter()
         .map(|b| PathBuf::from(b.as_str()))
@@ -1029,7 +1015,7 @@ mod tests {
     /// Validated steps whose relative paths are relative to `dir`.
     fn steps_in(dir: &Path, yaml: &[&str]) -> Vec<Step> {
         let mut plan = plan_with_root();
-        plan.spec_dir = dir.to_path_buf();
+        plan.spec_dir = dir.into();
         yaml.iter()
             .enumerate()
             .map(|(i, y)| {
@@ -1042,7 +1028,7 @@ mod tests {
 
     fn opts(dir: &Path) -> Options {
         let mut o = Options {
-            spec_dir: dir.to_path_buf(),
+            spec_dir: dir.into(),
             ..Options::default()
         };
         o.vars
@@ -1353,7 +1339,7 @@ mod tests {
 
         // Any step type takes it; a path that is not there is a spec error.
         let mut plan = plan_with_root();
-        plan.spec_dir = d.path().to_path_buf();
+        plan.spec_dir = d.path().into();
         validate_step("mkimg: x.img\nsize: 1G\ninputs: conf", &mut plan).unwrap();
         assert_eq!(
             crate::plugins::testing::step_errors(

@@ -8,12 +8,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::signal::Signal;
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
-use nix::unistd::{ForkResult, Pid, fork};
+use nix::unistd::{ForkResult, fork};
 
 use crate::engine::build::Build;
 use crate::engine::inflight::{self, InFlight, OutputLock};
@@ -22,7 +22,7 @@ use crate::engine::runner;
 use crate::engine::step::Registry;
 use crate::event::{Event, round3};
 use crate::host::blockdev::busy;
-use crate::host::{cmd, mount};
+use crate::host::{cmd, mount, signals};
 use crate::log;
 use crate::output::{self, Report};
 
@@ -206,10 +206,10 @@ pub fn run_build(
     let report = Report::load(&scratch.0);
     let outcome = match result {
         // The build finished, but a signal came first: that is a failed build too.
-        Ok(true) if interrupted() => {
+        Ok(true) if signals::interrupted() => {
             fail(anyhow!(
                 "interrupted by signal {} as the build ended: its outputs are removed",
-                LAST_SIGNAL.load(Ordering::SeqCst)
+                signals::last()
             ));
             target.discard(&report, false);
             Err(Failed)
@@ -305,7 +305,7 @@ impl Drop for Scratch {
 
 /// Fork the build into its namespaces and wait for it; true if it succeeded.
 fn supervise(p: Prepared, scratch: &Scratch, registry: &'static Registry) -> Result<bool> {
-    if interrupted() {
+    if signals::interrupted() {
         bail!("interrupted before the build started");
     }
     // A pipe whose write end only the parent holds: EOF tells the child the parent died
@@ -326,8 +326,8 @@ fn supervise(p: Prepared, scratch: &Scratch, registry: &'static Registry) -> Res
             drop(alive_r);
             *CHILD.lock().unwrap_or_else(|e| e.into_inner()) = child.as_raw();
             // A signal that came between catching and forking has nobody to go to yet.
-            if interrupted() {
-                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGTERM);
+            if signals::interrupted() {
+                signals::send(child.as_raw() as u32, Signal::SIGTERM);
             }
             // Wait for the child to end without reaping it, so that its PID cannot be
             // reused while the forwarder may still send it a signal.
@@ -362,34 +362,17 @@ fn supervise(p: Prepared, scratch: &Scratch, registry: &'static Registry) -> Res
 
 /// The build process while it runs (0 before and after), for the forwarder.
 static CHILD: Mutex<i32> = Mutex::new(0);
-/// Set as soon as vmdb gets SIGINT, SIGTERM or SIGHUP.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
-
-fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
 
 /// Catch SIGINT, SIGTERM and SIGHUP: note them, and pass them on to the build process
 /// as SIGTERM. Threads cannot be created once the PID namespace is unshared, so the
 /// thread starts now and learns the child's PID after the fork.
 fn catch_signals() -> Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
-    std::thread::spawn(move || {
-        for sig in signals.forever() {
-            LAST_SIGNAL.store(sig, Ordering::SeqCst);
-            INTERRUPTED.store(true, Ordering::SeqCst);
-            let child = CHILD.lock().unwrap_or_else(|e| e.into_inner());
-            if *child > 0 {
-                let _ = nix::sys::signal::kill(
-                    Pid::from_raw(*child),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
+    signals::catch(|_| {
+        let child = CHILD.lock().unwrap_or_else(|e| e.into_inner());
+        if *child > 0 {
+            signals::send(*child as u32, Signal::SIGTERM);
         }
-    });
-    Ok(())
+    })
 }
 
 fn child_main(
@@ -398,8 +381,8 @@ fn child_main(
     alive: std::os::fd::OwnedFd,
     registry: &Registry,
 ) -> i32 {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's attributes.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // Only fails for a bad signal number.
+    let _ = signals::die_with_parent();
     if parent_gone(&alive) {
         return BUILD_PROCESS_FAILED;
     }
@@ -407,7 +390,7 @@ fn child_main(
         log::info(&format!("vmdb: {e:#}"));
         return BUILD_PROCESS_FAILED;
     }
-    if let Err(e) = cmd::forward_signals() {
+    if let Err(e) = cmd::stop_commands_on_signals() {
         log::info(&format!("vmdb: {e:#}"));
         return BUILD_PROCESS_FAILED;
     }
@@ -416,11 +399,12 @@ fn child_main(
     let mut b = Build::in_workdir(p.opts, workdir.clone());
     let mut errors = runner::run(&p.steps, registry, &mut b);
     // A signal after the last step (while tearing down) fails the build as well.
-    if errors.is_empty() && cmd::interrupted() {
+    if errors.is_empty() && signals::interrupted() {
         errors.push(anyhow!("interrupted while tearing down"));
     }
     if errors.is_empty() {
         let secs = t.elapsed().as_secs_f64();
+        log::verbose("handing over the outputs");
         let finished = output::finish(
             &mut b.report,
             &workdir,
@@ -431,7 +415,7 @@ fn child_main(
         );
         if let Err(e) = finished {
             errors.push(e.context("handing over the outputs"));
-        } else if cmd::interrupted() {
+        } else if signals::interrupted() {
             errors.push(anyhow!("interrupted while handing over the outputs"));
         }
     }

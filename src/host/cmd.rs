@@ -8,52 +8,45 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
 
+use super::signals;
 use crate::event::Event;
 use crate::log;
 
-/// Set by SIGINT/SIGTERM; the runner stops before the next step.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// Process group of the command running now, to be stopped on a signal.
-static RUNNING: AtomicI32 = AtomicI32::new(0);
+static RUNNING: AtomicU32 = AtomicU32::new(0);
 
 const TAIL_LINES: usize = 20;
 /// Grace time between SIGTERM and SIGKILL for a command vmdb stops.
 const KILL_AFTER_SECS: u64 = 5;
 
-/// Catch SIGINT, SIGTERM and SIGHUP: note them and stop the running command.
-pub fn forward_signals() -> Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
-    std::thread::spawn(move || {
-        for sig in signals.forever() {
-            INTERRUPTED.store(true, Ordering::SeqCst);
-            log::info(&format!(
-                "vmdb: got signal {sig}: stopping the build and tearing down"
-            ));
-            let pg = RUNNING.load(Ordering::SeqCst);
-            if pg > 0 {
-                // SAFETY: kill(2) has no memory-safety preconditions.
-                unsafe { libc::kill(-pg, libc::SIGTERM) };
-                // A program that ignores SIGTERM (a script trapping it) is killed.
-                std::thread::spawn(move || {
-                    std::thread::sleep(std::time::Duration::from_secs(KILL_AFTER_SECS));
-                    if RUNNING.load(Ordering::SeqCst) == pg {
-                        log::info(&format!(
-                            "vmdb: the running command ignored SIGTERM for {KILL_AFTER_SECS}s: killing it"
-                        ));
-                        // SAFETY: as above.
-                        unsafe { libc::kill(-pg, libc::SIGKILL) };
-                    }
-                });
-            }
+/// Catch SIGINT, SIGTERM and SIGHUP: note them (see `signals::interrupted`) and stop
+/// the running command.
+pub fn stop_commands_on_signals() -> Result<()> {
+    signals::catch(|sig| {
+        log::info(&format!(
+            "vmdb: got signal {sig}: stopping the build and tearing down"
+        ));
+        let pg = RUNNING.load(Ordering::SeqCst);
+        if pg > 0 {
+            signals::send_group(pg, Signal::SIGTERM);
+            // A program that ignores SIGTERM (a script trapping it) is killed.
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_secs(KILL_AFTER_SECS));
+                if RUNNING.load(Ordering::SeqCst) == pg {
+                    log::info(&format!(
+                        "vmdb: the running command ignored SIGTERM for {KILL_AFTER_SECS}s: killing it"
+                    ));
+                    signals::send_group(pg, Signal::SIGKILL);
+                }
+            });
         }
-    });
-    Ok(())
+    })
 }
 
 /// Where administrators' programs live (mkfs.*, grub-install, debootstrap): a user's
@@ -103,10 +96,6 @@ pub fn host_has(program_or_path: &str) -> bool {
     } else {
         find_program(program_or_path).is_some()
     }
-}
-
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 pub struct Cmd {
@@ -220,10 +209,9 @@ impl Cmd {
             c.current_dir(d);
         }
         let mut child = c.spawn().map_err(|e| self.spawn_error(e))?;
-        RUNNING.store(child.id() as i32, Ordering::SeqCst);
-        if interrupted() {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
+        RUNNING.store(child.id(), Ordering::SeqCst);
+        if signals::interrupted() {
+            signals::send_group(child.id(), Signal::SIGTERM);
         }
 
         let tail = Arc::new(Mutex::new(VecDeque::new()));

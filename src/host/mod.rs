@@ -7,4 +7,5 @@ pub mod cmd;
 pub mod fat;
 pub mod image_root;
 pub mod mount;
+pub mod signals;
 pub mod tarball;

@@ -68,14 +68,44 @@ pub fn unmount(target: &Path) -> Result<()> {
     )
 }
 
-/// Mount points at or below `dir`, deepest first (from /proc/self/mountinfo).
-pub fn mounts_below(dir: &Path) -> Result<Vec<PathBuf>> {
+/// One mount, as /proc/self/mountinfo says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    /// The device number of what is mounted (major:minor).
+    pub dev: u64,
+    pub point: PathBuf,
+    pub fstype: String,
+}
+
+/// The mounts of this process's mount namespace, in the order they were made.
+pub fn mount_table() -> Result<Vec<MountInfo>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    let mut found: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape)
-        .map(PathBuf::from)
+    Ok(parse_mountinfo(&info))
+}
+
+/// The lines of mountinfo(5): `ID PARENT MAJ:MIN ROOT POINT OPTIONS [TAGS...] - TYPE
+/// SOURCE SUPER-OPTIONS`; a line that does not read so is left out.
+fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let (maj, min) = f.get(2)?.split_once(':')?;
+            let dev = nix::sys::stat::makedev(maj.parse().ok()?, min.parse().ok()?);
+            let sep = f.iter().position(|w| *w == "-")?;
+            Some(MountInfo {
+                dev,
+                point: PathBuf::from(unescape(f.get(4)?)),
+                fstype: f.get(sep + 1)?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_below(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = mount_table()?
+        .into_iter()
+        .map(|m| m.point)
         .filter(|p| p.starts_with(dir))
         .collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
@@ -139,6 +169,28 @@ mod tests {
     fn unescapes_mountinfo_paths() {
         assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
         assert_eq!(unescape("/plain"), "/plain");
+    }
+
+    #[test]
+    fn reads_mountinfo_lines() {
+        let text = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                    40 22 0:35 / /mnt/a\\040b rw master:2 shared:3 - tmpfs none rw\n\
+                    nonsense\n";
+        assert_eq!(
+            parse_mountinfo(text),
+            [
+                MountInfo {
+                    dev: nix::sys::stat::makedev(8, 1),
+                    point: "/".into(),
+                    fstype: "ext4".into()
+                },
+                MountInfo {
+                    dev: nix::sys::stat::makedev(0, 35),
+                    point: "/mnt/a b".into(),
+                    fstype: "tmpfs".into()
+                },
+            ]
+        );
     }
 
     #[test]

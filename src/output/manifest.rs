@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use super::checksum::sha256_bytes;
 use super::{OutputOptions, Report, StepRecord};
+use crate::digest::sha256;
 use crate::event::round3;
 
 /// The manifest (docs/manifest.md).
@@ -56,7 +56,7 @@ pub(super) fn manifest(
         "vmdb_version": env!("CARGO_PKG_VERSION"),
         "spec": {
             "name": o.spec_name,
-            "sha256": sha256_bytes(o.spec_text.as_bytes()).ok(),
+            "sha256": sha256(o.spec_text.as_bytes()),
         },
         "variables": vars,
         "format": o.format.name(),

@@ -20,7 +20,6 @@ use crate::event::Status;
 use crate::host::cmd::Cmd;
 use crate::log;
 
-pub mod checksum;
 pub mod format;
 pub mod manifest;
 pub mod vagrant_box;
@@ -292,12 +291,7 @@ pub fn finish(
         // What the steps wrote to the device directly (a partition table, a boot
         // loader) as well as through loop devices.
         sync_file(&final_path)?;
-        let size = Cmd::new("blockdev")
-            .arg("--getsize64")
-            .arg(&final_path)
-            .run()
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
+        let size = crate::host::blockdev::disk_size(&final_path).ok();
         report.files.insert(
             0,
             OutFile {
@@ -323,7 +317,7 @@ pub fn finish(
         }
         let size = sync_file(&f.partial)?;
         let sha = if want_sums {
-            Some(checksum::sha256_file(&f.partial)?)
+            Some(crate::digest::sha256_file(&f.partial)?)
         } else {
             None
         };

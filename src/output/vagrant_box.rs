@@ -52,19 +52,13 @@ pub fn libvirt(raw: &Path, dir: &Path, virtual_size: u64) -> Result<Vec<String>>
         .to_vec())
 }
 
-/// A MAC address in VirtualBox's range (08:00:27), derived from the box name so that
-/// the same spec gives the same box.
+/// A MAC address in VirtualBox's range (08:00:27, the prefix VirtualBox gives its own
+/// adapters), derived from the box name by SHA-256 so that the same spec gives the
+/// same box, whatever vmdb was built with.
 pub fn base_mac(name: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    name.hash(&mut h);
-    let x = h.finish();
-    format!(
-        "080027{:02X}{:02X}{:02X}",
-        (x >> 16) as u8,
-        (x >> 8) as u8,
-        x as u8
-    )
+    use crate::digest::{Digest, Sha256};
+    let h = Sha256::digest(name.as_bytes());
+    format!("080027{:02X}{:02X}{:02X}", h[0], h[1], h[2])
 }
 
 pub fn virtualbox_vagrantfile(mac: &str) -> String {
@@ -221,7 +215,9 @@ mod tests {
         let m = base_mac("debian");
         assert_eq!(m.len(), 12);
         assert!(m.starts_with("080027"));
-        assert_eq!(m, base_mac("debian"));
+        // The same on every build of vmdb: the first bytes of the name's SHA-256.
+        assert_eq!(m, "08002781D937");
+        assert_ne!(base_mac("debian-arm64"), m);
         assert!(virtualbox_vagrantfile(&m).contains(&format!("base_mac = \"{m}\"")));
     }
 

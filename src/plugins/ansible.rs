@@ -8,7 +8,7 @@
 //! the playbook runs, as for a chroot step.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -97,10 +97,6 @@ pub fn argv(inventory: &Path, tags: &[String], vars: &Path, playbook: &Path) -> 
     v
 }
 
-fn spec_file(dir: &Path, p: &str) -> PathBuf {
-    dir.join(p)
-}
-
 impl Plugin for Ansible {
     fn spec(&self) -> &'static StepSpec {
         &SPEC
@@ -114,7 +110,7 @@ impl Plugin for Ansible {
         chroot::needs_chroot(c);
         for key in ["playbook", "config_file"] {
             if let Some(p) = c.step.opt_str(key) {
-                if !spec_file(&c.plan.spec_dir, p).is_file() {
+                if !c.plan.spec_dir.path(p).is_file() {
                     let p = p.to_string();
                     c.err(
                         key,
@@ -142,7 +138,7 @@ impl Plugin for Ansible {
                 d if d.is_empty() => ".".to_string(),
                 d => d,
             };
-            let path = inputs.opts().spec_dir.join(dir);
+            let path = inputs.opts().spec_dir.path(dir);
             inputs.file_at(&name, &path)?;
         }
         inputs.fetches_from_sources();
@@ -162,7 +158,7 @@ impl Plugin for Ansible {
             vars_file(&step.map("extra_vars"), tarball.as_deref()),
         )
         .with_context(|| format!("writing {}", vars.display()))?;
-        let playbook = b.spec_path(step.str("playbook")?);
+        let playbook = b.opts.spec_dir.path(step.str("playbook")?);
         let argv = argv(&inv, &step.list("tags"), &vars, &playbook);
         // Ansible runs on the host, but its chroot connection passes its environment
         // on to the modules it runs in the image: the image's, with the UTF-8 locale
@@ -170,13 +166,13 @@ impl Plugin for Ansible {
         let mut cmd = chroot::with_image_env(Cmd::new(&argv[0]).args(&argv[1..]), &root)
             .env("LANG", "C.UTF-8")
             .env("LC_ALL", "C.UTF-8")
-            .cwd(&b.opts.spec_dir)
+            .cwd(b.opts.spec_dir.dir())
             .env("ANSIBLE_NOCOWS", "1")
             .env("ANSIBLE_RETRY_FILES_ENABLED", "0")
             .env("ANSIBLE_HOME", dir.join("home"))
             .env("ANSIBLE_LOCAL_TEMP", dir.join("tmp"));
         if let Some(cfg) = step.opt_str("config_file") {
-            cmd = cmd.env("ANSIBLE_CONFIG", b.spec_path(cfg));
+            cmd = cmd.env("ANSIBLE_CONFIG", b.opts.spec_dir.path(cfg));
         }
         chroot::enter(b, &root, OWNER)?;
         cmd.run()?;
@@ -197,7 +193,7 @@ mod tests {
 
     fn plan_in(dir: &Path) -> Plan {
         let mut p = plan_with_root();
-        p.spec_dir = dir.to_path_buf();
+        p.spec_dir = dir.into();
         p
     }
 

@@ -55,8 +55,8 @@ pub fn install_argv(packages: &[String], recommends: bool) -> Vec<String> {
 /// The image's apt sources and architectures, to notice when a step changed them since
 /// the last update.
 fn sources_fingerprint(root: &Path) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    use crate::digest::{Digest, Sha256, hex};
+    let mut h = Sha256::new();
     let etc = root.join("etc/apt");
     // dpkg's foreign architectures count too: adding one needs a new apt-get update.
     let mut files = vec![root.join("var/lib/dpkg/arch"), etc.join("sources.list")];
@@ -66,10 +66,12 @@ fn sources_fingerprint(root: &Path) -> String {
         files.extend(more);
     }
     for f in files {
-        f.hash(&mut h);
-        std::fs::read(&f).unwrap_or_default().hash(&mut h);
+        let data = std::fs::read(&f).unwrap_or_default();
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(&data);
     }
-    format!("{:016x}", h.finish())
+    hex(&h.finalize()[..8])
 }
 
 /// Whether apt has package lists at all (an image may have had them removed).

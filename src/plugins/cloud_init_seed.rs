@@ -55,10 +55,10 @@ pub fn seed_files(step: &Step) -> Result<Vec<(&'static str, String)>> {
 /// `instance-id: vmdb-HASH`: cloud-init runs its once-per-instance modules again
 /// when the instance-id changes, so it follows the user-data.
 pub fn default_meta_data(user_data: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    user_data.hash(&mut h);
-    format!("instance-id: vmdb-{:016x}\n", h.finish())
+    format!(
+        "instance-id: vmdb-{}\n",
+        &crate::digest::sha256(user_data.as_bytes())[..16]
+    )
 }
 
 /// The programs that write ISO 9660 images, in the order they are tried.

@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
@@ -41,10 +41,6 @@ static SPEC: StepSpec = StepSpec {
     always_saved: false,
 };
 
-fn source(spec_dir: &Path, src: &str) -> PathBuf {
-    spec_dir.join(src)
-}
-
 impl Plugin for CopyDir {
     fn spec(&self) -> &'static StepSpec {
         &SPEC
@@ -53,7 +49,7 @@ impl Plugin for CopyDir {
         check_image_path(c);
         check_owner(c);
         if let Some(src) = c.step.opt_str("src") {
-            let path = source(&c.plan.spec_dir, src);
+            let path = c.plan.spec_dir.path(src);
             match fs::metadata(&path) {
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => c.err("src", format!("{} is not a directory", path.display())),
@@ -71,7 +67,7 @@ impl Plugin for CopyDir {
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
-        let src = source(&b.opts.spec_dir, step.str("src")?);
+        let src = b.opts.spec_dir.path(step.str("src")?);
         let (img, owner) = target(step, b)?;
         let meta = fs::metadata(&src)
             .with_context(|| format!("cannot read source directory {}", src.display()))?;
@@ -160,7 +156,7 @@ mod tests {
 
     fn step(yaml: &str, spec_dir: &Path) -> Step {
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.to_path_buf();
+        plan.spec_dir = spec_dir.into();
         validate_step(yaml, &mut plan).unwrap()
     }
 
@@ -171,7 +167,7 @@ mod tests {
         }
         let spec_dir = source_tree();
         let (mut b, root) = test_build_with_root();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         let s = step(
             "copy-dir: /opt/app\nsrc: overlay\nuid: 42\ngid: 43",
             spec_dir.path(),
@@ -208,7 +204,7 @@ mod tests {
         }
         let spec_dir = source_tree();
         let (mut b, root) = test_build_with_root();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         let dest = root.path().join("etc");
         fs::create_dir_all(dest.join("sub")).unwrap();
         chmod(&dest.join("sub"), 0o755);
@@ -235,7 +231,7 @@ mod tests {
         let canary = Canary::new();
         let spec_dir = source_tree();
         let (mut b, root) = test_build_with_root();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         let r = root.path();
         let inside = canary.inside(r);
         let to_canary = canary.path.display().to_string();
@@ -275,7 +271,7 @@ mod tests {
     fn validation() {
         let spec_dir = source_tree();
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.path().to_path_buf();
+        plan.spec_dir = spec_dir.path().into();
         assert_eq!(
             step_errors("copy-dir: /x\nsrc: missing", &mut plan),
             [format!(
@@ -297,7 +293,7 @@ mod tests {
             ]
         );
         let mut no_root = crate::engine::plan::Plan {
-            spec_dir: spec_dir.path().to_path_buf(),
+            spec_dir: spec_dir.path().into(),
             ..Default::default()
         };
         assert_eq!(

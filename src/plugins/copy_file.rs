@@ -1,7 +1,5 @@
 //! `copy-file`: copy a file from the host (relative to the spec) into the image.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
 
 use crate::engine::build::Build;
@@ -31,11 +29,6 @@ static SPEC: StepSpec = StepSpec {
     always_saved: false,
 };
 
-/// The host path of `src`: relative to the spec's directory.
-fn source(spec_dir: &std::path::Path, src: &str) -> PathBuf {
-    spec_dir.join(src)
-}
-
 impl Plugin for CopyFile {
     fn spec(&self) -> &'static StepSpec {
         &SPEC
@@ -44,7 +37,7 @@ impl Plugin for CopyFile {
         check_image_path(c);
         check_owner(c);
         if let Some(src) = c.step.opt_str("src") {
-            let path = source(&c.plan.spec_dir, src);
+            let path = c.plan.spec_dir.path(src);
             match std::fs::metadata(&path) {
                 Ok(m) if m.is_file() => {}
                 Ok(_) => c.err("src", format!("{} is not a regular file", path.display())),
@@ -62,7 +55,7 @@ impl Plugin for CopyFile {
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
-        let src = source(&b.opts.spec_dir, step.str("src")?);
+        let src = b.opts.spec_dir.path(step.str("src")?);
         let (img, owner) = target(step, b)?;
         let mut f = std::fs::File::open(&src)
             .with_context(|| format!("cannot read source file {}", src.display()))?;
@@ -90,14 +83,14 @@ mod tests {
         let data: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
         fs::write(spec_dir.path().join("files/blob"), &data).unwrap();
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.path().to_path_buf();
+        plan.spec_dir = spec_dir.path().into();
         let step = validate_step(
             "copy-file: /usr/local/bin/blob\nsrc: files/blob\nperm: 0755\nuid: 3\ngid: 4",
             &mut plan,
         )
         .unwrap();
         let (mut b, root) = test_build_with_root();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         CopyFile.run(&step, &mut b).unwrap();
         let p = root.path().join("usr/local/bin/blob");
         assert_eq!(fs::read(&p).unwrap(), data);
@@ -123,9 +116,9 @@ mod tests {
         let spec_dir = tempfile::tempdir().unwrap();
         fs::write(spec_dir.path().join("src"), "from the spec").unwrap();
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.path().to_path_buf();
+        plan.spec_dir = spec_dir.path().into();
         let (mut b, root) = test_build_with_root();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         let r = root.path();
         let inside = canary.inside(r);
         plant_link(r, "var/run", &canary.path.display().to_string());
@@ -151,7 +144,7 @@ mod tests {
         let spec_dir = tempfile::tempdir().unwrap();
         fs::create_dir(spec_dir.path().join("adir")).unwrap();
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.path().to_path_buf();
+        plan.spec_dir = spec_dir.path().into();
         let missing = spec_dir.path().join("nope.conf");
         assert_eq!(
             step_errors("copy-file: /etc/x\nsrc: nope.conf", &mut plan),
@@ -197,10 +190,10 @@ mod tests {
         let src = spec_dir.path().join("gone");
         fs::write(&src, "x").unwrap();
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.path().to_path_buf();
+        plan.spec_dir = spec_dir.path().into();
         let step = validate_step("copy-file: /x\nsrc: gone", &mut plan).unwrap();
         fs::remove_file(&src).unwrap();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         let e = CopyFile.run(&step, &mut b).unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -116,7 +116,7 @@ impl Plugin for Cryptsetup {
             ),
             (Some(_), true) => c.err("key-cmd", "give either 'key-file' or 'key-cmd', not both"),
             (Some(f), false) => {
-                if !c.plan.spec_dir.join(f).is_file() {
+                if !c.plan.spec_dir.path(f).is_file() {
                     let f = f.to_string();
                     c.err(
                         "key-file",
@@ -150,7 +150,7 @@ impl Plugin for Cryptsetup {
         let name = step.str("tag")?.to_string();
         let dev = devmapper::device(b, step.arg())?;
         let key: PathBuf = match step.opt_str("key-file") {
-            Some(f) => b.spec_path(f),
+            Some(f) => b.opts.spec_dir.path(f),
             None => {
                 let out = Cmd::new(SH.0).arg("-ec").arg(step.str("key-cmd")?).run()?;
                 let Some(line) = out.lines().next().filter(|l| !l.is_empty()) else {
@@ -205,7 +205,7 @@ mod tests {
     fn dm_plan(dir: &Path) -> crate::engine::plan::Plan {
         let mut p = plan_with_root();
         p.host_has_device_mapper = true;
-        p.spec_dir = dir.to_path_buf();
+        p.spec_dir = dir.into();
         p
     }
 

@@ -153,7 +153,7 @@ pub fn cache_inputs_of(step: &Step, inputs: &mut CacheInputs) -> Result<()> {
     let mut a = mirror::archive(&m, step.arg());
     a.ca = step
         .opt_str("tls_ca_certs")
-        .map(|p| inputs.opts().spec_dir.join(p));
+        .map(|p| inputs.opts().spec_dir.path(p));
     inputs.fetches(a);
     Ok(())
 }
@@ -213,7 +213,7 @@ pub fn check_step(c: &mut Check) {
         c.needs(kind, "debootstrap", "debootstrap");
     }
     if let Some(ca) = step.opt_str("tls_ca_certs") {
-        let p = c.plan.spec_dir.join(ca);
+        let p = c.plan.spec_dir.path(ca);
         if !p.is_file() {
             c.err(
                 "tls_ca_certs",
@@ -298,9 +298,11 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
         exclude: step.list("exclude"),
         keyring: step
             .opt_str("keyring")
-            .map(|k| b.spec_path(k).display().to_string()),
+            .map(|k| b.opts.spec_dir.path(k).display().to_string()),
     };
-    let ca = step.opt_str("tls_ca_certs").map(|p| b.spec_path(p));
+    let ca = step
+        .opt_str("tls_ca_certs")
+        .map(|p| b.opts.spec_dir.path(p));
     mirror::check_suite_with(&args.mirror, &args.suite, ca.as_deref())?;
     b.state.notes.insert(Running(dir.clone()));
     let cache = crate::distro::debcache::dir(&b.opts);

@@ -331,7 +331,7 @@ fn install_uefi(
     }
     // Firmware looks for the ESP by its type.
     if let (Some(disk), Some(n)) = (&efi.disk, efi.number) {
-        if !crate::engine::build::is_block_device(disk)
+        if !crate::host::blockdev::is_block_device(disk)
             || disk.to_string_lossy().starts_with("/dev/loop")
         {
             table::set_flag(disk, n, "esp", true)?;

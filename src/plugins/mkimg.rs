@@ -4,9 +4,10 @@ use std::fs::OpenOptions;
 
 use anyhow::{Context, Result};
 
-use crate::engine::build::{Build, is_block_device};
+use crate::engine::build::Build;
 use crate::engine::plan::PlanDisk;
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::blockdev::is_block_device;
 use crate::size;
 
 pub struct Mkimg;

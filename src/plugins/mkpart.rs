@@ -85,7 +85,7 @@ impl Plugin for Mkpart {
         let Some(kind) = table::read_label(&device)? else {
             bail!("{} has no partition table", device.display());
         };
-        let size = table::disk_size(&device)?;
+        let size = crate::host::blockdev::disk_size(&device)?;
         let (first, last) = table::resolve_range(size, kind, step.str("start")?, step.str("end")?)?;
         let number = table::add_partition(
             &device,

@@ -61,8 +61,8 @@ impl Plugin for Shell {
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let root = b.state.mount_point(step.str("root-fs")?)?;
         let mut cmd = Cmd::new(SH.0).arg("-ec").arg(step.arg()).env("ROOT", root);
-        if !b.opts.spec_dir.as_os_str().is_empty() {
-            cmd = cmd.cwd(&b.opts.spec_dir);
+        if !b.opts.spec_dir.dir().as_os_str().is_empty() {
+            cmd = cmd.cwd(b.opts.spec_dir.dir());
         }
         cmd.run()?;
         Ok(())
@@ -82,7 +82,7 @@ mod tests {
         let (mut b, root) = test_build_with_root();
         let spec_dir = tempfile::tempdir().unwrap();
         fs::write(spec_dir.path().join("input"), "from the spec dir").unwrap();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         // Quotes and $ in the script reach sh untouched.
         let s = test_step(
             "shell: |\n  cat input > \"$ROOT/out\"\n  printf '%s' \"$0:$ROOT\" > \"$ROOT/env\"\nroot-fs: /",

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 
-use crate::host::mount::unescape;
+use crate::host::mount::{mount_table, unescape};
 
 /// Device numbers this process holds exclusively (the output device, devices named by
 /// steps). A build process forked from vmdb inherits both the list and the holds.
@@ -103,15 +103,9 @@ struct Host {
 
 impl Host {
     fn read() -> Result<Host> {
-        let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-        let mounts = info
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split(' ').collect();
-                let (maj, min) = f.get(2)?.split_once(':')?;
-                let rdev = nix::sys::stat::makedev(maj.parse().ok()?, min.parse().ok()?);
-                Some((rdev, unescape(f.get(4)?)))
-            })
+        let mounts = mount_table()?
+            .into_iter()
+            .map(|m| (m.dev, m.point.display().to_string()))
             .collect();
         let swaps = std::fs::read_to_string("/proc/swaps")
             .unwrap_or_default()

@@ -12,7 +12,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use gpt::partition_types::{self, Type};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 /// Sector size assumed everywhere (vmdb only builds 512-byte-sector images).
@@ -54,55 +53,6 @@ impl LabelKind {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Disk size
-// ---------------------------------------------------------------------------
-
-/// `_IOR(0x12, 114, size_t)`. The libc crate does not export it, and the
-/// encoding of the direction bits differs between architectures.
-#[cfg(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-))]
-const BLKGETSIZE64: libc::c_ulong =
-    (2 << 29) | ((std::mem::size_of::<usize>() as libc::c_ulong) << 16) | (0x12 << 8) | 114;
-#[cfg(not(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-)))]
-const BLKGETSIZE64: libc::c_ulong =
-    (2 << 30) | ((std::mem::size_of::<usize>() as libc::c_ulong) << 16) | (0x12 << 8) | 114;
-
-/// Size in bytes of an image file or a block device.
-pub fn disk_size(path: &Path) -> Result<u64> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let meta = file
-        .metadata()
-        .with_context(|| format!("cannot stat {}", path.display()))?;
-    if !meta.file_type().is_block_device() {
-        return Ok(meta.len());
-    }
-    // A block device's inode reports length 0; only the kernel knows its size.
-    let mut size: u64 = 0;
-    let fd = std::os::unix::io::AsRawFd::as_raw_fd(&file);
-    // SAFETY: BLKGETSIZE64 writes exactly one u64 through the pointer, which
-    // points at a live local variable; fd stays open for the call.
-    let rc = unsafe { libc::ioctl(fd, BLKGETSIZE64 as _, &mut size as *mut u64) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("BLKGETSIZE64 failed on {}", path.display()));
-    }
-    Ok(size)
-}
-
 fn open_rw(path: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
@@ -116,7 +66,7 @@ fn open_ro(path: &Path) -> Result<File> {
 }
 
 fn total_sectors(path: &Path) -> Result<u64> {
-    Ok(disk_size(path)? / SECTOR)
+    Ok(super::disk_size(path)? / SECTOR)
 }
 
 // ---------------------------------------------------------------------------
@@ -847,7 +797,7 @@ mod tests {
     }
 
     fn add(path: &Path, name: &str, fs: &str, start: &str, end: &str) -> Result<u32> {
-        let bytes = disk_size(path)?;
+        let bytes = super::super::disk_size(path)?;
         let kind = read_label(path)?.unwrap();
         let (s, e) = resolve_range(bytes, kind, start, end)?;
         add_partition(
@@ -1281,7 +1231,7 @@ mod tests {
         let tiny = image(&dir, "tiny.img", 100);
         assert_eq!(read_label(&tiny).unwrap(), None);
         assert!(write_label(&tiny, LabelKind::Gpt).is_err());
-        assert_eq!(disk_size(&img).unwrap(), MIB300);
+        assert_eq!(super::super::disk_size(&img).unwrap(), MIB300);
     }
 
     /// Detaches the loop device even when an assertion fails.
@@ -1311,13 +1261,8 @@ mod tests {
         };
         let lo = Loop(dev);
         let dev = Path::new(&lo.0);
-        assert!(
-            std::fs::metadata(dev)
-                .unwrap()
-                .file_type()
-                .is_block_device()
-        );
-        assert_eq!(disk_size(dev).unwrap(), MIB300);
+        assert!(super::super::is_block_device(dev));
+        assert_eq!(super::super::disk_size(dev).unwrap(), MIB300);
 
         write_label(dev, LabelKind::Gpt).unwrap();
         assert_eq!(add(dev, "root", "ext4", "1M", "65M").unwrap(), 1);
