@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use vmdb::engine::plan::{Filesystem, Plan, PlanTag};
-use vmdb::engine::step::validate;
 use vmdb::engine::template::Renderer;
+use vmdb::engine::validate::validate;
 
 fn page(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))

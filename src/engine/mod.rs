@@ -14,3 +14,4 @@ pub mod step;
 pub mod stepcache;
 pub mod supervisor;
 pub mod template;
+pub mod validate;

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use crate::engine::build::Options;
 use crate::engine::plan::Plan;
 use crate::engine::spec::{self, Diag, SpecDir};
-use crate::engine::step::{self, Plugin, Step};
+use crate::engine::step::{Plugin, Step};
 use crate::engine::template::Renderer;
+use crate::engine::validate;
 
 /// A loaded, rendered and validated spec.
 pub struct Prepared {
@@ -73,11 +74,11 @@ pub fn prepare(
     let mut plan = Plan::for_this_host();
     plan.spec_dir = spec_dir.clone();
     plan.rootfs_tarball = rootfs_tarball.map(Path::to_path_buf);
-    let validated = step::validate(&raw.steps, &renderer, plugins, &mut plan);
+    let validated = validate::validate(&raw.steps, &renderer, plugins, &mut plan);
     let mut warnings = std::mem::take(&mut plan.warnings);
     warnings.sort_by_key(|d| (d.loc.line, d.loc.col));
     // What the host lacks is reported with the spec's own mistakes, all at once.
-    let missing = step::missing_on_host(&plan.host_needs, crate::host::cmd::host_has);
+    let missing = validate::missing_on_host(&plan.host_needs, crate::host::cmd::host_has);
     let steps = match validated {
         Ok(steps) if missing.is_empty() => steps,
         Ok(_) => return Err(invalid(warnings, missing)),

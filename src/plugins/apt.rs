@@ -189,7 +189,7 @@ impl Plugin for Apt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distro::chroot::testing;
+    use crate::plugins::testing::specs as testing;
 
     #[test]
     fn a_new_source_or_architecture_changes_the_fingerprint() {

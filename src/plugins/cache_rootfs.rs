@@ -132,7 +132,8 @@ mod tests {
             let mut plan = crate::plugins::testing::plan_with_root();
             plan.rootfs_tarball = tarball.map(Into::into);
             let r = crate::engine::template::Renderer::new(Default::default());
-            crate::engine::step::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan).unwrap();
+            crate::engine::validate::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan)
+                .unwrap();
             plan.host_needs
                 .iter()
                 .map(|n| n.any_of.clone())
@@ -155,12 +156,12 @@ mod tests {
     #[test]
     fn nothing_without_a_tarball_and_no_overwrite() {
         let d = tempfile::tempdir().unwrap();
-        let s = crate::distro::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
-        let mut b = crate::distro::chroot::testing::build(d.path(), None);
+        let s = crate::plugins::testing::specs::step("steps:\n  - cache-rootfs: /\n");
+        let mut b = crate::plugins::testing::specs::build(d.path(), None);
         CacheRootfs.run(&s, &mut b).unwrap();
         let t = d.path().join("old.tar");
         std::fs::write(&t, "old").unwrap();
-        let mut b = crate::distro::chroot::testing::build(d.path(), Some(&t));
+        let mut b = crate::plugins::testing::specs::build(d.path(), Some(&t));
         CacheRootfs.run(&s, &mut b).unwrap();
         assert_eq!(std::fs::read(&t).unwrap(), b"old");
     }
@@ -182,8 +183,8 @@ mod tests {
         let out = d.path().join("out");
         std::fs::create_dir(&out).unwrap();
         let t = out.join("r.tar.gz");
-        let s = crate::distro::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
-        let mut b = crate::distro::chroot::testing::build(&root, Some(&t));
+        let s = crate::plugins::testing::specs::step("steps:\n  - cache-rootfs: /\n");
+        let mut b = crate::plugins::testing::specs::build(&root, Some(&t));
         CacheRootfs.run(&s, &mut b).unwrap();
         let mode = std::fs::metadata(&t).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666 & !umask(), "mode {mode:o}");
@@ -209,10 +210,10 @@ mod tests {
     #[test]
     fn failed_pack_leaves_no_tarball() {
         let d = tempfile::tempdir().unwrap();
-        let s = crate::distro::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
+        let s = crate::plugins::testing::specs::step("steps:\n  - cache-rootfs: /\n");
         let t = d.path().join("out/r.tar.zst");
         std::fs::create_dir(d.path().join("out")).unwrap();
-        let mut b = crate::distro::chroot::testing::build(&d.path().join("missing"), Some(&t));
+        let mut b = crate::plugins::testing::specs::build(&d.path().join("missing"), Some(&t));
         assert!(CacheRootfs.run(&s, &mut b).is_err());
         assert_eq!(std::fs::read_dir(d.path().join("out")).unwrap().count(), 0);
     }

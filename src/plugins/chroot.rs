@@ -75,7 +75,7 @@ impl Plugin for Chroot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distro::chroot::testing;
+    use crate::plugins::testing::specs as testing;
 
     #[test]
     fn script_is_one_argument() {

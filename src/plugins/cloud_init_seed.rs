@@ -153,7 +153,7 @@ impl Plugin for CloudInitSeed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distro::chroot::testing;
+    use crate::plugins::testing::specs as testing;
 
     #[test]
     fn keys_and_defaults() {

@@ -184,7 +184,7 @@ mod tests {
         }
         let (mut b, root) = test_build_with_root();
         let r = std::fs::canonicalize(root.path()).unwrap();
-        let _guard = crate::distro::chroot::testing::Unmounter(r.clone());
+        let _guard = crate::plugins::testing::specs::Unmounter(r.clone());
         fs::create_dir(r.join("dev")).unwrap();
         nix::mount::mount(
             Some("/dev"),

@@ -386,7 +386,7 @@ pub fn teardown_step(step: &Step, b: &mut Build) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distro::chroot::testing;
+    use crate::plugins::testing::specs as testing;
 
     #[test]
     fn defaults_from_the_schema() {
@@ -484,7 +484,7 @@ mod root_tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::distro::chroot::testing;
+    use crate::plugins::testing::specs as testing;
     use crate::plugins::unpack_rootfs::UnpackRootfs;
 
     fn listing(dir: &Path) -> String {

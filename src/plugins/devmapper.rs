@@ -73,7 +73,7 @@ mod tests {
         plan.host_has_device_mapper = dm;
         plan.define_tag("pv", Default::default()).unwrap();
         plan.define_tag("pv2", Default::default()).unwrap();
-        crate::engine::step::validate(
+        crate::engine::validate::validate(
             &raw.steps,
             &Renderer::new(Default::default()),
             crate::plugins::ALL,

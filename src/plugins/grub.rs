@@ -626,7 +626,7 @@ mod tests {
     /// grub-install's own error, not a guess that grub-pc-bin is missing.
     #[test]
     fn a_full_disk_is_reported_not_a_missing_package() {
-        use crate::distro::chroot::testing;
+        use crate::plugins::testing::specs as testing;
         if !testing::is_root() || !Path::new(BIOS_MODULES).is_dir() {
             return;
         }

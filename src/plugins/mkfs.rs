@@ -172,7 +172,8 @@ mod tests {
                     .unwrap();
             let mut plan = crate::plugins::testing::plan_with_root();
             let r = crate::engine::template::Renderer::new(Default::default());
-            crate::engine::step::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan).unwrap();
+            crate::engine::validate::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan)
+                .unwrap();
             let needs: Vec<_> = plan.host_needs.iter().map(|n| n.any_of[0]).collect();
             let (prog, package) = super::program(fs).unwrap();
             assert_eq!(needs, [(prog, package), ("blkid", "util-linux")], "{fs}");

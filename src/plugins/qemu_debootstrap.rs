@@ -54,7 +54,7 @@ impl Plugin for QemuDebootstrap {
 
 #[cfg(test)]
 mod tests {
-    use crate::distro::chroot::testing;
+    use crate::plugins::testing::specs as testing;
 
     const M: &str = "    mirror: http://m.example.org/debian\n";
 

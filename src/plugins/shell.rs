@@ -152,10 +152,14 @@ mod tests {
             .unwrap();
             let renderer = crate::engine::template::Renderer::new(vars);
             let mut plan = plan_with_root();
-            let s =
-                crate::engine::step::validate(&[node], &renderer, crate::plugins::ALL, &mut plan)
-                    .unwrap()
-                    .remove(0);
+            let s = crate::engine::validate::validate(
+                &[node],
+                &renderer,
+                crate::plugins::ALL,
+                &mut plan,
+            )
+            .unwrap()
+            .remove(0);
             assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
             Shell.run(&s, &mut b).unwrap();
             assert!(!marker.exists(), "{value} ran a command");

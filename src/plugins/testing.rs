@@ -5,8 +5,9 @@ use crate::engine::build::{Build, Options};
 use crate::engine::plan::{Filesystem, Plan, PlanTag};
 use crate::engine::spec::Diag;
 use crate::engine::state::Tag;
-use crate::engine::step::{Step, validate};
+use crate::engine::step::Step;
 use crate::engine::template::Renderer;
+use crate::engine::validate::validate;
 
 /// A plan in which an earlier step has mounted tag "/" at the image's root.
 pub(crate) fn plan_with_root() -> Plan {
@@ -29,7 +30,7 @@ pub(crate) fn plan_with_root() -> Plan {
 pub(crate) fn validate_step(yaml: &str, plan: &mut Plan) -> Result<Step, Vec<Diag>> {
     let node = crate::engine::spec::parse_yaml(yaml).map_err(|d| vec![d])?;
     let renderer = Renderer::new(Default::default());
-    let mut steps = crate::engine::step::validate(&[node], &renderer, super::ALL, plan)?;
+    let mut steps = validate(&[node], &renderer, super::ALL, plan)?;
     Ok(steps.remove(0))
 }
 
@@ -222,4 +223,98 @@ pub(crate) fn own_ids() -> String {
         nix::unistd::geteuid(),
         nix::unistd::getegid()
     )
+}
+
+/// Whole specs (YAML with `steps:`) validated against a plan where "/" is mounted
+/// and "unmounted" is not, and builds whose "/" is a directory.
+pub(crate) mod specs {
+
+    use std::collections::BTreeMap;
+
+    use crate::engine::plan::{Plan, PlanTag};
+    use crate::engine::spec::Diag;
+    use crate::engine::step::Step;
+    use crate::engine::template::Renderer;
+
+    pub fn validate(yaml: &str) -> Result<Vec<Step>, Vec<Diag>> {
+        let raw = crate::engine::spec::load(yaml)?;
+        let renderer = Renderer::new(BTreeMap::new());
+        let mut plan = Plan::default();
+        plan.define_tag(
+            "/",
+            PlanTag {
+                step: 0,
+                mounted: true,
+                ..PlanTag::default()
+            },
+        )
+        .expect("a fresh plan");
+        plan.define_tag(
+            "unmounted",
+            PlanTag {
+                step: 0,
+                ..PlanTag::default()
+            },
+        )
+        .expect("a fresh plan");
+        crate::engine::validate::validate(&raw.steps, &renderer, crate::plugins::ALL, &mut plan)
+    }
+
+    pub fn step(yaml: &str) -> Step {
+        match validate(yaml) {
+            Ok(mut s) => s.remove(0),
+            Err(d) => panic!("{d:?}"),
+        }
+    }
+
+    /// The messages of the problems found.
+    pub fn errors(yaml: &str) -> Vec<String> {
+        match validate(yaml) {
+            Ok(_) => panic!("no error in {yaml}"),
+            Err(d) => d.into_iter().map(|d| d.msg).collect(),
+        }
+    }
+
+    /// A build whose "/" is the directory `root` (no disk).
+    pub fn build(
+        root: &std::path::Path,
+        tarball: Option<&std::path::Path>,
+    ) -> crate::engine::build::Build {
+        let mut b = crate::engine::build::Build::new(crate::engine::build::Options {
+            rootfs_tarball: tarball.map(|t| t.to_path_buf()),
+            ..Default::default()
+        })
+        .expect("a build");
+        b.state
+            .add_tag(crate::engine::state::Tag {
+                name: "/".into(),
+                mount_point: Some(root.to_path_buf()),
+                target: Some("/".into()),
+                ..Default::default()
+            })
+            .expect("a fresh state");
+        b
+    }
+
+    /// Test builds run in the host's mount namespace: whatever a failed test left
+    /// mounted below the directory is detached before the directory is removed (it
+    /// must be declared after the TempDir, to be dropped first).
+    pub struct Unmounter(pub std::path::PathBuf);
+
+    impl Drop for Unmounter {
+        fn drop(&mut self) {
+            for m in crate::host::mount::mounts_below(&self.0).unwrap_or_default() {
+                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+
+    pub fn is_root() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            true
+        } else {
+            eprintln!("skipped: needs root");
+            false
+        }
+    }
 }

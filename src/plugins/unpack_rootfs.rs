@@ -81,8 +81,8 @@ impl Plugin for UnpackRootfs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distro::chroot::testing;
     use crate::plugins::cache_rootfs::CacheRootfs;
+    use crate::plugins::testing::specs as testing;
     use std::path::Path;
 
     #[test]

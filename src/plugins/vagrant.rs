@@ -229,7 +229,7 @@ impl Plugin for Vagrant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distro::chroot::testing;
+    use crate::plugins::testing::specs as testing;
 
     #[test]
     fn keys_and_checks() {

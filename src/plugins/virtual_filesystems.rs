@@ -44,7 +44,7 @@ impl Plugin for VirtualFilesystems {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distro::chroot::testing;
+    use crate::plugins::testing::specs as testing;
     use std::path::{Path, PathBuf};
 
     #[test]
