@@ -47,32 +47,65 @@ fn plan_with_disk(spec_dir: &Path) -> Plan {
     plan
 }
 
+/// Where the table of a page's keys is: its lines, after "## Keys".
+fn key_table(name: &str, page: &str) -> std::ops::Range<usize> {
+    let start = page
+        .find("\n## Keys\n\n")
+        .unwrap_or_else(|| panic!("plugins/{name}.md has no '## Keys'"))
+        + "\n## Keys\n\n".len();
+    let len = page[start..]
+        .split_inclusive('\n')
+        .take_while(|l| l.starts_with('|'))
+        .map(str::len)
+        .sum::<usize>();
+    start..start + len
+}
+
+/// The pages' key tables are generated from the registry (`StepSpec::keys_markdown`):
+/// a page whose table differs from the code's fails. `VMDB_WRITE_PLUGIN_DOCS=1 cargo
+/// test --test plugin_docs` writes the tables after a change in the code.
 #[test]
-fn every_step_type_has_a_page_naming_its_keys() {
+fn every_page_has_its_step_types_key_table_and_summary() {
+    let write = std::env::var_os("VMDB_WRITE_PLUGIN_DOCS").is_some();
     for p in vmdb::plugins::ALL {
         let spec = p.spec();
         let text = page(spec.name);
         assert!(
-            text.starts_with(&format!("# {}\n", spec.name)),
+            text.starts_with(&format!("# {}\n\n", spec.name)),
             "plugins/{}.md: title",
             spec.name
         );
-        for key in std::iter::once(spec.name).chain(spec.keys.iter().map(|k| k.name)) {
-            assert!(
-                text.contains(&format!("`{key}`")),
-                "plugins/{}.md does not describe key '{key}'",
-                spec.name
-            );
+        // The summary is the page's first sentence.
+        let first: String = text
+            .lines()
+            .skip(2)
+            .take_while(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            first.starts_with(spec.summary),
+            "plugins/{}.md begins otherwise than the code's summary:\n{}\n{first}",
+            spec.name,
+            spec.summary
+        );
+        let table = spec.keys_markdown();
+        let at = key_table(spec.name, &text);
+        if write && text[at.clone()] != table {
+            let mut new = text.clone();
+            new.replace_range(at.clone(), &table);
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("plugins")
+                .join(format!("{}.md", spec.name));
+            std::fs::write(path, new).unwrap();
+            continue;
         }
-        for key in spec.keys {
-            for alias in key.aliases {
-                assert!(
-                    text.contains(&format!("`{alias}`")),
-                    "plugins/{}.md: alias '{alias}'",
-                    spec.name
-                );
-            }
-        }
+        assert_eq!(
+            text[at].to_string(),
+            table,
+            "plugins/{}.md: the key table is not the code's (VMDB_WRITE_PLUGIN_DOCS=1 \
+             cargo test --test plugin_docs writes it)",
+            spec.name
+        );
     }
 }
 
@@ -174,12 +207,10 @@ fn keys_every_step_takes_are_documented_once_in_the_readme() {
         .take_while(|l| l.starts_with('|'))
         .collect();
     for key in vmdb::engine::step::COMMON_KEYS {
+        let row = format!("| `{}` | {} |", key.name, key.doc);
         assert!(
-            table
-                .iter()
-                .any(|l| l.starts_with(&format!("| `{}` |", key.name))),
-            "README.md's table of keys every step takes has no row for '{}'",
-            key.name
+            table.contains(&row.as_str()),
+            "README.md's table of keys every step takes has no row {row}"
         );
     }
     assert_eq!(

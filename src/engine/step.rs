@@ -28,6 +28,18 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// What its values are, in the key tables of the plugin pages.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Str => "string",
+            Kind::Bool => "`true` or `false`",
+            Kind::Int => "number",
+            Kind::List => "list",
+            Kind::Mode => "octal mode",
+            Kind::Map => "mapping",
+        }
+    }
+
     pub(super) fn expected(self) -> &'static str {
         match self {
             Kind::Str => "a string",
@@ -108,6 +120,35 @@ pub struct StepSpec {
     pub cache: CacheRole,
     /// A tree step whose state is saved however quick it was (it needs the network).
     pub always_saved: bool,
+}
+
+impl StepSpec {
+    /// The table of the step type's keys, as its page (plugins/NAME.md) has it:
+    /// generated from the registry, so that the page and the code say the same.
+    pub fn keys_markdown(&self) -> String {
+        let mut t = String::from(
+            "| key | value | required | default | meaning |\n\
+             |-----|-------|----------|---------|---------|\n",
+        );
+        let mut row =
+            |name: &str, aliases: &[&str], kind: Kind, req: bool, def: Option<&str>, doc: &str| {
+                let mut key = format!("`{name}`");
+                for a in aliases {
+                    key.push_str(&format!(" (or `{a}`)"));
+                }
+                let req = if req { "yes" } else { "no" };
+                let def = def.map(|d| format!("`{d}`")).unwrap_or_default();
+                t.push_str(&format!(
+                    "| {key} | {} | {req} | {def} | {doc} |\n",
+                    kind.name()
+                ));
+            };
+        row(self.name, &[], self.value, true, None, self.value_doc);
+        for k in self.keys {
+            row(k.name, k.aliases, k.kind, k.required, k.default, k.doc);
+        }
+        t
+    }
 }
 
 /// One step type. Teardown must cope with a run that stopped anywhere: it undoes only
@@ -342,20 +383,24 @@ pub fn find(plugins: &[&'static dyn Plugin], name: &str) -> Option<&'static dyn 
 const UNLESS: Key = Key::opt(
     "unless",
     Kind::List,
-    "skip the step when all these flags are set",
+    "a flag or a list of flags: the step is skipped when all of them are set; \
+     `unpack-rootfs` sets `rootfs_unpacked` when it unpacked the tarball",
 );
 const INPUTS: Key = Key::opt(
     "inputs",
     Kind::List,
-    "host files or directories the step reads (relative to the spec file's directory): \
-     the step cache reruns the step when they change",
+    "a list of host files or directories the step reads, relative to the spec file's \
+     directory: the step cache's key covers their contents (see [the \
+     caches](#fast-rebuilds-the-caches)). Each must exist: validation fails \
+     otherwise",
 );
 const CACHE: Key = Key::opt(
     "cache",
     Kind::Bool,
-    "false: the step and every step after it run in every build (the step cache keeps \
-     no image tree at or after it)",
+    "`false`: the step runs in every build, and so does every step after it; the step \
+     cache keeps no state at or after it (default `true`)",
 );
 
-/// Keys every step type takes besides its own (documented once, in README.md).
+/// Keys every step type takes besides its own (documented once, in README.md, whose
+/// table tests/plugin_docs.rs checks against these).
 pub const COMMON_KEYS: &[Key] = &[UNLESS, INPUTS, CACHE];

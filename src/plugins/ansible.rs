@@ -23,28 +23,42 @@ pub struct Ansible;
 static SPEC: StepSpec = StepSpec {
     name: "ansible",
     value: Kind::Str,
-    value_doc: "tag of the image's mounted root filesystem",
+    value_doc: "tag of the image's root filesystem; an earlier step must mount it",
     keys: &[
         Key::req(
             "playbook",
             Kind::Str,
-            "the playbook, relative to the spec file",
+            "the playbook file, relative to the spec file; validation checks that it \
+                exists",
         ),
-        Key::opt("group", Kind::Str, "inventory group of the image").default("image"),
+        Key::opt(
+            "group",
+            Kind::Str,
+            "the inventory group the image is in (the playbook's `hosts:`)",
+        )
+        .default("image"),
         Key::opt(
             "tags",
             Kind::List,
-            "run only the tasks with these Ansible tags",
+            "run only tasks with these Ansible tags (`--tags a,b`); a string or a list",
         )
         .default("all"),
         Key::opt(
             "config_file",
             Kind::Str,
-            "an ansible.cfg to use (ANSIBLE_CONFIG), relative to the spec file",
+            "an `ansible.cfg`, relative to the spec file, given as `ANSIBLE_CONFIG`; \
+                validation checks that it exists",
         ),
-        Key::opt("extra_vars", Kind::Map, "more variables for the playbook"),
+        Key::opt(
+            "extra_vars",
+            Kind::Map,
+            "a mapping of variable names to strings, passed with `-e`, with \
+                `rootfs_tarball` added",
+        ),
     ],
-    summary: "Run an Ansible playbook in the image with the chroot connection.",
+    summary: "Runs an Ansible playbook against the image with Ansible's `chroot` connection: \
+        the image's root filesystem, mounted where the tag is, is the only host of \
+        the inventory.",
     cache: CacheRole::Tree,
     always_saved: true,
 };

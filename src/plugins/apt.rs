@@ -14,19 +14,28 @@ pub struct Apt;
 static SPEC: StepSpec = StepSpec {
     name: "apt",
     value: Kind::Str,
-    value_doc: "the operation: only 'install'",
+    value_doc: "`install`, the only operation",
     keys: &[
-        Key::req("packages", Kind::List, "the packages to install"),
+        Key::req(
+            "packages",
+            Kind::List,
+            "the packages to install (a list, or one name)",
+        ),
         Key::req(
             "tag",
             Kind::Str,
-            "tag of the image's mounted root filesystem",
+            "tag of the image's root filesystem; an earlier step must mount it",
         )
         .aliases(&["fs-tag"]),
-        Key::opt("recommends", Kind::Bool, "install recommended packages too").default("true"),
-        Key::opt("clean", Kind::Bool, "empty apt's package cache afterwards").default("true"),
+        Key::opt(
+            "recommends",
+            Kind::Bool,
+            "`false` adds `--no-install-recommends`",
+        )
+        .default("true"),
+        Key::opt("clean", Kind::Bool, "run `apt-get clean` afterwards").default("true"),
     ],
-    summary: "Install packages in the image with apt-get.",
+    summary: "Installs packages into the image with `apt-get`, run in a chroot of the image.",
     cache: CacheRole::Tree,
     always_saved: true,
 };

@@ -19,9 +19,11 @@ pub struct CacheRootfs;
 static SPEC: StepSpec = StepSpec {
     name: "cache-rootfs",
     value: Kind::Str,
-    value_doc: "tag of the mounted filesystem to pack (the image's root)",
+    value_doc: "tag of the image's root filesystem; an earlier step must mount it",
     keys: &[],
-    summary: "Save the image's file tree in the --rootfs-tarball file, unless it exists.",
+    summary: "Packs the image's file tree into the tarball given with `--rootfs-tarball FILE`, \
+        so that a later build can start from it with `unpack-rootfs` and skip the \
+        slow steps (mark them `unless: rootfs_unpacked`).",
     cache: CacheRole::Volatile,
     always_saved: false,
 };

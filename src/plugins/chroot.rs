@@ -12,13 +12,14 @@ pub struct Chroot;
 static SPEC: StepSpec = StepSpec {
     name: "chroot",
     value: Kind::Str,
-    value_doc: "tag of the mounted filesystem to chroot into (the image's root)",
+    value_doc: "tag of the image's root filesystem; an earlier step must mount it",
     keys: &[Key::req(
         "shell",
         Kind::Str,
-        "shell script to run with 'sh -ec' inside the image",
+        "the script, run with `sh -ec` inside the image",
     )],
-    summary: "Run a shell script inside the image, with proc, sys and dev mounted.",
+    summary: "Runs a shell script inside the image: `chroot MOUNTPOINT sh -ec SCRIPT`, the \
+        script passed as one argument, so the first failing command fails the step.",
     cache: CacheRole::Tree,
     always_saved: false,
 };

@@ -15,22 +15,39 @@ pub struct CloudInitSeed;
 static SPEC: StepSpec = StepSpec {
     name: "cloud-init-seed",
     value: Kind::Str,
-    value_doc: "path of the seed file to write (relative to the current directory)",
+    value_doc: "path of the seed file. A relative path is relative to the current directory (as \
+        `--output`), not to the spec.",
     keys: &[
         Key::req(
             "user-data",
             Kind::Str,
-            "the user-data file (e.g. #cloud-config ...)",
+            "the `user-data` file, e.g. a `#cloud-config` document.",
         ),
         Key::opt(
             "meta-data",
             Kind::Str,
-            "the meta-data file (default: an instance-id derived from the user-data)",
+            "the `meta-data` file, e.g. `instance-id` and `local-hostname`. Without \
+                it: `instance-id: vmdb-HASH`, with a hash of the user-data \
+                (cloud-init runs its once-per-instance modules again when the \
+                instance-id changes).",
         ),
-        Key::opt("network-config", Kind::Str, "a network-config file"),
-        Key::opt("format", Kind::Str, "iso (ISO 9660) or vfat").default("iso"),
+        Key::opt(
+            "network-config",
+            Kind::Str,
+            "a `network-config` file (network config version 1 or 2).",
+        ),
+        Key::opt(
+            "format",
+            Kind::Str,
+            "`iso` writes an ISO 9660 image with volume id `cidata` (Rock Ridge and \
+                Joliet) with `xorriso`, or `genisoimage` when xorriso is not \
+                installed; `vfat` writes a 1 MiB FAT filesystem labelled `cidata` \
+                with `mkfs.fat` and `mcopy`.",
+        )
+        .default("iso"),
     ],
-    summary: "Write a cloud-init NoCloud seed (volume label cidata) as an output of the build.",
+    summary: "Writes a cloud-init NoCloud seed: a small disk image that cloud-init in a booting \
+        machine finds by its volume label `cidata` and reads its configuration from.",
     cache: CacheRole::Volatile,
     always_saved: false,
 };

@@ -19,24 +19,24 @@ pub struct CopyDir;
 static SPEC: StepSpec = StepSpec {
     name: "copy-dir",
     value: Kind::Str,
-    value_doc: "path of the directory in the image to copy into",
+    value_doc: "path of the destination directory in the image. It must not contain `..`.",
     keys: &[
         Key::req(
             "src",
             Kind::Str,
-            "directory on the host to copy, relative to the spec file's directory",
+            "the directory on the host. A relative path is relative to the spec file's \
+                directory.",
         ),
         Key::opt(
             "perm",
             Kind::Mode,
-            "mode of the destination directory itself (default: a new one gets the \
-             source's mode, an existing one keeps its mode); copied entries keep their modes",
+            "mode of the destination directory (see above).",
         ),
-        Key::opt("uid", Kind::Int, "numeric owner of every copied entry").default("0"),
-        Key::opt("gid", Kind::Int, "numeric group of every copied entry").default("0"),
+        Key::opt("uid", Kind::Int, "numeric owner of every copied entry.").default("0"),
+        Key::opt("gid", Kind::Int, "numeric group of every copied entry.").default("0"),
     ],
-    summary: "Copy a directory tree from the host into the image; symlinks are copied as \
-              symlinks (missing parent directories are created with mode 0755).",
+    summary: "Copies a directory tree from the host into the image: the contents of `src` go \
+        into the destination directory.",
     cache: CacheRole::Tree,
     always_saved: false,
 };

@@ -12,19 +12,19 @@ pub struct CopyFile;
 static SPEC: StepSpec = StepSpec {
     name: "copy-file",
     value: Kind::Str,
-    value_doc: "path of the file in the image",
+    value_doc: "path of the destination file in the image. It must not contain `..`.",
     keys: &[
         Key::req(
             "src",
             Kind::Str,
-            "file on the host to copy, relative to the spec file's directory",
+            "the file on the host. A relative path is relative to the spec file's \
+                directory (in vmdb2 it is relative to the working directory).",
         ),
-        Key::opt("perm", Kind::Mode, "mode of the file in the image").default("0644"),
-        Key::opt("uid", Kind::Int, "numeric owner of the file").default("0"),
-        Key::opt("gid", Kind::Int, "numeric group of the file").default("0"),
+        Key::opt("perm", Kind::Mode, "mode of the copied file.").default("0644"),
+        Key::opt("uid", Kind::Int, "numeric owner of the copied file.").default("0"),
+        Key::opt("gid", Kind::Int, "numeric group of the copied file.").default("0"),
     ],
-    summary: "Copy a file from the host into the image \
-              (missing parent directories are created with mode 0755).",
+    summary: "Copies a file from the host into the image.",
     cache: CacheRole::Tree,
     always_saved: false,
 };

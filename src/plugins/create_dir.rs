@@ -15,18 +15,13 @@ pub struct CreateDir;
 static SPEC: StepSpec = StepSpec {
     name: "create-dir",
     value: Kind::Str,
-    value_doc: "path of the directory in the image",
+    value_doc: "path of the directory in the image. It must not contain `..`.",
     keys: &[
-        Key::opt(
-            "perm",
-            Kind::Mode,
-            "mode of the directory (missing parents get 0755)",
-        )
-        .default("0755"),
-        Key::opt("uid", Kind::Int, "numeric owner of the directory").default("0"),
-        Key::opt("gid", Kind::Int, "numeric group of the directory").default("0"),
+        Key::opt("perm", Kind::Mode, "mode of the directory.").default("0755"),
+        Key::opt("uid", Kind::Int, "numeric owner of the directory.").default("0"),
+        Key::opt("gid", Kind::Int, "numeric group of the directory.").default("0"),
     ],
-    summary: "Create a directory in the image, and any missing parents.",
+    summary: "Creates a directory in the image, and any missing parent directories.",
     cache: CacheRole::Tree,
     always_saved: false,
 };

@@ -11,19 +11,18 @@ pub struct CreateFile;
 static SPEC: StepSpec = StepSpec {
     name: "create-file",
     value: Kind::Str,
-    value_doc: "path of the file in the image",
+    value_doc: "path of the file in the image, e.g. `/etc/hostname`. It must not contain `..`.",
     keys: &[
         Key::req(
             "contents",
             Kind::Str,
-            "the file's contents, written exactly",
+            "the file's contents, written byte for byte. No newline is added.",
         ),
-        Key::opt("perm", Kind::Mode, "mode of the file").default("0644"),
-        Key::opt("uid", Kind::Int, "numeric owner of the file").default("0"),
-        Key::opt("gid", Kind::Int, "numeric group of the file").default("0"),
+        Key::opt("perm", Kind::Mode, "mode of the file.").default("0644"),
+        Key::opt("uid", Kind::Int, "numeric owner of the file.").default("0"),
+        Key::opt("gid", Kind::Int, "numeric group of the file.").default("0"),
     ],
-    summary: "Create a file in the image with the given contents \
-              (missing parent directories are created with mode 0755).",
+    summary: "Creates a regular file in the image with exactly the given contents.",
     cache: CacheRole::Tree,
     always_saved: false,
 };

@@ -19,26 +19,33 @@ pub struct Cryptsetup;
 static SPEC: StepSpec = StepSpec {
     name: "cryptsetup",
     value: Kind::Str,
-    value_doc: "tag of the partition (or volume) to encrypt",
+    value_doc: "tag of the partition or volume to encrypt",
     keys: &[
         Key::req(
             "tag",
             Kind::Str,
-            "tag for the opened encrypted device, also its device-mapper name",
+            "tag of the opened device, also its device-mapper name (letters, digits, \
+                `-`, `_`, `.`, `+`); `name` is accepted for it (vmdb2's other \
+                cryptsetup step)",
         )
         .aliases(&["name"]),
         Key::opt(
             "key-file",
             Kind::Str,
-            "file holding the passphrase, relative to the spec file",
+            "file holding the passphrase, relative to the spec file; this or `key-cmd` \
+                is required",
         ),
         Key::opt(
             "key-cmd",
             Kind::Str,
-            "shell command whose first line of output is the passphrase",
+            "shell command (`sh -ec`) whose first line of output is the passphrase; \
+                vmdb writes it to a file only root can read in its scratch space; \
+                this or `key-file` is required",
         ),
     ],
-    summary: "Encrypt a partition with LUKS and open it as a new tag.",
+    summary: "Encrypts a partition (or a logical volume) with LUKS2 and opens it; the opened \
+        device, `/dev/mapper/NAME`, becomes a new tag that later steps use like a \
+        partition (`mkfs`, `vgcreate`, `mount`).",
     cache: CacheRole::Setup,
     always_saved: false,
 };

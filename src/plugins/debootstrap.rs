@@ -18,43 +18,67 @@ pub struct Debootstrap;
 const TARGET: Key = Key::req(
     "target",
     Kind::Str,
-    "tag of the mounted filesystem to install into",
+    "tag of the filesystem to install into; an earlier step must mount it",
 );
 const MIRROR: Key = Key::opt(
     "mirror",
     Kind::Str,
-    "the Debian mirror (default: the host's apt configuration's)",
+    "Debian mirror URL. Without it, vmdb takes the first `deb` source serving \
+                a Debian suite (not a security suite) from the host's \
+                `/etc/apt/sources.list.d/*.sources`, `*.list` and \
+                `/etc/apt/sources.list`; when there is none, validation fails and \
+                asks for `mirror:`",
 );
 const VARIANT: Key = Key::opt(
     "variant",
     Kind::Str,
-    "debootstrap variant; '-' is its default",
+    "debootstrap variant (`--variant`), e.g. `minbase`; `-` means \
+                debootstrap's default",
 )
 .default("-");
-const COMPONENTS: Key = Key::opt("components", Kind::List, "archive components").default("main");
-const INCLUDE: Key = Key::opt("include", Kind::List, "more packages to install");
-const EXCLUDE: Key = Key::opt("exclude", Kind::List, "packages to leave out");
+const COMPONENTS: Key = Key::opt(
+    "components",
+    Kind::List,
+    "archive components (`--components=a,b`)",
+)
+.default("main");
+const INCLUDE: Key = Key::opt("include", Kind::List, "more packages (`--include=a,b`)");
+const EXCLUDE: Key = Key::opt(
+    "exclude",
+    Kind::List,
+    "packages to leave out (`--exclude=a,b`)",
+);
 const KEYRING: Key = Key::opt(
     "keyring",
     Kind::Str,
-    "keyring to check the archive's signature with",
+    "keyring file to check the archive with (`--keyring`), relative to the \
+                spec file; by default debootstrap's",
 );
 const REQUIRE_EMPTY: Key = Key::opt(
     "require_empty_target",
     Kind::Bool,
-    "fail unless the target is empty (but for lost+found)",
+    "fail when the target has anything but `lost+found` and empty directories \
+                (the mount points of filesystems mounted below it, such as an ESP at \
+                `/boot/efi`)",
 )
 .default("true");
 const TLS_CA_CERTS: Key = Key::opt(
     "tls_ca_certs",
     Kind::Str,
-    "PEM file of CA certificates to trust when downloading from an https mirror",
+    "PEM file of CA certificates (relative to the spec file) to trust when the \
+                mirror is an `https://` one signed by a private authority: used by \
+                vmdb's suite check (`curl --cacert`) and by debootstrap's downloads \
+                (a `wgetrc` with `ca_certificate`). It is not installed in the image: \
+                later `apt` steps against the same mirror need it there (copy it with \
+                `copy-file` and run `update-ca-certificates` in a `chroot` step). \
+                vmdb2 0.26 has no such key; this is vmdb's reading of vmdb2 0.41's",
 );
 
 const TOOL: Key = Key::opt(
     "tool",
     Kind::Str,
-    "what installs the system: 'auto' (mmdebstrap when it can, else debootstrap), 'debootstrap' or 'mmdebstrap'",
+    "`auto` (mmdebstrap when it can, else debootstrap), `debootstrap`, or \
+                `mmdebstrap` (an error where it cannot be used, or is not installed)",
 )
 .default("auto");
 
@@ -78,15 +102,18 @@ pub const fn keys(arch: Key) -> [Key; 11] {
 static KEYS: [Key; 11] = keys(Key::opt(
     "arch",
     Kind::Str,
-    "architecture (default: the host's)",
+    "Debian architecture (`--arch`), by default the host's (`dpkg \
+                --print-architecture`); a foreign one needs qemu-user-static on the \
+                host (see below)",
 ));
 
 static SPEC: StepSpec = StepSpec {
     name: "debootstrap",
     value: Kind::Str,
-    value_doc: "the suite to install (bookworm, stable, ...)",
+    value_doc: "the suite to install (`bookworm`, `stable`, ...)",
     keys: &KEYS,
-    summary: "Install a basic Debian system with debootstrap (or mmdebstrap, which is faster).",
+    summary: "Installs a basic Debian system into a mounted filesystem with `debootstrap`, or \
+        with `mmdebstrap`, which makes the same system in about a third of the time.",
     cache: CacheRole::Tree,
     always_saved: true,
 };

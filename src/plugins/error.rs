@@ -10,9 +10,14 @@ pub struct Error;
 static SPEC: StepSpec = StepSpec {
     name: "error",
     value: Kind::Str,
-    value_doc: "text to print before failing",
-    keys: &[Key::opt("teardown", Kind::Str, "text to print at teardown")],
-    summary: "Print a message and fail the build (for testing teardown).",
+    value_doc: "the text printed before failing.",
+    keys: &[Key::opt(
+        "teardown",
+        Kind::Str,
+        "the text printed at teardown.",
+    )],
+    summary: "Prints a text and fails, so the build stops and tears down: a way to test \
+        teardown.",
     cache: CacheRole::Setup,
     always_saved: false,
 };

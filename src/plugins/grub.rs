@@ -30,29 +30,45 @@ const APT_OWNER: &str = "grub";
 static SPEC: StepSpec = StepSpec {
     name: "grub",
     value: Kind::Str,
-    value_doc: "firmware to boot with: bios or uefi",
+    value_doc: "`bios` or `uefi`.",
     keys: &[
-        Key::req("tag", Kind::Str, "tag of the root filesystem").aliases(&["root-fs"]),
-        Key::opt("efi", Kind::Str, "tag of the EFI system partition (uefi)").aliases(&["efi-part"]),
+        Key::req("tag", Kind::Str, "tag of the root filesystem.").aliases(&["root-fs"]),
+        Key::opt(
+            "efi",
+            Kind::Str,
+            "tag of the EFI system partition (vfat); required for `uefi`.",
+        )
+        .aliases(&["efi-part"]),
         Key::opt(
             "console",
             Kind::Str,
-            "'serial' for a serial console (as well as the screen): ttyS0, or ttyAMA0 on ARM",
+            "`serial` for a GRUB menu and kernel console on the serial port at 115200 \
+                baud, as well as the screen: ttyS0 on PCs, ttyAMA0 on ARM (arm64, \
+                armhf, armel), hvc0 on POWER.",
         ),
-        Key::opt("quiet", Kind::Bool, "boot the kernel with 'quiet'").default("false"),
-        Key::opt("timeout", Kind::Int, "seconds the GRUB menu waits").default("0"),
+        Key::opt(
+            "quiet",
+            Kind::Bool,
+            "add `quiet` to the kernel command line.",
+        )
+        .default("false"),
+        Key::opt("timeout", Kind::Int, "seconds the menu waits.").default("0"),
         Key::opt(
             "kernel-params",
             Kind::List,
-            "extra kernel command line parameters (default: net.ifnames=0 consoleblank=0)",
+            "kernel parameters, instead of the default `net.ifnames=0 consoleblank=0`.",
         ),
         Key::opt(
             "image-dev",
             Kind::Str,
-            "disk to install the BIOS boot code on (default: the disk holding the root partition)",
+            "the disk to put the BIOS boot code on, instead of the disk holding the \
+                root partition (a block device in use is refused, see \
+                [mklabel](mklabel.md)).",
         ),
     ],
-    summary: "Install the GRUB boot loader for BIOS or UEFI.",
+    summary: "Installs GRUB so that the image boots with BIOS or UEFI, from the host's GRUB \
+        files (packages grub-pc-bin and grub-efi-amd64-bin on the host; none are \
+        needed in the image, and no network is used).",
     cache: CacheRole::Volatile,
     always_saved: false,
 };

@@ -16,13 +16,15 @@ pub struct Kpartx;
 static SPEC: StepSpec = StepSpec {
     name: "kpartx",
     value: Kind::Str,
-    value_doc: "image file or block device whose partitions to map",
+    value_doc: "the image file or block device (see [mklabel](mklabel.md) for block devices in \
+        use).",
     keys: &[Key::opt(
         "tags",
         Kind::List,
-        "for a disk partitioned outside this spec: tags to give its partitions, in order",
+        "for a disk partitioned outside this spec, the tags to give its existing \
+                partitions, in order of their numbers.",
     )],
-    summary: "Map a disk's partitions to block devices (loop devices at each partition's offset).",
+    summary: "Makes a disk's partitions usable as block devices.",
     cache: CacheRole::Setup,
     always_saved: false,
 };

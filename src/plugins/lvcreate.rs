@@ -18,20 +18,22 @@ pub struct Lvcreate;
 static SPEC: StepSpec = StepSpec {
     name: "lvcreate",
     value: Kind::Str,
-    value_doc: "the volume group to make the volume in",
+    value_doc: "the volume group",
     keys: &[
         Key::req(
             "name",
             Kind::Str,
-            "name of the logical volume, also its tag",
+            "name of the logical volume, also the new tag",
         ),
         Key::req(
             "size",
             Kind::Str,
-            "its size (1G, 500M: lvcreate -L), a share in extents (50%FREE, 100%VG: lvcreate -l), or 'fill' (all free space)",
+            "`1G`, `500M`, ... (`-L`); `50%FREE`, `100%VG`, `20%PVS` (`-l`); or `fill` \
+                (all free space)",
         ),
     ],
-    summary: "Make an LVM logical volume, as a new tag.",
+    summary: "Makes a logical volume in a volume group made by an earlier `vgcreate` (or \
+        activated by `lvscan`) step.",
     cache: CacheRole::Setup,
     always_saved: false,
 };

@@ -22,9 +22,12 @@ static SPEC: StepSpec = StepSpec {
     keys: &[Key::req(
         "tags",
         Kind::List,
-        "names of its logical volumes, each becoming a tag",
+        "names of its logical volumes; each becomes a tag with its device \
+                `/dev/VG/LV`",
     )],
-    summary: "Activate an existing LVM volume group and tag its logical volumes.",
+    summary: "Activates an LVM volume group that already exists, on a disk partitioned outside \
+        the spec (see `kpartx`'s `tags`), and gives tags to its logical volumes so \
+        that later steps can use them.",
     cache: CacheRole::Setup,
     always_saved: false,
 };

@@ -30,17 +30,24 @@ fn program(fs: &str) -> Option<(&'static str, &'static str)> {
 static SPEC: StepSpec = StepSpec {
     name: "mkfs",
     value: Kind::Str,
-    value_doc: "filesystem type: ext2, ext3, ext4, vfat, xfs, btrfs or swap",
+    value_doc: "`ext2`, `ext3`, `ext4`, `vfat` (or `fat`), `xfs`, `btrfs` or `swap`.",
     keys: &[
-        Key::req("partition", Kind::Str, "tag of the partition"),
-        Key::opt("label", Kind::Str, "filesystem label"),
+        Key::req("partition", Kind::Str, "tag of the partition."),
+        Key::opt(
+            "label",
+            Kind::Str,
+            "filesystem label (at most 11 characters for vfat, 12 for xfs, 16 for the \
+                others).",
+        ),
         Key::opt(
             "options",
             Kind::Str,
-            "extra options for the mkfs program, split at spaces",
+            "extra options for the mkfs tool, split at spaces.",
         ),
     ],
-    summary: "Make a filesystem on a partition.",
+    summary: "Makes a filesystem on a tagged partition with the system's mkfs tool (`mkfs.ext4 \
+        -F`, `mkfs.xfs -f`, `mkfs.btrfs -f`, `mkfs.vfat`, `mkswap`) and records its \
+        UUID for `fstab` and `grub`.",
     cache: CacheRole::Setup,
     always_saved: false,
 };

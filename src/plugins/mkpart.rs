@@ -15,24 +15,38 @@ pub struct Mkpart;
 static SPEC: StepSpec = StepSpec {
     name: "mkpart",
     value: Kind::Str,
-    value_doc: "partition type: primary (msdos); for gpt, the partition's name",
+    value_doc: "`primary` on msdos; on gpt, the partition's name.",
     keys: &[
-        Key::req("device", Kind::Str, "image file or block device to partition"),
+        Key::req(
+            "device",
+            Kind::Str,
+            "the image file or block device (see [mklabel](mklabel.md) for block \
+                devices in use).",
+        ),
         Key::req(
             "start",
             Kind::Str,
-            "start: a percentage of the disk (0%), a size (1M = 10^6 bytes, 1MiB, 1G) or sectors (2048s); rounded to 1 MiB",
+            "where the partition starts: a position as above.",
         ),
-        Key::req("end", Kind::Str, "end, in the same forms as start (100% is the end of the disk)"),
-        Key::opt("tag", Kind::Str, "name by which later steps refer to the partition").aliases(&["part-tag"]),
+        Key::req("end", Kind::Str, "where it ends: a position as above."),
+        Key::opt(
+            "tag",
+            Kind::Str,
+            "the name later steps use for the partition. Without it the partition is \
+                named `DEVICE#N`.",
+        )
+        .aliases(&["part-tag"]),
         Key::opt(
             "fs-type",
             Kind::Str,
-            "filesystem the partition is for (sets its type): ext2, ext4, xfs, btrfs, fat32, vfat, linux-swap, ...",
+            "what the partition is for; sets its type: `fat16`, `fat32` and `vfat` \
+                give a FAT type (0x06/0x0c, or Microsoft basic data on gpt), \
+                `linux-swap` a swap type, anything else Linux filesystem (0x83).",
         )
         .default("ext2"),
     ],
-    summary: "Create a partition on a labelled disk.",
+    summary: "Adds a partition to a disk labelled by an earlier `mklabel` step and gives it a \
+        tag.",
     cache: CacheRole::Setup,
     always_saved: false,
 };

@@ -23,32 +23,47 @@ pub struct Mount;
 static SPEC: StepSpec = StepSpec {
     name: "mount",
     value: Kind::Str,
-    value_doc: "tag of the partition whose filesystem to mount",
+    value_doc: "tag of a partition with a filesystem (made by `mkfs`, or found by `kpartx`'s \
+        `tags`).",
     keys: &[
         Key::opt(
             "mount-on",
             Kind::Str,
-            "tag of a mounted filesystem to mount this one below",
+            "tag of a mounted filesystem to mount this one below.",
         ),
         Key::opt(
             "dirname",
             Kind::Str,
-            "where in the image to mount it (e.g. /boot/efi); required with mount-on",
+            "absolute path in the image, e.g. `/boot/efi`; required with `mount-on`.",
         ),
         Key::opt(
             "zerofree",
             Kind::Bool,
-            "after a successful build, fill the free blocks of an ext2/3/4 filesystem with zeros",
+            "after a successful build, when the filesystem is unmounted at teardown, \
+                run `zerofree -v` on its device so that the blocks of files deleted \
+                during the build (downloaded packages, caches) are zeros and the \
+                image compresses well. Only for ext2, ext3 and ext4; other \
+                filesystems are skipped with a note. Not run when the build failed \
+                (the image is removed anyway). vmdb2 runs zerofree by default; vmdb \
+                does not, because a new image file is sparse and zerofree makes the \
+                zeroed blocks take space on the host's disk. Needs the `zerofree` \
+                program on the host.",
         )
         .default("false"),
         Key::opt(
             "keep_resolvconf",
             Kind::Bool,
-            "keep the build host's /etc/resolv.conf in the image",
+            "for the filesystem mounted at `/`: keep the build host's \
+                `/etc/resolv.conf` in the image. By default, when a build succeeds, \
+                the image's `/etc/resolv.conf` is removed at teardown if it is a \
+                plain file with exactly the host's contents (debootstrap copies the \
+                host's in, and the build host's name servers should not ship in an \
+                image); a symbolic link (e.g. systemd-resolved's) or a file with \
+                other contents is left alone.",
         )
         .default("false"),
     ],
-    summary: "Mount a filesystem for the rest of the build.",
+    summary: "Mounts a tagged filesystem for the rest of the build.",
     cache: CacheRole::Setup,
     always_saved: false,
 };

@@ -16,15 +16,17 @@ pub struct QemuDebootstrap;
 static KEYS: [Key; 11] = debootstrap::keys(Key::req(
     "arch",
     Kind::Str,
-    "the Debian architecture to install (arm64, armhf, i386, ...)",
+    "the Debian architecture (`--arch`): `arm64`, `armhf`, `armel`, `i386`, \
+                `ppc64el`, `riscv64`, `s390x`, ...",
 ));
 
 static SPEC: StepSpec = StepSpec {
     name: "qemu-debootstrap",
     value: Kind::Str,
-    value_doc: "the suite to install (bookworm, stable, ...)",
+    value_doc: "the suite to install (`bookworm`, `stable`, ...)",
     keys: &KEYS,
-    summary: "Install a basic Debian system for another architecture with debootstrap and qemu-user-static.",
+    summary: "Installs a basic Debian system for another architecture (arm64, armhf, ppc64el, \
+        ...).",
     cache: CacheRole::Tree,
     always_saved: true,
 };

@@ -21,9 +21,12 @@ pub struct ResizeRootfs;
 static SPEC: StepSpec = StepSpec {
     name: "resize-rootfs",
     value: Kind::Str,
-    value_doc: "tag of the image's mounted root filesystem",
+    value_doc: "tag of the image's root filesystem; an earlier step must mount it; an ext2/3/4, \
+        xfs or btrfs filesystem",
     keys: &[],
-    summary: "Grow the root partition and filesystem to fill the disk at first boot.",
+    summary: "Makes the image grow its root partition and root filesystem to fill its disk the \
+        first time it boots, so that an image written to a bigger disk, or enlarged \
+        with `qemu-img resize`, uses all of it.",
     cache: CacheRole::Tree,
     always_saved: false,
 };

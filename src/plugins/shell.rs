@@ -12,14 +12,13 @@ pub struct Shell;
 static SPEC: StepSpec = StepSpec {
     name: "shell",
     value: Kind::Str,
-    value_doc: "shell script, run on the host with 'sh -ec' in the spec file's directory",
+    value_doc: "the script, run on the host with `sh -ec` in the spec file's directory.",
     keys: &[Key::req(
         "root-fs",
         Kind::Str,
-        "tag of a mounted filesystem: its host mount point is given to the script as $ROOT",
+        "tag of a mounted filesystem. Its host mount point is in `$ROOT`.",
     )],
-    summary: "Run a shell script on the host (not in the image) with $ROOT set to the \
-              mount point of a filesystem.",
+    summary: "Runs a shell script on the host, not inside the image (see `chroot` for that).",
     cache: CacheRole::Tree,
     always_saved: false,
 };

@@ -20,9 +20,12 @@ pub struct UnpackRootfs;
 static SPEC: StepSpec = StepSpec {
     name: "unpack-rootfs",
     value: Kind::Str,
-    value_doc: "tag of the mounted filesystem to unpack into (the image's root)",
+    value_doc: "tag of the filesystem to unpack into; an earlier step must mount it",
     keys: &[],
-    summary: "Unpack the --rootfs-tarball file into the image, if it exists; sets rootfs_unpacked.",
+    summary: "Unpacks the tarball given with `--rootfs-tarball FILE` (made by `cache-rootfs`) \
+        into the mounted filesystem, keeping numeric owners, permissions, extended \
+        attributes and ACLs, and sets the flag `rootfs_unpacked`, so that steps \
+        marked `unless: rootfs_unpacked` are skipped.",
     cache: CacheRole::Tree,
     always_saved: false,
 };

@@ -16,13 +16,15 @@ pub struct Vgcreate;
 static SPEC: StepSpec = StepSpec {
     name: "vgcreate",
     value: Kind::Str,
-    value_doc: "name of the volume group",
+    value_doc: "name of the volume group (letters, digits, `.`, `_`, `-`, `+`)",
     keys: &[Key::req(
         "physical",
         Kind::List,
-        "tags of the partitions or devices to make physical volumes of",
+        "tags of the partitions or devices to use; each must be defined by an \
+                earlier step",
     )],
-    summary: "Make an LVM volume group of tagged partitions.",
+    summary: "Makes LVM physical volumes of tagged partitions (or LUKS devices) and a volume \
+        group of them, for `lvcreate` steps.",
     cache: CacheRole::Setup,
     always_saved: false,
 };

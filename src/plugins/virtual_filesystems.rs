@@ -12,9 +12,12 @@ pub struct VirtualFilesystems;
 static SPEC: StepSpec = StepSpec {
     name: "virtual-filesystems",
     value: Kind::Str,
-    value_doc: "tag of the mounted filesystem (the image's root)",
+    value_doc: "tag of the image's root filesystem; an earlier step must mount it",
     keys: &[],
-    summary: "Mount proc, sysfs, devtmpfs, devpts and /run in the image until teardown.",
+    summary: "Mounts the virtual filesystems a running system expects in the image, for the \
+        rest of the build: `proc` (proc), `sys` (sysfs), `dev` (devtmpfs, or a bind \
+        mount of the host's `/dev` where devtmpfs cannot be mounted), `dev/pts` \
+        (devpts) and `run` (tmpfs).",
     cache: CacheRole::Setup,
     always_saved: false,
 };
