@@ -17,22 +17,32 @@ pub fn sha256(data: &[u8]) -> String {
     hex(&Sha256::digest(data))
 }
 
-/// The SHA-256 of what is left to read in `r`, each block also handed to `also` (to
-/// copy it, say) as it is read.
-pub fn sha256_of_stream(
+/// Add what is left to read in `r` to `h`, each block also handed to `also` (to copy
+/// it, say) as it is read.
+pub fn update_from(
+    h: &mut Sha256,
     r: &mut impl Read,
     mut also: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> std::io::Result<String> {
-    let mut h = Sha256::new();
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = r.read(&mut buf)?;
         if n == 0 {
-            break;
+            return Ok(());
         }
         h.update(&buf[..n]);
         also(&buf[..n])?;
     }
+}
+
+/// The SHA-256 of what is left to read in `r`, each block also handed to `also` as it
+/// is read.
+pub fn sha256_of_stream(
+    r: &mut impl Read,
+    also: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    update_from(&mut h, r, also)?;
     Ok(hex(&h.finalize()))
 }
 

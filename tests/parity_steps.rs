@@ -224,31 +224,11 @@ fn kpartx_tags_mount_filesystems_made_elsewhere() {
     need_root!();
     let d = tempfile::tempdir().unwrap();
     let disk = d.path().join("disk.img");
-    partitioned_disk(&disk, 64 << 20, b"label: dos\nstart=2048, type=83\n");
     // An ext4 filesystem with a file in it, made without vmdb.
-    let part = d.path().join("part.img");
     let src = d.path().join("src");
     std::fs::create_dir(&src).unwrap();
     std::fs::write(src.join("old"), "made elsewhere\n").unwrap();
-    std::fs::File::create(&part)
-        .unwrap()
-        .set_len((64 << 20) - (1 << 20))
-        .unwrap();
-    tool(
-        "mkfs.ext4",
-        &["-q", "-d", &src.to_string_lossy(), &part.to_string_lossy()],
-    );
-    tool(
-        "dd",
-        &[
-            &format!("if={}", part.display()),
-            &format!("of={}", disk.display()),
-            "bs=1M",
-            "seek=1",
-            "conv=notrunc,sparse",
-            "status=none",
-        ],
-    );
+    let part = disk_with_filesystem(d.path(), &["mkfs.ext4", "-q", "-d", &src.to_string_lossy()]);
     let uuid = tool(
         "blkid",
         &["-p", "-s", "UUID", "-o", "value", &part.to_string_lossy()],

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::digest::{Digest, Sha256, hex};
+use crate::digest::{Digest, Sha256, hex, update_from};
 use crate::engine::build::Options;
 
 /// A suite of a package archive whose state the step cache's keys follow: a rebuild
@@ -154,14 +154,7 @@ pub(super) fn hash_tree(
             }
             return Ok(());
         }
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
+        update_from(h, &mut f, |_| Ok(()))?;
     }
     Ok(())
 }

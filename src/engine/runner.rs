@@ -96,15 +96,13 @@ pub fn run(steps: &[Step], registry: &Registry, b: &mut Build) -> Vec<Error> {
                 }
                 (Status::Ok, None)
             }
-            Err(e) => {
-                let e = e.context(format!(
+            Err(e) => failed(
+                &mut errors,
+                e.context(format!(
                     "step {} ({}) at line {} failed after {secs:.1}s",
                     step.index, step.kind, step.loc.line
-                ));
-                let msg = format!("{e:#}");
-                errors.push(e);
-                (Status::Failed, Some(msg))
-            }
+                )),
+            ),
         };
         log::event(Event::StepEnd {
             step: step.index,
@@ -147,15 +145,13 @@ pub fn run(steps: &[Step], registry: &Registry, b: &mut Build) -> Vec<Error> {
         let duration = round3(t.elapsed().as_secs_f64());
         let (status, error) = match r {
             Ok(()) => (Status::Ok, None),
-            Err(e) => {
-                let e = e.context(format!(
+            Err(e) => failed(
+                &mut errors,
+                e.context(format!(
                     "teardown of step {} ({}) at line {}",
                     step.index, step.kind, step.loc.line
-                ));
-                let msg = format!("{e:#}");
-                errors.push(e);
-                (Status::Failed, Some(msg))
-            }
+                )),
+            ),
         };
         log::event(Event::Teardown {
             step: step.index,
@@ -241,6 +237,13 @@ fn save(c: &Cache, p: &stepcache::Plan, i: usize, step: &Step, b: &Build) {
             "vmdb: warning: could not save to the step cache: {e:#}"
         )),
     }
+}
+
+/// Note `e` among the build's errors: the status and the message its event gives.
+fn failed(errors: &mut Vec<Error>, e: Error) -> (Status, Option<String>) {
+    let msg = format!("{e:#}");
+    errors.push(e);
+    (Status::Failed, Some(msg))
 }
 
 /// What a step event says about `step`, of `total`.

@@ -1,7 +1,8 @@
 //! The step types, one file each. Order matters where a step could match two types:
 //! the first plugin whose name is a key of the step wins (chroot before shell).
 
-use crate::engine::step::{Plugin, Registry};
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{Plugin, Registry, Step};
 
 pub mod ansible;
 pub mod apt;
@@ -81,6 +82,19 @@ pub static REGISTRY: Registry = Registry {
     plugins: ALL,
     distro: &crate::distro::Debian,
 };
+
+/// The cache inputs of a step that runs a script (chroot, shell): a script that runs
+/// apt fetches from the archives of the image's sources.
+fn script_cache_inputs(step: &Step, inputs: &mut CacheInputs) -> anyhow::Result<()> {
+    if step
+        .strings()
+        .iter()
+        .any(|t| crate::distro::mirror::runs_apt(t))
+    {
+        inputs.fetches_from_sources();
+    }
+    Ok(())
+}
 
 /// Validation of a step's disk (`device:`, or the value of mkimg and kpartx): a block
 /// device that something else uses (mounted, swap, RAID, LVM, held exclusively, or a

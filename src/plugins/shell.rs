@@ -45,16 +45,8 @@ impl Plugin for Shell {
             );
         }
     }
-    /// A script that runs apt fetches from the archives of the image's sources.
     fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
-        if step
-            .strings()
-            .iter()
-            .any(|t| crate::distro::mirror::runs_apt(t))
-        {
-            inputs.fetches_from_sources();
-        }
-        Ok(())
+        super::script_cache_inputs(step, inputs)
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
