@@ -1,5 +1,7 @@
-//! The step types, one file each. Order matters where a step could match two types:
-//! the first plugin whose name is a key of the step wins (chroot before shell).
+//! The step types, one file each, and REGISTRY, what the engine is handed. Order
+//! matters where a step could match two types: the first plugin whose name is a key of
+//! the step wins (chroot before shell). Besides the step types: devmapper.rs (what the
+//! device-mapper steps share) and testing.rs (helpers for unit tests).
 
 use crate::engine::cachekey::CacheInputs;
 use crate::engine::step::{Plugin, Registry, Step};
