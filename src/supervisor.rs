@@ -369,11 +369,20 @@ fn interrupted() -> bool {
 /// thread starts now and learns the child's PID after the fork.
 fn catch_signals() -> Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        // Noted in the handler itself, on the thread the signal lands on: the
+        // forwarder thread may run only after the main thread has decided to commit.
+        // SAFETY: the action only does atomic stores, which are async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                LAST_SIGNAL.store(sig, Ordering::SeqCst);
+                INTERRUPTED.store(true, Ordering::SeqCst);
+            })
+        }?;
+    }
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::spawn(move || {
-        for sig in signals.forever() {
-            LAST_SIGNAL.store(sig, Ordering::SeqCst);
-            INTERRUPTED.store(true, Ordering::SeqCst);
+        for _ in signals.forever() {
             let child = CHILD.lock().unwrap_or_else(|e| e.into_inner());
             if *child > 0 {
                 let _ = nix::sys::signal::kill(
