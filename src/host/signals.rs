@@ -18,11 +18,20 @@ static LAST: AtomicI32 = AtomicI32::new(0);
 /// threads once it unshared its PID namespace: it calls this before.
 pub fn catch(mut then: impl FnMut(i32) + Send + 'static) -> Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        // Noted in the handler itself: the thread below may run only after the main
+        // thread has decided that nothing interrupted it.
+        // SAFETY: the action only does atomic stores, which are async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                LAST.store(sig, Ordering::SeqCst);
+                INTERRUPTED.store(true, Ordering::SeqCst);
+            })
+        }?;
+    }
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::spawn(move || {
         for sig in signals.forever() {
-            LAST.store(sig, Ordering::SeqCst);
-            INTERRUPTED.store(true, Ordering::SeqCst);
             then(sig);
         }
     });
