@@ -1,19 +1,15 @@
 //! From a parsed command line to an exit status.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::build::Options;
-use crate::cli::{BuildArgs, Cli, Command, SpecArgs};
-use crate::outputs::{Format, OutputOptions};
-use crate::plan::Plan;
-use crate::step::{self, Step};
-use crate::template::Renderer;
-use crate::{plugins, spec, supervisor};
-
-pub const EXIT_FAILED: i32 = 1;
-pub const EXIT_USAGE: i32 = 2;
+use crate::cli::{BuildArgs, Cli, Command, EXIT_FAILED, EXIT_USAGE, SpecArgs};
+use crate::engine::prepare::{Prepared, Refused, absolute};
+use crate::engine::spec::Diag;
+use crate::engine::{self, supervisor};
+use crate::event::{Event, Status, round3};
+use crate::output::{Format, OutputOptions};
+use crate::plugins;
 
 pub fn main(cli: Cli) -> i32 {
     match cli.command {
@@ -36,18 +32,15 @@ pub fn main(cli: Cli) -> i32 {
                 EXIT_FAILED
             }
         },
-        Some(Command::Cache(c)) => crate::cachecmd::main(&c),
+        Some(Command::Cache(c)) => match crate::cachecmd::run(&c) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("vmdb cache: {e:#}");
+                EXIT_FAILED
+            }
+        },
         None => build(cli.build),
     }
-}
-
-/// A loaded, rendered and validated spec.
-pub struct Prepared {
-    pub name: String,
-    /// The spec's text (its checksum goes into the manifest).
-    pub text: String,
-    pub steps: Vec<Step>,
-    pub opts: Options,
 }
 
 fn output_var<'a>(
@@ -61,47 +54,18 @@ fn output_var<'a>(
     }
 }
 
-/// Load, render and validate; every problem is printed and the exit status returned.
+/// Load, render and validate (see `engine::prepare`), printing the spec's warnings and
+/// problems; on failure, the exit status.
 ///
 /// `out` is the path the image is built at; messages show `shown_out` instead (the
 /// final name, not the temporary one beside it).
-pub fn prepare(
+fn prepare(
     spec_path: &Path,
     out_var: &str,
     out: &Path,
     shown_out: &Path,
     args: &SpecArgs,
 ) -> Result<Prepared, i32> {
-    let (name, text, spec_dir) = if spec_path == Path::new("-") {
-        let mut s = String::new();
-        if let Err(e) = std::io::stdin().read_to_string(&mut s) {
-            eprintln!("vmdb: reading the spec from standard input: {e}");
-            return Err(EXIT_USAGE);
-        }
-        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-        ("<stdin>".to_string(), s, cwd)
-    } else {
-        match std::fs::read_to_string(spec_path) {
-            Ok(s) => {
-                let dir = spec_path
-                    .parent()
-                    .map(|p| {
-                        if p.as_os_str().is_empty() {
-                            Path::new(".")
-                        } else {
-                            p
-                        }
-                    })
-                    .unwrap_or(Path::new("."));
-                let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-                (spec_path.display().to_string(), s, dir)
-            }
-            Err(e) => {
-                eprintln!("vmdb: cannot read spec {}: {e}", spec_path.display());
-                return Err(EXIT_USAGE);
-            }
-        }
-    };
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
     vars.insert(out_var.to_string(), out.display().to_string());
     if let Some(t) = &args.rootfs_tarball {
@@ -111,56 +75,36 @@ pub fn prepare(
         vars.insert(k.clone(), v.clone());
     }
     let (built, shown) = (out.display().to_string(), shown_out.display().to_string());
-    let report = |diags: Vec<spec::Diag>| {
-        for d in &diags {
-            eprintln!("{}", d.render(&name).replace(&built, &shown));
+    let print = |name: &str, diags: &[Diag]| {
+        for d in diags {
+            eprintln!("{}", d.render(name).replace(&built, &shown));
         }
-        let n = diags.len();
-        eprintln!(
-            "vmdb: {name}: {n} problem{} found; nothing was built",
-            if n == 1 { "" } else { "s" }
-        );
-        EXIT_USAGE
     };
-    let raw = spec::load(&text).map_err(report)?;
-    let renderer = Renderer::new(vars.clone());
-    let mut plan = Plan::for_this_host();
-    plan.spec_dir = spec_dir.clone();
-    plan.rootfs_tarball = args.rootfs_tarball.clone();
-    let validated = step::validate(&raw.steps, &renderer, plugins::ALL, &mut plan);
-    plan.warnings.sort_by_key(|d| (d.loc.line, d.loc.col));
-    for w in &plan.warnings {
-        eprintln!("{}", w.render(&name).replace(&built, &shown));
+    let rootfs_tarball = args.rootfs_tarball.as_deref();
+    match engine::prepare::prepare(spec_path, vars, rootfs_tarball, plugins::REGISTRY.plugins) {
+        Ok(p) => {
+            print(&p.name, &p.warnings);
+            Ok(p)
+        }
+        Err(Refused::Unreadable(why)) => {
+            eprintln!("vmdb: {why}");
+            Err(EXIT_USAGE)
+        }
+        Err(Refused::Invalid {
+            name,
+            warnings,
+            problems,
+        }) => {
+            print(&name, &warnings);
+            print(&name, &problems);
+            let n = problems.len();
+            eprintln!(
+                "vmdb: {name}: {n} problem{} found; nothing was built",
+                if n == 1 { "" } else { "s" }
+            );
+            Err(EXIT_USAGE)
+        }
     }
-    // What the host lacks is reported with the spec's own mistakes, all at once.
-    let missing = step::missing_on_host(&plan.host_needs, crate::cmd::host_has);
-    let steps = match validated {
-        Ok(steps) if missing.is_empty() => steps,
-        Ok(_) => return Err(report(missing)),
-        Err(mut diags) => {
-            diags.extend(missing);
-            diags.sort_by_key(|d| (d.loc.line, d.loc.col));
-            return Err(report(diags));
-        }
-    };
-    Ok(Prepared {
-        name: name.clone(),
-        text,
-        steps,
-        opts: Options {
-            spec_dir,
-            rootfs_tarball: args.rootfs_tarball.as_deref().map(absolute),
-            vars,
-            spec_name: name,
-            cache_dir: None,
-            refresh: false,
-            out: Default::default(),
-        },
-    })
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 pub fn print_plan(p: &Prepared) {
@@ -189,7 +133,7 @@ fn build(args: BuildArgs) -> i32 {
         return EXIT_USAGE;
     };
     // The output's name and --format: a warning, the build goes on.
-    let name_mismatch = crate::outputs::format_name_mismatch(args.format, &out);
+    let name_mismatch = crate::output::format_name_mismatch(args.format, &out);
     if !args.matrix.is_empty() {
         if args.dry_run {
             eprintln!("vmdb: --dry-run checks one image: give its variables with --variable");
@@ -217,7 +161,7 @@ fn build(args: BuildArgs) -> i32 {
         );
         return EXIT_USAGE;
     }
-    if args.format != Format::Raw && !in_path("qemu-img") {
+    if args.format != Format::Raw && !crate::host::cmd::in_path("qemu-img") {
         eprintln!(
             "vmdb: --format {} needs qemu-img (Debian package qemu-utils)",
             args.format.name()
@@ -248,7 +192,7 @@ fn build(args: BuildArgs) -> i32 {
         return EXIT_FAILED;
     }
     // What killed builds left behind, whatever their spec and output.
-    crate::inflight::clean_stale();
+    crate::engine::inflight::clean_stale();
     if let Err(e) = target.claim() {
         eprintln!("vmdb: {e:#}");
         return EXIT_USAGE;
@@ -275,13 +219,23 @@ fn build(args: BuildArgs) -> i32 {
         spec_name: prepared.name.clone(),
         spec_text: prepared.text.clone(),
     };
-    supervisor::run_build(prepared, target, args.keep_failed)
-}
-
-/// Whether `prog` is an executable in $PATH or the sbin directories (where the
-/// programs vmdb runs are looked up).
-pub fn in_path(prog: &str) -> bool {
-    crate::cmd::find_program(prog).is_some()
+    let started = std::time::Instant::now();
+    let result = supervisor::run_build(prepared, target, args.keep_failed, &plugins::REGISTRY);
+    let (code, outputs) = match result {
+        Ok(outputs) => (0, outputs),
+        Err(supervisor::Failed) => (EXIT_FAILED, Vec::new()),
+    };
+    crate::log::event(Event::BuildEnd {
+        status: if code == 0 {
+            Status::Ok
+        } else {
+            Status::Failed
+        },
+        exit_code: code,
+        duration: round3(started.elapsed().as_secs_f64()),
+        outputs: outputs.iter().map(|p| p.display().to_string()).collect(),
+    });
+    code
 }
 
 fn dry_run(spec: &Path, var: &str, out: &Path, args: &BuildArgs) -> i32 {

@@ -3,20 +3,11 @@
 use std::path::Path;
 
 use crate::cli::{CacheAction, CacheArgs};
-use crate::stepcache::Cache;
-use crate::{cachefile, debcache};
+use crate::distro::debcache;
+use crate::engine::stepcache::Cache;
+use crate::host::cachefile;
 
-pub fn main(a: &CacheArgs) -> i32 {
-    match run(a) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("vmdb cache: {e:#}");
-            crate::app::EXIT_FAILED
-        }
-    }
-}
-
-fn run(a: &CacheArgs) -> anyhow::Result<()> {
+pub fn run(a: &CacheArgs) -> anyhow::Result<()> {
     let cache = Cache::open(&a.cache_dir)?;
     let debs = a.cache_dir.join("debs");
     match &a.action {
@@ -28,7 +19,7 @@ fn run(a: &CacheArgs) -> anyhow::Result<()> {
                     "{}  {:>8}  {}  step {} ({})  {}",
                     &m.key[..16],
                     mb(m.size),
-                    crate::runner::age(m.created),
+                    crate::engine::stepcache::age(m.created),
                     m.step,
                     m.kind,
                     m.spec

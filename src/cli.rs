@@ -74,6 +74,11 @@ pub enum CacheAction {
     },
 }
 
+/// vmdb's exit status when a build (or another command) failed.
+pub const EXIT_FAILED: i32 = 1;
+/// vmdb's exit status for a mistake in the spec or on the command line: nothing was done.
+pub const EXIT_USAGE: i32 = 2;
+
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/vmdb";
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -148,14 +153,14 @@ pub struct BuildArgs {
     pub refresh: bool,
     /// Build one image per combination of values (repeatable: suite=bookworm,trixie
     /// and arch=amd64,i386 make four); use the names in --output, e.g. '{{ suite }}-{{ arch }}.img'
-    #[arg(long, value_name = "NAME=V1,V2", value_parser = crate::matrix::parse_axis)]
+    #[arg(long, value_name = "NAME=V1,V2", value_parser = parse_axis)]
     pub matrix: Vec<(String, Vec<String>)>,
     /// How many images of a matrix to build at once (default: the number of CPUs)
     #[arg(short, long, value_name = "N")]
     pub jobs: Option<usize>,
     /// Format of the finished image: the steps build a raw image, converted at the end
-    #[arg(long, value_enum, default_value_t = crate::outputs::Format::Raw, value_name = "FORMAT")]
-    pub format: crate::outputs::Format,
+    #[arg(long, value_enum, default_value_t = crate::output::Format::Raw, value_name = "FORMAT")]
+    pub format: crate::output::Format,
     /// Compress: qcow2 clusters, a stream-optimized vmdk, or a gzipped Vagrant box
     #[arg(long)]
     pub compress: bool,
@@ -215,6 +220,24 @@ pub fn not_an_option_variable(name: &str) -> Result<(), String> {
         )),
         None => Ok(()),
     }
+}
+
+/// `NAME=V1,V2,...`
+pub fn parse_axis(s: &str) -> Result<(String, Vec<String>), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE1,VALUE2, got '{s}'"))?;
+    let values: Vec<String> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect();
+    if k.is_empty() || values.is_empty() {
+        return Err(format!("expected NAME=VALUE1,VALUE2, got '{s}'"));
+    }
+    not_an_option_variable(k)?;
+    Ok((k.to_string(), values))
 }
 
 fn parse_variable(s: &str) -> Result<(String, String), String> {
@@ -301,6 +324,16 @@ mod tests {
     }
 
     #[test]
+    fn axis_syntax() {
+        assert_eq!(
+            parse_axis("a=x, y").unwrap(),
+            ("a".to_string(), vec!["x".to_string(), "y".to_string()])
+        );
+        assert!(parse_axis("a").is_err());
+        assert!(parse_axis("a=").is_err());
+    }
+
+    #[test]
     fn validate_subcommand() {
         let c = parse(&["validate", "x.vmdb"]).unwrap();
         assert!(matches!(c.command, Some(Command::Validate(_))));
@@ -334,11 +367,11 @@ mod tests {
             "-",
         ])
         .unwrap();
-        assert_eq!(c.build.format, crate::outputs::Format::VagrantLibvirt);
+        assert_eq!(c.build.format, crate::output::Format::VagrantLibvirt);
         assert!(c.build.compress && c.build.checksums && c.build.manifest);
         assert_eq!(c.build.json, Some(PathBuf::from("-")));
         let c = parse(&["x.vmdb", "--output", "x.img"]).unwrap();
-        assert_eq!(c.build.format, crate::outputs::Format::Raw);
+        assert_eq!(c.build.format, crate::output::Format::Raw);
         assert!(parse(&["x.vmdb", "--format", "iso"]).is_err());
     }
 

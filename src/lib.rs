@@ -1,35 +1,23 @@
 //! vmdb: build disk images from a YAML spec of steps.
+//!
+//! The front (main, cli, app, matrix, cachecmd) over layers whose imports only point
+//! down: plugins -> distro -> engine -> output -> host -> base (log, event, progress,
+//! size, digest); boot (`vmdb boot`) uses host and base only.
 
 pub mod app;
-pub mod binfmt;
-pub mod blockdev;
-pub mod boot;
-pub mod build;
 pub mod cachecmd;
-pub mod cachefile;
-pub mod chroot;
 pub mod cli;
-pub mod cmd;
-pub mod debcache;
-pub mod devmapper;
-pub mod fat;
-pub mod image_root;
-pub mod inflight;
-pub mod log;
 pub mod matrix;
-pub mod mirror;
-pub mod mmdebstrap;
-pub mod mount;
-pub mod outputs;
-pub mod plan;
+
+pub mod boot;
+pub mod distro;
+pub mod engine;
+pub mod host;
+pub mod output;
 pub mod plugins;
+
+pub mod digest;
+pub mod event;
+pub mod log;
 pub mod progress;
-pub mod runner;
 pub mod size;
-pub mod spec;
-pub mod state;
-pub mod step;
-pub mod stepcache;
-pub mod supervisor;
-pub mod template;
-pub mod vagrant_box;

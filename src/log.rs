@@ -6,6 +6,8 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use crate::event::{Event, round3};
+
 static VERBOSE: AtomicBool = AtomicBool::new(false);
 static LOG: Mutex<Option<File>> = Mutex::new(None);
 /// Where JSON events go (`--json`), one object per line.
@@ -49,9 +51,9 @@ pub fn json_enabled() -> bool {
     JSON.lock().unwrap_or_else(|e| e.into_inner()).is_some()
 }
 
-/// Write one JSON event: `{"event": NAME, "time": SECONDS_SINCE_EPOCH, ...fields}`.
-/// `fields` must be a JSON object. Each event is one line, written with one write.
-pub fn event(name: &str, fields: serde_json::Value) {
+/// Write one JSON event: `{"event": NAME, "time": SECONDS_SINCE_EPOCH, ...members}`,
+/// keys in alphabetical order. Each event is one line, written with one write.
+pub fn event(e: Event) {
     let mut guard = JSON.lock().unwrap_or_else(|e| e.into_inner());
     let Some(f) = guard.as_mut() else {
         return;
@@ -60,12 +62,10 @@ pub fn event(name: &str, fields: serde_json::Value) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    let mut obj = serde_json::Map::new();
-    obj.insert("event".into(), name.into());
-    obj.insert("time".into(), ((time * 1000.0).round() / 1000.0).into());
-    if let serde_json::Value::Object(m) = fields {
-        obj.extend(m);
-    }
+    let Ok(serde_json::Value::Object(mut obj)) = serde_json::to_value(&e) else {
+        return;
+    };
+    obj.insert("time".into(), round3(time).into());
     let mut line = serde_json::Value::Object(obj).to_string();
     line.push('\n');
     let _ = f.write_all(line.as_bytes());
@@ -132,11 +132,15 @@ pub fn out(msg: &str) {
 /// Always shown as `vmdb: warning: MSG`, and a `warning` event.
 pub fn warn(msg: &str) {
     info(&format!("vmdb: warning: {msg}"));
-    event("warning", serde_json::json!({ "message": msg }));
+    event(Event::Warning {
+        message: msg.to_string(),
+    });
 }
 
 /// Always shown as `vmdb: error: MSG`, and an `error` event.
 pub fn error(msg: &str) {
     info(&format!("vmdb: error: {msg}"));
-    event("error", serde_json::json!({ "message": msg }));
+    event(Event::Error {
+        message: msg.to_string(),
+    });
 }

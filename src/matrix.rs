@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::app::{EXIT_FAILED, EXIT_USAGE};
-use crate::cli::BuildArgs;
-use crate::template::Renderer;
+use crate::cli::{BuildArgs, EXIT_FAILED, EXIT_USAGE};
+use crate::engine::template::Renderer;
+use crate::host::signals;
 
 /// One image of the matrix.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,37 +90,11 @@ static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 /// SIGINT, SIGTERM, SIGHUP: start nothing more, and stop the running builds (each
 /// tears down and removes its image).
 fn forward_signals_to_children() {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
-        return;
-    };
-    std::thread::spawn(move || {
-        for _ in signals.forever() {
-            crate::cmd::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-            for pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                // SAFETY: kill(2) has no memory-safety preconditions.
-                unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
-            }
+    let _ = signals::catch(|_| {
+        for pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            signals::send(*pid, nix::sys::signal::Signal::SIGTERM);
         }
     });
-}
-
-/// `NAME=V1,V2,...`
-pub fn parse_axis(s: &str) -> Result<(String, Vec<String>), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected NAME=VALUE1,VALUE2, got '{s}'"))?;
-    let values: Vec<String> = v
-        .split(',')
-        .map(str::trim)
-        .filter(|x| !x.is_empty())
-        .map(String::from)
-        .collect();
-    if k.is_empty() || values.is_empty() {
-        return Err(format!("expected NAME=VALUE1,VALUE2, got '{s}'"));
-    }
-    crate::cli::not_an_option_variable(k)?;
-    Ok((k.to_string(), values))
 }
 
 /// The arguments of the vmdb build of one cell.
@@ -223,7 +197,7 @@ pub fn run(args: &BuildArgs, spec: &Path, output: &Path, image_var: bool) -> i32
     let mut results: Vec<(&Cell, bool, f64)> = Vec::new();
     forward_signals_to_children();
     while !waiting.is_empty() || !running.is_empty() {
-        while running.len() < jobs && !crate::cmd::interrupted() {
+        while running.len() < jobs && !signals::interrupted() {
             let Some(c) = waiting.pop() else { break };
             let log = match std::fs::File::create(log_path(c)) {
                 Ok(f) => f,
@@ -254,7 +228,7 @@ pub fn run(args: &BuildArgs, spec: &Path, output: &Path, image_var: bool) -> i32
                 }
             }
         }
-        if crate::cmd::interrupted() {
+        if signals::interrupted() {
             waiting.clear();
         }
         let mut i = 0;
@@ -305,6 +279,7 @@ pub fn run(args: &BuildArgs, spec: &Path, output: &Path, image_var: bool) -> i32
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::parse_axis;
 
     fn args(matrix: &[&str]) -> BuildArgs {
         BuildArgs {
@@ -339,16 +314,6 @@ mod tests {
             e.starts_with("'suite=bookworm' and 'suite=trixie' would both build debian.img"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn axis_syntax() {
-        assert_eq!(
-            parse_axis("a=x, y").unwrap(),
-            ("a".to_string(), vec!["x".to_string(), "y".to_string()])
-        );
-        assert!(parse_axis("a").is_err());
-        assert!(parse_axis("a=").is_err());
     }
 
     #[test]

@@ -705,7 +705,7 @@ fn a_signal_while_tearing_down_or_handing_over_fails_the_build() {
         ("teardown [7/7] create-file", Signal::SIGTERM),
         ("teardown [6/7] mount", Signal::SIGINT),
         ("teardown [1/7] mkimg", Signal::SIGTERM),
-        ("  $ sha256sum", Signal::SIGHUP),
+        ("handing over the outputs", Signal::SIGHUP),
     ] {
         let w = s.spawn(true);
         assert!(w.wait_line(line), "no {line:?}");

@@ -418,7 +418,7 @@ fn the_cache_page_and_readme_say_what_prune_removes() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     // Both say "a minute": the grace period of an unlocked temporary.
-    assert_eq!(vmdb::cachefile::GRACE.as_secs(), 60);
+    assert_eq!(vmdb::host::cachefile::GRACE.as_secs(), 60);
     for (name, text) in [("vmdb-cache.1", page.as_str()), ("README.md", &readme)] {
         let text = text.replace('\n', " ");
         for words in [

@@ -63,11 +63,14 @@ fn sha256(p: &Path) -> String {
         .to_string()
 }
 
-/// The one file in `dir` whose name starts with `prefix`.
+/// The one package for the host's architecture in `dir` whose name starts with
+/// `prefix` (the shared test cache holds other architectures' too).
 fn find(dir: &Path, prefix: &str) -> PathBuf {
+    let arch = tool("dpkg", &["--print-architecture"]);
+    let suffix = format!("_{}.deb", arch.trim());
     let found: Vec<String> = listing(dir)
         .into_iter()
-        .filter(|n| n.starts_with(prefix) && n.ends_with(".deb"))
+        .filter(|n| n.starts_with(prefix) && n.ends_with(&suffix))
         .collect();
     assert_eq!(found.len(), 1, "{prefix}* in {}: {found:?}", dir.display());
     dir.join(&found[0])

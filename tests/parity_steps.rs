@@ -224,31 +224,11 @@ fn kpartx_tags_mount_filesystems_made_elsewhere() {
     need_root!();
     let d = tempfile::tempdir().unwrap();
     let disk = d.path().join("disk.img");
-    partitioned_disk(&disk, 64 << 20, b"label: dos\nstart=2048, type=83\n");
     // An ext4 filesystem with a file in it, made without vmdb.
-    let part = d.path().join("part.img");
     let src = d.path().join("src");
     std::fs::create_dir(&src).unwrap();
     std::fs::write(src.join("old"), "made elsewhere\n").unwrap();
-    std::fs::File::create(&part)
-        .unwrap()
-        .set_len((64 << 20) - (1 << 20))
-        .unwrap();
-    tool(
-        "mkfs.ext4",
-        &["-q", "-d", &src.to_string_lossy(), &part.to_string_lossy()],
-    );
-    tool(
-        "dd",
-        &[
-            &format!("if={}", part.display()),
-            &format!("of={}", disk.display()),
-            "bs=1M",
-            "seek=1",
-            "conv=notrunc,sparse",
-            "status=none",
-        ],
-    );
+    let part = disk_with_filesystem(d.path(), &["mkfs.ext4", "-q", "-d", &src.to_string_lossy()]);
     let uuid = tool(
         "blkid",
         &["-p", "-s", "UUID", "-o", "value", &part.to_string_lossy()],
@@ -275,4 +255,90 @@ fn kpartx_tags_mount_filesystems_made_elsewhere() {
         tool("debugfs", &["-R", "cat /etc/fstab", &p]),
         format!("UUID={} / ext4 errors=remount-ro 0 1\n", uuid.trim())
     );
+}
+
+/// A 64 MiB disk with one partition from 1 MiB on, holding a filesystem made by
+/// `mkfs` (with its arguments) without vmdb; returns the partition's image.
+fn disk_with_filesystem(dir: &Path, mkfs: &[&str]) -> std::path::PathBuf {
+    let disk = dir.join("disk.img");
+    partitioned_disk(&disk, 64 << 20, b"label: dos\nstart=2048, type=83\n");
+    let part = dir.join("part.img");
+    std::fs::File::create(&part)
+        .unwrap()
+        .set_len((64 << 20) - (1 << 20))
+        .unwrap();
+    let mut args: Vec<&str> = mkfs[1..].to_vec();
+    let p = part.to_string_lossy().into_owned();
+    args.push(&p);
+    tool(mkfs[0], &args);
+    tool(
+        "dd",
+        &[
+            &format!("if={}", part.display()),
+            &format!("of={}", disk.display()),
+            "bs=1M",
+            "seek=1",
+            "conv=notrunc,sparse",
+            "status=none",
+        ],
+    );
+    part
+}
+
+/// A vmdb2 spec for a disk partitioned outside it: kpartx `tags`, then resize-rootfs
+/// on the root filesystem found there (with stand-ins for the programs it needs in
+/// the image).
+const EXISTING_ROOT: &str = r#"
+steps:
+  - kpartx: "{{ disk }}"
+    tags: [root]
+  - mount: root
+  - shell: |
+      for p in usr/sbin/sfdisk usr/bin/partx usr/bin/lsblk usr/bin/findmnt \
+               usr/bin/systemctl usr/sbin/resize2fs; do
+          mkdir -p "$ROOT/$(dirname $p)" && touch "$ROOT/$p"
+      done
+    root-fs: root
+  - resize-rootfs: root
+"#;
+
+#[test]
+fn resize_rootfs_grows_an_existing_filesystem_and_says_why_it_cannot() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let spec = write(d.path(), "existing.vmdb", EXISTING_ROOT);
+    let build = || {
+        run(&[
+            &spec.to_string_lossy(),
+            "--output",
+            &d.path().join("unused.img").to_string_lossy(),
+            "--variable",
+            &format!("disk={}", d.path().join("disk.img").display()),
+        ])
+    };
+    // Its type is only known when the build reads it: validation accepts it.
+    let part = disk_with_filesystem(d.path(), &["mkfs.ext4", "-q"]);
+    let r = build();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    wait_clean(d.path(), 5).unwrap();
+    extract(&d.path().join("disk.img"), 2048, (63 << 20) / 512, &part);
+    let p = part.to_string_lossy();
+    assert!(
+        tool("debugfs", &["-R", "cat /usr/local/sbin/resize-rootfs", &p])
+            .starts_with("#!/bin/sh\n# Written by vmdb's resize-rootfs step."),
+    );
+    // A filesystem that cannot grow while mounted fails the build, saying why.
+    disk_with_filesystem(d.path(), &["mkfs.vfat"]);
+    let r = build();
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "step 4 (resize-rootfs) at line 12 failed after 0.0s: tag 'root' has a vfat \
+             filesystem, which cannot be grown while mounted: expected one of ext2, ext3, \
+             ext4, xfs, btrfs"
+        ),
+        "{}",
+        r.stderr
+    );
+    wait_clean(d.path(), 5).unwrap();
 }

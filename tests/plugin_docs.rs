@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use vmdb::plan::{Plan, PlanTag};
-use vmdb::step::validate;
-use vmdb::template::Renderer;
+use vmdb::engine::plan::{Filesystem, Plan, PlanTag};
+use vmdb::engine::template::Renderer;
+use vmdb::engine::validate::validate;
 
 fn page(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,7 +27,7 @@ fn example(name: &str, page: &str) -> String {
 /// A plan in which earlier steps made and mounted "/" (ext4) and "efi" (vfat).
 fn plan_with_disk(spec_dir: &Path) -> Plan {
     let mut plan = Plan {
-        spec_dir: spec_dir.to_path_buf(),
+        spec_dir: spec_dir.into(),
         // The device-mapper steps' examples are for hosts that have it.
         host_has_device_mapper: true,
         ..Plan::default()
@@ -38,7 +38,7 @@ fn plan_with_disk(spec_dir: &Path) -> Plan {
             PlanTag {
                 step: 0,
                 disk: Some("disk.img".into()),
-                fs_type: Some(fs.into()),
+                filesystem: Filesystem::Made(fs.into()),
                 mounted: true,
             },
         )
@@ -47,32 +47,65 @@ fn plan_with_disk(spec_dir: &Path) -> Plan {
     plan
 }
 
+/// Where the table of a page's keys is: its lines, after "## Keys".
+fn key_table(name: &str, page: &str) -> std::ops::Range<usize> {
+    let start = page
+        .find("\n## Keys\n\n")
+        .unwrap_or_else(|| panic!("plugins/{name}.md has no '## Keys'"))
+        + "\n## Keys\n\n".len();
+    let len = page[start..]
+        .split_inclusive('\n')
+        .take_while(|l| l.starts_with('|'))
+        .map(str::len)
+        .sum::<usize>();
+    start..start + len
+}
+
+/// The pages' key tables are generated from the registry (`StepSpec::keys_markdown`):
+/// a page whose table differs from the code's fails. `VMDB_WRITE_PLUGIN_DOCS=1 cargo
+/// test --test plugin_docs` writes the tables after a change in the code.
 #[test]
-fn every_step_type_has_a_page_naming_its_keys() {
+fn every_page_has_its_step_types_key_table_and_summary() {
+    let write = std::env::var_os("VMDB_WRITE_PLUGIN_DOCS").is_some();
     for p in vmdb::plugins::ALL {
         let spec = p.spec();
         let text = page(spec.name);
         assert!(
-            text.starts_with(&format!("# {}\n", spec.name)),
+            text.starts_with(&format!("# {}\n\n", spec.name)),
             "plugins/{}.md: title",
             spec.name
         );
-        for key in std::iter::once(spec.name).chain(spec.keys.iter().map(|k| k.name)) {
-            assert!(
-                text.contains(&format!("`{key}`")),
-                "plugins/{}.md does not describe key '{key}'",
-                spec.name
-            );
+        // The summary is the page's first sentence.
+        let first: String = text
+            .lines()
+            .skip(2)
+            .take_while(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            first.starts_with(spec.summary),
+            "plugins/{}.md begins otherwise than the code's summary:\n{}\n{first}",
+            spec.name,
+            spec.summary
+        );
+        let table = spec.keys_markdown();
+        let at = key_table(spec.name, &text);
+        if write && text[at.clone()] != table {
+            let mut new = text.clone();
+            new.replace_range(at.clone(), &table);
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("plugins")
+                .join(format!("{}.md", spec.name));
+            std::fs::write(path, new).unwrap();
+            continue;
         }
-        for key in spec.keys {
-            for alias in key.aliases {
-                assert!(
-                    text.contains(&format!("`{alias}`")),
-                    "plugins/{}.md: alias '{alias}'",
-                    spec.name
-                );
-            }
-        }
+        assert_eq!(
+            text[at].to_string(),
+            table,
+            "plugins/{}.md: the key table is not the code's (VMDB_WRITE_PLUGIN_DOCS=1 \
+             cargo test --test plugin_docs writes it)",
+            spec.name
+        );
     }
 }
 
@@ -97,11 +130,11 @@ fn every_example_validates() {
             "steps:\n{}",
             yaml.lines().map(|l| format!("  {l}\n")).collect::<String>()
         );
-        let raw =
-            vmdb::spec::load(&text).unwrap_or_else(|d| panic!("plugins/{name}.md example: {d:?}"));
+        let raw = vmdb::engine::spec::load(&text)
+            .unwrap_or_else(|d| panic!("plugins/{name}.md example: {d:?}"));
         let mut plan = if yaml.starts_with("- mkimg:") {
             Plan {
-                spec_dir: dir.path().to_path_buf(),
+                spec_dir: dir.path().into(),
                 host_has_device_mapper: true,
                 ..Plan::default()
             }
@@ -152,7 +185,9 @@ fn check_host_programs(name: &str, page: &str, plan: &Plan) {
             continue;
         }
         assert!(
-            need.any_of.iter().any(|(p, _)| vmdb::cmd::host_has(p)),
+            need.any_of
+                .iter()
+                .any(|(p, _)| vmdb::host::cmd::host_has(p)),
             "plugins/{name}.md example: {:?} is not on this host",
             need.any_of
         );
@@ -171,18 +206,16 @@ fn keys_every_step_takes_are_documented_once_in_the_readme() {
         .skip_while(|l| !l.starts_with('|'))
         .take_while(|l| l.starts_with('|'))
         .collect();
-    for key in vmdb::step::COMMON_KEYS {
+    for key in vmdb::engine::step::COMMON_KEYS {
+        let row = format!("| `{}` | {} |", key.name, key.doc);
         assert!(
-            table
-                .iter()
-                .any(|l| l.starts_with(&format!("| `{}` |", key.name))),
-            "README.md's table of keys every step takes has no row for '{}'",
-            key.name
+            table.contains(&row.as_str()),
+            "README.md's table of keys every step takes has no row {row}"
         );
     }
     assert_eq!(
         table.len(),
-        2 + vmdb::step::COMMON_KEYS.len(),
+        2 + vmdb::engine::step::COMMON_KEYS.len(),
         "README.md's table of keys every step takes: {table:#?}"
     );
 }

@@ -60,7 +60,7 @@ fn source_dir() -> Option<PathBuf> {
 }
 
 fn mirror() -> String {
-    vmdb::mirror::host_default().expect("a Debian mirror in this host's apt configuration")
+    vmdb::distro::mirror::host_default().expect("a Debian mirror in this host's apt configuration")
 }
 
 /// Spec `name` written into `dir` with its suite changed, beside the files it refers

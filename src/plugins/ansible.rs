@@ -8,42 +8,59 @@
 //! the playbook runs, as for a chroot step.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::build::Build;
-use crate::chroot;
-use crate::cmd::Cmd;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::distro::chroot;
+use crate::engine::build::Build;
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 
 pub struct Ansible;
 
 static SPEC: StepSpec = StepSpec {
     name: "ansible",
     value: Kind::Str,
-    value_doc: "tag of the image's mounted root filesystem",
+    value_doc: "tag of the image's root filesystem; an earlier step must mount it",
     keys: &[
         Key::req(
             "playbook",
             Kind::Str,
-            "the playbook, relative to the spec file",
+            "the playbook file, relative to the spec file; validation checks that it \
+                exists",
         ),
-        Key::opt("group", Kind::Str, "inventory group of the image").default("image"),
+        Key::opt(
+            "group",
+            Kind::Str,
+            "the inventory group the image is in (the playbook's `hosts:`)",
+        )
+        .default("image"),
         Key::opt(
             "tags",
             Kind::List,
-            "run only the tasks with these Ansible tags",
+            "run only tasks with these Ansible tags (`--tags a,b`); a string or a list",
         )
         .default("all"),
         Key::opt(
             "config_file",
             Kind::Str,
-            "an ansible.cfg to use (ANSIBLE_CONFIG), relative to the spec file",
+            "an `ansible.cfg`, relative to the spec file, given as `ANSIBLE_CONFIG`; \
+                validation checks that it exists",
         ),
-        Key::opt("extra_vars", Kind::Map, "more variables for the playbook"),
+        Key::opt(
+            "extra_vars",
+            Kind::Map,
+            "a mapping of variable names to strings, passed with `-e`, with \
+                `rootfs_tarball` added",
+        ),
     ],
-    summary: "Run an Ansible playbook in the image with the chroot connection.",
+    summary: "Runs an Ansible playbook against the image with Ansible's `chroot` connection: \
+        the image's root filesystem, mounted where the tag is, is the only host of \
+        the inventory.",
+    cache: CacheRole::Tree,
+    always_saved: true,
 };
 
 /// Owner of the virtual filesystems mounted for the step's duration.
@@ -94,10 +111,6 @@ pub fn argv(inventory: &Path, tags: &[String], vars: &Path, playbook: &Path) -> 
     v
 }
 
-fn spec_file(dir: &Path, p: &str) -> PathBuf {
-    dir.join(p)
-}
-
 impl Plugin for Ansible {
     fn spec(&self) -> &'static StepSpec {
         &SPEC
@@ -111,7 +124,7 @@ impl Plugin for Ansible {
         chroot::needs_chroot(c);
         for key in ["playbook", "config_file"] {
             if let Some(p) = c.step.opt_str(key) {
-                if !spec_file(&c.plan.spec_dir, p).is_file() {
+                if !c.plan.spec_dir.path(p).is_file() {
                     let p = p.to_string();
                     c.err(
                         key,
@@ -130,6 +143,22 @@ impl Plugin for Ansible {
         }
     }
 
+    /// The playbook's directory (roles, vars and templates beside it), and the archives
+    /// of the image's sources, which its tasks may install packages from.
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        if let Some(pb) = step.opt_str("playbook") {
+            let dir = Path::new(pb).parent().unwrap_or(Path::new(""));
+            let name = match dir.display().to_string() {
+                d if d.is_empty() => ".".to_string(),
+                d => d,
+            };
+            let path = inputs.opts().spec_dir.path(dir);
+            inputs.file_at(&name, &path)?;
+        }
+        inputs.fetches_from_sources();
+        Ok(())
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let root = chroot::tag_dir(b, step.arg())?;
         let dir = b.scratch_dir("ansible-")?;
@@ -143,7 +172,7 @@ impl Plugin for Ansible {
             vars_file(&step.map("extra_vars"), tarball.as_deref()),
         )
         .with_context(|| format!("writing {}", vars.display()))?;
-        let playbook = b.spec_path(step.str("playbook")?);
+        let playbook = b.opts.spec_dir.path(step.str("playbook")?);
         let argv = argv(&inv, &step.list("tags"), &vars, &playbook);
         // Ansible runs on the host, but its chroot connection passes its environment
         // on to the modules it runs in the image: the image's, with the UTF-8 locale
@@ -151,13 +180,13 @@ impl Plugin for Ansible {
         let mut cmd = chroot::with_image_env(Cmd::new(&argv[0]).args(&argv[1..]), &root)
             .env("LANG", "C.UTF-8")
             .env("LC_ALL", "C.UTF-8")
-            .cwd(&b.opts.spec_dir)
+            .cwd(b.opts.spec_dir.dir())
             .env("ANSIBLE_NOCOWS", "1")
             .env("ANSIBLE_RETRY_FILES_ENABLED", "0")
             .env("ANSIBLE_HOME", dir.join("home"))
             .env("ANSIBLE_LOCAL_TEMP", dir.join("tmp"));
         if let Some(cfg) = step.opt_str("config_file") {
-            cmd = cmd.env("ANSIBLE_CONFIG", b.spec_path(cfg));
+            cmd = cmd.env("ANSIBLE_CONFIG", b.opts.spec_dir.path(cfg));
         }
         chroot::enter(b, &root, OWNER)?;
         cmd.run()?;
@@ -173,12 +202,12 @@ impl Plugin for Ansible {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Plan;
+    use crate::engine::plan::Plan;
     use crate::plugins::testing::{plan_with_root, step_errors, validate_step};
 
     fn plan_in(dir: &Path) -> Plan {
         let mut p = plan_with_root();
-        p.spec_dir = dir.to_path_buf();
+        p.spec_dir = dir.into();
         p
     }
 

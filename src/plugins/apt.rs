@@ -4,34 +4,50 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::chroot;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::distro::chroot;
+use crate::engine::build::Build;
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Apt;
 
 static SPEC: StepSpec = StepSpec {
     name: "apt",
     value: Kind::Str,
-    value_doc: "the operation: only 'install'",
+    value_doc: "`install`, the only operation",
     keys: &[
-        Key::req("packages", Kind::List, "the packages to install"),
+        Key::req(
+            "packages",
+            Kind::List,
+            "the packages to install (a list, or one name)",
+        ),
         Key::req(
             "tag",
             Kind::Str,
-            "tag of the image's mounted root filesystem",
+            "tag of the image's root filesystem; an earlier step must mount it",
         )
         .aliases(&["fs-tag"]),
-        Key::opt("recommends", Kind::Bool, "install recommended packages too").default("true"),
-        Key::opt("clean", Kind::Bool, "empty apt's package cache afterwards").default("true"),
+        Key::opt(
+            "recommends",
+            Kind::Bool,
+            "`false` adds `--no-install-recommends`",
+        )
+        .default("true"),
+        Key::opt("clean", Kind::Bool, "run `apt-get clean` afterwards").default("true"),
     ],
-    summary: "Install packages in the image with apt-get.",
+    summary: "Installs packages into the image with `apt-get`, run in a chroot of the image.",
+    cache: CacheRole::Tree,
+    always_saved: true,
 };
 
 /// Owner of the virtual filesystems mounted for the step's duration.
 const OWNER: &str = "apt";
-/// `vmdb:apt-updated:ROOT:FINGERPRINT`: apt-get update ran with these sources.
-const UPDATED: &str = "vmdb:apt-updated:";
+/// apt-get update ran in the image at `root` with the sources of this fingerprint.
+#[derive(Debug, PartialEq)]
+pub struct Updated {
+    pub root: std::path::PathBuf,
+    pub sources: String,
+}
 
 /// apt-get's command line (inside the chroot) to install the packages.
 pub fn install_argv(packages: &[String], recommends: bool) -> Vec<String> {
@@ -48,8 +64,8 @@ pub fn install_argv(packages: &[String], recommends: bool) -> Vec<String> {
 /// The image's apt sources and architectures, to notice when a step changed them since
 /// the last update.
 fn sources_fingerprint(root: &Path) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    use crate::digest::{Digest, Sha256, hex};
+    let mut h = Sha256::new();
     let etc = root.join("etc/apt");
     // dpkg's foreign architectures count too: adding one needs a new apt-get update.
     let mut files = vec![root.join("var/lib/dpkg/arch"), etc.join("sources.list")];
@@ -59,10 +75,12 @@ fn sources_fingerprint(root: &Path) -> String {
         files.extend(more);
     }
     for f in files {
-        f.hash(&mut h);
-        std::fs::read(&f).unwrap_or_default().hash(&mut h);
+        let data = std::fs::read(&f).unwrap_or_default();
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(&data);
     }
-    format!("{:016x}", h.finish())
+    hex(&h.finalize()[..8])
 }
 
 /// Whether apt has package lists at all (an image may have had them removed).
@@ -93,13 +111,16 @@ pub fn install(
     owner: &str,
 ) -> Result<()> {
     chroot::enter(b, root, owner)?;
-    let updated = format!("{UPDATED}{}:{}", root.display(), sources_fingerprint(root));
+    let updated = Updated {
+        root: root.to_path_buf(),
+        sources: sources_fingerprint(root),
+    };
     if !b.state.notes.contains(&updated) || !has_lists(root) {
         apt_get(root, &["apt-get".into(), "update".into()])?;
         b.state.notes.insert(updated);
     }
-    let cache = crate::debcache::dir(&b.opts);
-    let mut wanted = crate::debcache::Sums::new();
+    let cache = crate::distro::debcache::dir(&b.opts);
+    let mut wanted = crate::distro::debcache::Sums::new();
     if let Some(c) = &cache {
         // The packages apt will fetch, with the archive's checksums (SHA-256: apt shows
         // MD5 unless asked): cached ones are checked against them on the way in and out.
@@ -108,14 +129,14 @@ pub fn install(
             1..1,
             ["-qq", "--print-uris", "-o", "Acquire::ForceHash=SHA256"].map(String::from),
         );
-        wanted = crate::debcache::sums_from_print_uris(&apt_get(root, &ask)?);
-        let n = crate::debcache::seed(c, root, &wanted);
+        wanted = crate::distro::debcache::sums_from_print_uris(&apt_get(root, &ask)?);
+        let n = crate::distro::debcache::seed(c, root, &wanted);
         crate::log::verbose(&format!("  {n} packages from the package cache"));
     }
     apt_get(root, &install_argv(packages, recommends))?;
     if let Some(c) = &cache {
-        if let Some(archives) = crate::debcache::archives(root) {
-            let n = crate::debcache::collect(c, &archives, &wanted);
+        if let Some(archives) = crate::distro::debcache::archives(root) {
+            let n = crate::distro::debcache::collect(c, &archives, &wanted);
             crate::log::verbose(&format!("  {n} new packages into the package cache"));
         }
     }
@@ -150,6 +171,12 @@ impl Plugin for Apt {
         chroot::needs_chroot(c);
     }
 
+    /// It installs packages from the archives of the image's sources.
+    fn cache_inputs(&self, _step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        inputs.fetches_from_sources();
+        Ok(())
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let root = chroot::tag_dir(b, step.str("tag")?)?;
         install(
@@ -171,7 +198,7 @@ impl Plugin for Apt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
+    use crate::plugins::testing::specs as testing;
 
     #[test]
     fn a_new_source_or_architecture_changes_the_fingerprint() {

@@ -6,76 +6,27 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::build::Build;
-use crate::chroot as image;
-use crate::cmd::Cmd;
+use crate::distro::chroot as image;
+use crate::engine::build::Build;
+use crate::engine::step::{CacheRole, Check, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
+use crate::host::mount::mounted_virtuals;
+use crate::host::tarball::{Compression, have_pigz, pack_argv};
 use crate::log;
-use crate::step::{Check, Kind, Plugin, Step, StepSpec};
 
 pub struct CacheRootfs;
 
 static SPEC: StepSpec = StepSpec {
     name: "cache-rootfs",
     value: Kind::Str,
-    value_doc: "tag of the mounted filesystem to pack (the image's root)",
+    value_doc: "tag of the image's root filesystem; an earlier step must mount it",
     keys: &[],
-    summary: "Save the image's file tree in the --rootfs-tarball file, unless it exists.",
+    summary: "Packs the image's file tree into the tarball given with `--rootfs-tarball FILE`, \
+        so that a later build can start from it with `unpack-rootfs` and skip the \
+        slow steps (mark them `unless: rootfs_unpacked`).",
+    cache: CacheRole::Volatile,
+    always_saved: false,
 };
-
-/// How a tarball is compressed, chosen by its file name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Gzip,
-    Zstd,
-    Xz,
-    /// A name tar does not know: written uncompressed, read by tar's own detection.
-    Unknown,
-}
-
-impl Compression {
-    pub fn for_path(p: &Path) -> Compression {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().to_ascii_lowercase())
-            .unwrap_or_default();
-        let ends = |sfx: &[&str]| sfx.iter().any(|s| name.ends_with(s));
-        if ends(&[".tar.gz", ".tgz"]) {
-            Compression::Gzip
-        } else if ends(&[".tar.zst", ".tzst", ".tar.zstd"]) {
-            Compression::Zstd
-        } else if ends(&[".tar.xz", ".txz"]) {
-            Compression::Xz
-        } else if ends(&[".tar"]) {
-            Compression::None
-        } else {
-            Compression::Unknown
-        }
-    }
-
-    /// The programs that (de)compress it, any one of which will do, with their Debian
-    /// packages: what `program` (and unpack-rootfs) may pick.
-    pub fn programs(self) -> &'static [(&'static str, &'static str)] {
-        match self {
-            Compression::None | Compression::Unknown => &[],
-            Compression::Gzip => &[("pigz", "pigz"), ("gzip", "gzip")],
-            Compression::Zstd => &[("zstd", "zstd")],
-            Compression::Xz => &[("xz", "xz-utils")],
-        }
-    }
-
-    /// The program tar pipes through (`--use-compress-program`), if any; `pigz` says
-    /// whether pigz is installed. Fixed strings: nothing from the spec goes in here.
-    pub fn program(self, pigz: bool) -> Option<&'static str> {
-        match self {
-            Compression::None | Compression::Unknown => None,
-            Compression::Gzip if pigz => Some("pigz"),
-            Compression::Gzip => Some("gzip"),
-            Compression::Zstd => Some("zstd -T0"),
-            Compression::Xz => Some("xz -T0"),
-        }
-    }
-}
 
 /// Validation: the step packs or unpacks the --rootfs-tarball, if there is one, with
 /// tar and the program its name asks for.
@@ -89,44 +40,6 @@ pub fn needs_tar(c: &mut Check) {
     if !programs.is_empty() {
         c.needs_one_of(key, programs);
     }
-}
-
-pub fn have_pigz() -> bool {
-    crate::app::in_path("pigz")
-}
-
-/// Options both packing and unpacking use: owners by number, extended attributes
-/// (file capabilities, SELinux labels) and ACLs.
-pub const TAR_KEEP: &[&str] = &[
-    "--numeric-owner",
-    "--xattrs",
-    "--xattrs-include=*",
-    "--acls",
-];
-
-/// tar's arguments to pack `root` into `file`, leaving out the contents of the
-/// virtual filesystems mounted in `mounted` (paths relative to root, e.g. "proc").
-pub fn pack_argv(root: &Path, file: &Path, prog: Option<&str>, mounted: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = vec!["--create".into(), format!("--file={}", file.display())];
-    if let Some(p) = prog {
-        v.push(format!("--use-compress-program={p}"));
-    }
-    v.extend(TAR_KEEP.iter().map(|s| s.to_string()));
-    for m in mounted {
-        v.push(format!("--exclude=./{m}/*"));
-    }
-    v.extend([format!("--directory={}", root.display()), ".".to_string()]);
-    v
-}
-
-/// Those of the virtual filesystem paths that are mount points now.
-pub fn mounted_virtuals(root: &Path) -> Result<Vec<&'static str>> {
-    let mounts = crate::mount::mounts_below(root)?;
-    Ok(image::VIRTUAL_PATHS
-        .iter()
-        .copied()
-        .filter(|p| mounts.contains(&root.join(p)))
-        .collect())
 }
 
 fn size_mb(p: &Path) -> f64 {
@@ -162,7 +75,7 @@ impl Plugin for CacheRootfs {
         // registered before the file exists, so that it is removed whatever happens,
         // by the next vmdb if this one is killed. tar creates it as any file is made
         // (0666 less the umask).
-        let tmp = crate::outputs::temp_name(&tarball, "partial", b.opts.out.pid());
+        let tmp = crate::output::temp_name(&tarball, "partial", b.opts.out.pid());
         b.add_temporary(&tmp)?;
         let prog = Compression::for_path(&tarball).program(have_pigz());
         let mounted = mounted_virtuals(&root)?;
@@ -170,13 +83,13 @@ impl Plugin for CacheRootfs {
         let packed = Cmd::new("tar")
             .args(pack_argv(&root, &tmp, prog, &mounted))
             .run()
-            .and_then(|_| crate::outputs::sync_file(&tmp))
+            .and_then(|_| crate::output::sync_file(&tmp))
             .and_then(|_| {
                 std::fs::rename(&tmp, &tarball)
                     .with_context(|| format!("renaming the new tarball to {}", tarball.display()))
             });
         if let Err(e) = packed {
-            crate::outputs::remove_path(&tmp);
+            crate::output::remove_path(&tmp);
             return Err(e);
         }
         log::verbose(&format!(
@@ -217,11 +130,12 @@ mod tests {
     #[test]
     fn tar_and_the_compressor_are_needed_for_a_tarball() {
         let needs = |tarball: Option<&str>| {
-            let raw = crate::spec::load("steps:\n  - cache-rootfs: /\n").unwrap();
+            let raw = crate::engine::spec::load("steps:\n  - cache-rootfs: /\n").unwrap();
             let mut plan = crate::plugins::testing::plan_with_root();
             plan.rootfs_tarball = tarball.map(Into::into);
-            let r = crate::template::Renderer::new(Default::default());
-            crate::step::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan).unwrap();
+            let r = crate::engine::template::Renderer::new(Default::default());
+            crate::engine::validate::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan)
+                .unwrap();
             plan.host_needs
                 .iter()
                 .map(|n| n.any_of.clone())
@@ -242,58 +156,14 @@ mod tests {
     }
 
     #[test]
-    fn compression_by_file_name() {
-        let c = |n: &str| Compression::for_path(Path::new(n));
-        assert_eq!(c("/x/root.tar.gz"), Compression::Gzip);
-        assert_eq!(c("root.TGZ"), Compression::Gzip);
-        assert_eq!(c("root.tar.zst"), Compression::Zstd);
-        assert_eq!(c("root.tzst"), Compression::Zstd);
-        assert_eq!(c("root.tar.xz"), Compression::Xz);
-        assert_eq!(c("root.txz"), Compression::Xz);
-        assert_eq!(c("root.tar"), Compression::None);
-        assert_eq!(c("root.cache"), Compression::Unknown);
-        assert_eq!(Compression::Gzip.program(true), Some("pigz"));
-        assert_eq!(Compression::Gzip.program(false), Some("gzip"));
-        assert_eq!(Compression::Zstd.program(false), Some("zstd -T0"));
-        assert_eq!(Compression::Xz.program(false), Some("xz -T0"));
-        assert_eq!(Compression::None.program(true), None);
-        assert_eq!(Compression::Unknown.program(true), None);
-    }
-
-    #[test]
-    fn pack_command_line() {
-        assert_eq!(
-            pack_argv(
-                Path::new("/mnt"),
-                Path::new("/c/.r.tar.zst.x.partial"),
-                Some("zstd -T0"),
-                &["proc", "dev"]
-            ),
-            [
-                "--create",
-                "--file=/c/.r.tar.zst.x.partial",
-                "--use-compress-program=zstd -T0",
-                "--numeric-owner",
-                "--xattrs",
-                "--xattrs-include=*",
-                "--acls",
-                "--exclude=./proc/*",
-                "--exclude=./dev/*",
-                "--directory=/mnt",
-                "."
-            ]
-        );
-    }
-
-    #[test]
     fn nothing_without_a_tarball_and_no_overwrite() {
         let d = tempfile::tempdir().unwrap();
-        let s = crate::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
-        let mut b = crate::chroot::testing::build(d.path(), None);
+        let s = crate::plugins::testing::specs::step("steps:\n  - cache-rootfs: /\n");
+        let mut b = crate::plugins::testing::specs::build(d.path(), None);
         CacheRootfs.run(&s, &mut b).unwrap();
         let t = d.path().join("old.tar");
         std::fs::write(&t, "old").unwrap();
-        let mut b = crate::chroot::testing::build(d.path(), Some(&t));
+        let mut b = crate::plugins::testing::specs::build(d.path(), Some(&t));
         CacheRootfs.run(&s, &mut b).unwrap();
         assert_eq!(std::fs::read(&t).unwrap(), b"old");
     }
@@ -315,8 +185,8 @@ mod tests {
         let out = d.path().join("out");
         std::fs::create_dir(&out).unwrap();
         let t = out.join("r.tar.gz");
-        let s = crate::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
-        let mut b = crate::chroot::testing::build(&root, Some(&t));
+        let s = crate::plugins::testing::specs::step("steps:\n  - cache-rootfs: /\n");
+        let mut b = crate::plugins::testing::specs::build(&root, Some(&t));
         CacheRootfs.run(&s, &mut b).unwrap();
         let mode = std::fs::metadata(&t).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666 & !umask(), "mode {mode:o}");
@@ -342,10 +212,10 @@ mod tests {
     #[test]
     fn failed_pack_leaves_no_tarball() {
         let d = tempfile::tempdir().unwrap();
-        let s = crate::chroot::testing::step("steps:\n  - cache-rootfs: /\n");
+        let s = crate::plugins::testing::specs::step("steps:\n  - cache-rootfs: /\n");
         let t = d.path().join("out/r.tar.zst");
         std::fs::create_dir(d.path().join("out")).unwrap();
-        let mut b = crate::chroot::testing::build(&d.path().join("missing"), Some(&t));
+        let mut b = crate::plugins::testing::specs::build(&d.path().join("missing"), Some(&t));
         assert!(CacheRootfs.run(&s, &mut b).is_err());
         assert_eq!(std::fs::read_dir(d.path().join("out")).unwrap().count(), 0);
     }

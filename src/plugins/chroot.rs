@@ -2,22 +2,26 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::chroot as image;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::distro::chroot as image;
+use crate::engine::build::Build;
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Chroot;
 
 static SPEC: StepSpec = StepSpec {
     name: "chroot",
     value: Kind::Str,
-    value_doc: "tag of the mounted filesystem to chroot into (the image's root)",
+    value_doc: "tag of the image's root filesystem; an earlier step must mount it",
     keys: &[Key::req(
         "shell",
         Kind::Str,
-        "shell script to run with 'sh -ec' inside the image",
+        "the script, run with `sh -ec` inside the image",
     )],
-    summary: "Run a shell script inside the image, with proc, sys and dev mounted.",
+    summary: "Runs a shell script inside the image: `chroot MOUNTPOINT sh -ec SCRIPT`, the \
+        script passed as one argument, so the first failing command fails the step.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 const OWNER: &str = "chroot";
@@ -42,6 +46,10 @@ impl Plugin for Chroot {
         &["shell"]
     }
 
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        super::script_cache_inputs(step, inputs)
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let root = image::tag_dir(b, step.arg())?;
         image::enter(b, &root, OWNER)?;
@@ -60,7 +68,7 @@ impl Plugin for Chroot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
+    use crate::plugins::testing::specs as testing;
 
     #[test]
     fn script_is_one_argument() {

@@ -6,31 +6,50 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 
 pub struct CloudInitSeed;
 
 static SPEC: StepSpec = StepSpec {
     name: "cloud-init-seed",
     value: Kind::Str,
-    value_doc: "path of the seed file to write (relative to the current directory)",
+    value_doc: "path of the seed file. A relative path is relative to the current directory (as \
+        `--output`), not to the spec.",
     keys: &[
         Key::req(
             "user-data",
             Kind::Str,
-            "the user-data file (e.g. #cloud-config ...)",
+            "the `user-data` file, e.g. a `#cloud-config` document.",
         ),
         Key::opt(
             "meta-data",
             Kind::Str,
-            "the meta-data file (default: an instance-id derived from the user-data)",
+            "the `meta-data` file, e.g. `instance-id` and `local-hostname`. Without \
+                it: `instance-id: vmdb-HASH`, with a hash of the user-data \
+                (cloud-init runs its once-per-instance modules again when the \
+                instance-id changes).",
         ),
-        Key::opt("network-config", Kind::Str, "a network-config file"),
-        Key::opt("format", Kind::Str, "iso (ISO 9660) or vfat").default("iso"),
+        Key::opt(
+            "network-config",
+            Kind::Str,
+            "a `network-config` file (network config version 1 or 2).",
+        ),
+        Key::opt(
+            "format",
+            Kind::Str,
+            "`iso` writes an ISO 9660 image with volume id `cidata` (Rock Ridge and \
+                Joliet) with `xorriso`, or `genisoimage` when xorriso is not \
+                installed; `vfat` writes a 1 MiB FAT filesystem labelled `cidata` \
+                with `mkfs.fat` and `mcopy`.",
+        )
+        .default("iso"),
     ],
-    summary: "Write a cloud-init NoCloud seed (volume label cidata) as an output of the build.",
+    summary: "Writes a cloud-init NoCloud seed: a small disk image that cloud-init in a booting \
+        machine finds by its volume label `cidata` and reads its configuration from.",
+    cache: CacheRole::Volatile,
+    always_saved: false,
 };
 
 /// The volume label cloud-init's NoCloud datasource looks for.
@@ -53,10 +72,10 @@ pub fn seed_files(step: &Step) -> Result<Vec<(&'static str, String)>> {
 /// `instance-id: vmdb-HASH`: cloud-init runs its once-per-instance modules again
 /// when the instance-id changes, so it follows the user-data.
 pub fn default_meta_data(user_data: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    user_data.hash(&mut h);
-    format!("instance-id: vmdb-{:016x}\n", h.finish())
+    format!(
+        "instance-id: vmdb-{}\n",
+        &crate::digest::sha256(user_data.as_bytes())[..16]
+    )
 }
 
 /// The programs that write ISO 9660 images, in the order they are tried.
@@ -64,9 +83,9 @@ const ISO_TOOLS: &[(&str, &str)] = &[("xorriso", "xorriso"), ("genisoimage", "ge
 
 /// The program that writes ISO 9660 images: xorriso, or else genisoimage.
 fn iso_tool() -> Result<Cmd> {
-    if crate::app::in_path("xorriso") {
+    if crate::host::cmd::in_path("xorriso") {
         Ok(Cmd::new("xorriso").args(["-as", "mkisofs"]))
-    } else if crate::app::in_path("genisoimage") {
+    } else if crate::host::cmd::in_path("genisoimage") {
         Ok(Cmd::new("genisoimage"))
     } else {
         bail!("writing an ISO 9660 seed needs xorriso or genisoimage (or use format: vfat)")
@@ -134,20 +153,24 @@ impl Plugin for CloudInitSeed {
             let p = dir.join(name);
             std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
         }
-        let out = b.add_output(Path::new(step.arg()), "cloud-init-seed", Some(format))?;
+        let out = b.add_output(
+            Path::new(step.arg()),
+            crate::output::OutKind::CloudInitSeed,
+            Some(format),
+        )?;
         let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
         write_seed(format, &dir, &names, &out)?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
     // No teardown: vmdb renames the seed into place when the build succeeds and
-    // removes it otherwise (see src/outputs.rs).
+    // removes it otherwise (see src/output/mod.rs).
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
+    use crate::plugins::testing::specs as testing;
 
     #[test]
     fn keys_and_defaults() {

@@ -2,45 +2,44 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::build::Build;
-use crate::image_root::ImageRoot;
+use crate::engine::build::Build;
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::image_root::ImageRoot;
 use crate::plugins::create_dir::{
     Owner, check_image_path, check_owner, check_root_mounted, target,
 };
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct CopyDir;
 
 static SPEC: StepSpec = StepSpec {
     name: "copy-dir",
     value: Kind::Str,
-    value_doc: "path of the directory in the image to copy into",
+    value_doc: "path of the destination directory in the image. It must not contain `..`.",
     keys: &[
         Key::req(
             "src",
             Kind::Str,
-            "directory on the host to copy, relative to the spec file's directory",
+            "the directory on the host. A relative path is relative to the spec file's \
+                directory.",
         ),
         Key::opt(
             "perm",
             Kind::Mode,
-            "mode of the destination directory itself (default: a new one gets the \
-             source's mode, an existing one keeps its mode); copied entries keep their modes",
+            "mode of the destination directory (see above).",
         ),
-        Key::opt("uid", Kind::Int, "numeric owner of every copied entry").default("0"),
-        Key::opt("gid", Kind::Int, "numeric group of every copied entry").default("0"),
+        Key::opt("uid", Kind::Int, "numeric owner of every copied entry.").default("0"),
+        Key::opt("gid", Kind::Int, "numeric group of every copied entry.").default("0"),
     ],
-    summary: "Copy a directory tree from the host into the image; symlinks are copied as \
-              symlinks (missing parent directories are created with mode 0755).",
+    summary: "Copies a directory tree from the host into the image: the contents of `src` go \
+        into the destination directory.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
-
-fn source(spec_dir: &Path, src: &str) -> PathBuf {
-    spec_dir.join(src)
-}
 
 impl Plugin for CopyDir {
     fn spec(&self) -> &'static StepSpec {
@@ -50,7 +49,7 @@ impl Plugin for CopyDir {
         check_image_path(c);
         check_owner(c);
         if let Some(src) = c.step.opt_str("src") {
-            let path = source(&c.plan.spec_dir, src);
+            let path = c.plan.spec_dir.path(src);
             match fs::metadata(&path) {
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => c.err("src", format!("{} is not a directory", path.display())),
@@ -59,8 +58,16 @@ impl Plugin for CopyDir {
         }
         check_root_mounted(c);
     }
+    /// The copied file (or tree) is what the step puts in the image.
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        match step.opt_str("src") {
+            Some(src) => inputs.file(src),
+            None => Ok(()),
+        }
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
-        let src = source(&b.opts.spec_dir, step.str("src")?);
+        let src = b.opts.spec_dir.path(step.str("src")?);
         let (img, owner) = target(step, b)?;
         let meta = fs::metadata(&src)
             .with_context(|| format!("cannot read source directory {}", src.display()))?;
@@ -80,7 +87,7 @@ impl Plugin for CopyDir {
 /// keep their modes, symlinks are copied as symlinks, and every created entry gets
 /// `owner`. Directories that already exist in the image (or symlinks to directories in
 /// it) are merged into and keep mode and owner; files and symlinks in the way are
-/// replaced. Every path is resolved inside the image (see src/image_root.rs).
+/// replaced. Every path is resolved inside the image (see src/host/image_root.rs).
 fn copy_tree(img: &ImageRoot, src: &Path, dest: &Path, owner: Owner) -> Result<()> {
     let mut entries = fs::read_dir(src)
         .with_context(|| format!("reading directory {}", src.display()))?
@@ -149,7 +156,7 @@ mod tests {
 
     fn step(yaml: &str, spec_dir: &Path) -> Step {
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.to_path_buf();
+        plan.spec_dir = spec_dir.into();
         validate_step(yaml, &mut plan).unwrap()
     }
 
@@ -160,7 +167,7 @@ mod tests {
         }
         let spec_dir = source_tree();
         let (mut b, root) = test_build_with_root();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         let s = step(
             "copy-dir: /opt/app\nsrc: overlay\nuid: 42\ngid: 43",
             spec_dir.path(),
@@ -197,7 +204,7 @@ mod tests {
         }
         let spec_dir = source_tree();
         let (mut b, root) = test_build_with_root();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         let dest = root.path().join("etc");
         fs::create_dir_all(dest.join("sub")).unwrap();
         chmod(&dest.join("sub"), 0o755);
@@ -224,7 +231,7 @@ mod tests {
         let canary = Canary::new();
         let spec_dir = source_tree();
         let (mut b, root) = test_build_with_root();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         let r = root.path();
         let inside = canary.inside(r);
         let to_canary = canary.path.display().to_string();
@@ -264,7 +271,7 @@ mod tests {
     fn validation() {
         let spec_dir = source_tree();
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.path().to_path_buf();
+        plan.spec_dir = spec_dir.path().into();
         assert_eq!(
             step_errors("copy-dir: /x\nsrc: missing", &mut plan),
             [format!(
@@ -285,8 +292,8 @@ mod tests {
                 "spec:3:7: step 1 (copy-dir): key 'perm': expected an octal file mode such as 0644, found '0999'"
             ]
         );
-        let mut no_root = crate::plan::Plan {
-            spec_dir: spec_dir.path().to_path_buf(),
+        let mut no_root = crate::engine::plan::Plan {
+            spec_dir: spec_dir.path().into(),
             ..Default::default()
         };
         assert_eq!(

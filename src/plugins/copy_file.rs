@@ -1,37 +1,33 @@
 //! `copy-file`: copy a file from the host (relative to the spec) into the image.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
 
-use crate::build::Build;
+use crate::engine::build::Build;
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::plugins::create_dir::{check_image_path, check_owner, check_root_mounted, mode, target};
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct CopyFile;
 
 static SPEC: StepSpec = StepSpec {
     name: "copy-file",
     value: Kind::Str,
-    value_doc: "path of the file in the image",
+    value_doc: "path of the destination file in the image. It must not contain `..`.",
     keys: &[
         Key::req(
             "src",
             Kind::Str,
-            "file on the host to copy, relative to the spec file's directory",
+            "the file on the host. A relative path is relative to the spec file's \
+                directory (in vmdb2 it is relative to the working directory).",
         ),
-        Key::opt("perm", Kind::Mode, "mode of the file in the image").default("0644"),
-        Key::opt("uid", Kind::Int, "numeric owner of the file").default("0"),
-        Key::opt("gid", Kind::Int, "numeric group of the file").default("0"),
+        Key::opt("perm", Kind::Mode, "mode of the copied file.").default("0644"),
+        Key::opt("uid", Kind::Int, "numeric owner of the copied file.").default("0"),
+        Key::opt("gid", Kind::Int, "numeric group of the copied file.").default("0"),
     ],
-    summary: "Copy a file from the host into the image \
-              (missing parent directories are created with mode 0755).",
+    summary: "Copies a file from the host into the image.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
-
-/// The host path of `src`: relative to the spec's directory.
-fn source(spec_dir: &std::path::Path, src: &str) -> PathBuf {
-    spec_dir.join(src)
-}
 
 impl Plugin for CopyFile {
     fn spec(&self) -> &'static StepSpec {
@@ -41,7 +37,7 @@ impl Plugin for CopyFile {
         check_image_path(c);
         check_owner(c);
         if let Some(src) = c.step.opt_str("src") {
-            let path = source(&c.plan.spec_dir, src);
+            let path = c.plan.spec_dir.path(src);
             match std::fs::metadata(&path) {
                 Ok(m) if m.is_file() => {}
                 Ok(_) => c.err("src", format!("{} is not a regular file", path.display())),
@@ -50,8 +46,16 @@ impl Plugin for CopyFile {
         }
         check_root_mounted(c);
     }
+    /// The copied file (or tree) is what the step puts in the image.
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        match step.opt_str("src") {
+            Some(src) => inputs.file(src),
+            None => Ok(()),
+        }
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
-        let src = source(&b.opts.spec_dir, step.str("src")?);
+        let src = b.opts.spec_dir.path(step.str("src")?);
         let (img, owner) = target(step, b)?;
         let mut f = std::fs::File::open(&src)
             .with_context(|| format!("cannot read source file {}", src.display()))?;
@@ -79,14 +83,14 @@ mod tests {
         let data: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
         fs::write(spec_dir.path().join("files/blob"), &data).unwrap();
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.path().to_path_buf();
+        plan.spec_dir = spec_dir.path().into();
         let step = validate_step(
             "copy-file: /usr/local/bin/blob\nsrc: files/blob\nperm: 0755\nuid: 3\ngid: 4",
             &mut plan,
         )
         .unwrap();
         let (mut b, root) = test_build_with_root();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         CopyFile.run(&step, &mut b).unwrap();
         let p = root.path().join("usr/local/bin/blob");
         assert_eq!(fs::read(&p).unwrap(), data);
@@ -112,9 +116,9 @@ mod tests {
         let spec_dir = tempfile::tempdir().unwrap();
         fs::write(spec_dir.path().join("src"), "from the spec").unwrap();
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.path().to_path_buf();
+        plan.spec_dir = spec_dir.path().into();
         let (mut b, root) = test_build_with_root();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         let r = root.path();
         let inside = canary.inside(r);
         plant_link(r, "var/run", &canary.path.display().to_string());
@@ -140,7 +144,7 @@ mod tests {
         let spec_dir = tempfile::tempdir().unwrap();
         fs::create_dir(spec_dir.path().join("adir")).unwrap();
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.path().to_path_buf();
+        plan.spec_dir = spec_dir.path().into();
         let missing = spec_dir.path().join("nope.conf");
         assert_eq!(
             step_errors("copy-file: /etc/x\nsrc: nope.conf", &mut plan),
@@ -186,10 +190,10 @@ mod tests {
         let src = spec_dir.path().join("gone");
         fs::write(&src, "x").unwrap();
         let mut plan = plan_with_root();
-        plan.spec_dir = spec_dir.path().to_path_buf();
+        plan.spec_dir = spec_dir.path().into();
         let step = validate_step("copy-file: /x\nsrc: gone", &mut plan).unwrap();
         fs::remove_file(&src).unwrap();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         let e = CopyFile.run(&step, &mut b).unwrap_err();
         assert_eq!(
             e.to_string(),

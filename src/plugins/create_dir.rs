@@ -2,31 +2,28 @@
 //!
 //! Also holds what the file steps (create-file, copy-file, copy-dir) share: checking that
 //! a root filesystem is mounted, owner and mode keys, and the image they write into
-//! (paths resolved inside it, see src/image_root.rs).
+//! (paths resolved inside it, see src/host/image_root.rs).
 
 use anyhow::{Context, Result};
 
-use crate::build::Build;
-use crate::image_root::{ImageRoot, check_path};
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::image_root::{ImageRoot, check_path};
 
 pub struct CreateDir;
 
 static SPEC: StepSpec = StepSpec {
     name: "create-dir",
     value: Kind::Str,
-    value_doc: "path of the directory in the image",
+    value_doc: "path of the directory in the image. It must not contain `..`.",
     keys: &[
-        Key::opt(
-            "perm",
-            Kind::Mode,
-            "mode of the directory (missing parents get 0755)",
-        )
-        .default("0755"),
-        Key::opt("uid", Kind::Int, "numeric owner of the directory").default("0"),
-        Key::opt("gid", Kind::Int, "numeric group of the directory").default("0"),
+        Key::opt("perm", Kind::Mode, "mode of the directory.").default("0755"),
+        Key::opt("uid", Kind::Int, "numeric owner of the directory.").default("0"),
+        Key::opt("gid", Kind::Int, "numeric group of the directory.").default("0"),
     ],
-    summary: "Create a directory in the image, and any missing parents.",
+    summary: "Creates a directory in the image, and any missing parent directories.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 impl Plugin for CreateDir {
@@ -237,7 +234,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            step_errors("create-dir: /x", &mut crate::plan::Plan::default()),
+            step_errors("create-dir: /x", &mut crate::engine::plan::Plan::default()),
             [
                 "spec:1:13: step 1 (create-dir): key 'create-dir': no filesystem is mounted at / by an earlier step (add a mount step)"
             ]

@@ -2,28 +2,29 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
+use crate::engine::build::Build;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::plugins::create_dir::{check_image_path, check_owner, check_root_mounted, mode, target};
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct CreateFile;
 
 static SPEC: StepSpec = StepSpec {
     name: "create-file",
     value: Kind::Str,
-    value_doc: "path of the file in the image",
+    value_doc: "path of the file in the image, e.g. `/etc/hostname`. It must not contain `..`.",
     keys: &[
         Key::req(
             "contents",
             Kind::Str,
-            "the file's contents, written exactly",
+            "the file's contents, written byte for byte. No newline is added.",
         ),
-        Key::opt("perm", Kind::Mode, "mode of the file").default("0644"),
-        Key::opt("uid", Kind::Int, "numeric owner of the file").default("0"),
-        Key::opt("gid", Kind::Int, "numeric group of the file").default("0"),
+        Key::opt("perm", Kind::Mode, "mode of the file.").default("0644"),
+        Key::opt("uid", Kind::Int, "numeric owner of the file.").default("0"),
+        Key::opt("gid", Kind::Int, "numeric group of the file.").default("0"),
     ],
-    summary: "Create a file in the image with the given contents \
-              (missing parent directories are created with mode 0755).",
+    summary: "Creates a regular file in the image with exactly the given contents.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 impl Plugin for CreateFile {
@@ -182,7 +183,7 @@ mod tests {
         }
         let (mut b, root) = test_build_with_root();
         let r = std::fs::canonicalize(root.path()).unwrap();
-        let _guard = crate::chroot::testing::Unmounter(r.clone());
+        let _guard = crate::plugins::testing::specs::Unmounter(r.clone());
         fs::create_dir(r.join("dev")).unwrap();
         nix::mount::mount(
             Some("/dev"),
@@ -223,7 +224,7 @@ mod tests {
         assert_eq!(
             step_errors(
                 "create-file: /x\ncontents: a",
-                &mut crate::plan::Plan::default()
+                &mut crate::engine::plan::Plan::default()
             ),
             [
                 "spec:1:14: step 1 (create-file): key 'create-file': no filesystem is mounted at / by an earlier step (add a mount step)"

@@ -6,39 +6,48 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::devmapper;
-use crate::plan::PlanTag;
+use crate::engine::build::Build;
+use crate::engine::plan::PlanTag;
+use crate::engine::state::{Notes, Tag};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
+use crate::plugins::devmapper;
 use crate::plugins::shell::SH;
-use crate::state::Tag;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Cryptsetup;
 
 static SPEC: StepSpec = StepSpec {
     name: "cryptsetup",
     value: Kind::Str,
-    value_doc: "tag of the partition (or volume) to encrypt",
+    value_doc: "tag of the partition or volume to encrypt",
     keys: &[
         Key::req(
             "tag",
             Kind::Str,
-            "tag for the opened encrypted device, also its device-mapper name",
+            "tag of the opened device, also its device-mapper name (letters, digits, \
+                `-`, `_`, `.`, `+`); `name` is accepted for it (vmdb2's other \
+                cryptsetup step)",
         )
         .aliases(&["name"]),
         Key::opt(
             "key-file",
             Kind::Str,
-            "file holding the passphrase, relative to the spec file",
+            "file holding the passphrase, relative to the spec file; this or `key-cmd` \
+                is required",
         ),
         Key::opt(
             "key-cmd",
             Kind::Str,
-            "shell command whose first line of output is the passphrase",
+            "shell command (`sh -ec`) whose first line of output is the passphrase; \
+                vmdb writes it to a file only root can read in its scratch space; \
+                this or `key-file` is required",
         ),
     ],
-    summary: "Encrypt a partition with LUKS and open it as a new tag.",
+    summary: "Encrypts a partition (or a logical volume) with LUKS2 and opens it; the opened \
+        device, `/dev/mapper/NAME`, becomes a new tag that later steps use like a \
+        partition (`mkfs`, `vgcreate`, `mount`).",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 /// `cryptsetup luksFormat`'s command line.
@@ -71,13 +80,10 @@ pub fn close_argv(name: &str) -> Vec<String> {
 }
 
 /// The teardown's command, if the step opened its mapping.
-pub fn teardown_argv(
-    step: &Step,
-    flags: &std::collections::BTreeSet<String>,
-) -> Option<Vec<String>> {
+pub fn teardown_argv(step: &Step, notes: &Notes) -> Option<Vec<String>> {
     let name = step.opt_str("tag")?;
-    flags
-        .contains(&devmapper::flag("luks-open", name))
+    notes
+        .contains(&devmapper::Active::Luks(name.to_string()))
         .then(|| close_argv(name))
 }
 
@@ -117,7 +123,7 @@ impl Plugin for Cryptsetup {
             ),
             (Some(_), true) => c.err("key-cmd", "give either 'key-file' or 'key-cmd', not both"),
             (Some(f), false) => {
-                if !c.plan.spec_dir.join(f).is_file() {
+                if !c.plan.spec_dir.path(f).is_file() {
                     let f = f.to_string();
                     c.err(
                         "key-file",
@@ -151,7 +157,7 @@ impl Plugin for Cryptsetup {
         let name = step.str("tag")?.to_string();
         let dev = devmapper::device(b, step.arg())?;
         let key: PathBuf = match step.opt_str("key-file") {
-            Some(f) => b.spec_path(f),
+            Some(f) => b.opts.spec_dir.path(f),
             None => {
                 let out = Cmd::new(SH.0).arg("-ec").arg(step.str("key-cmd")?).run()?;
                 let Some(line) = out.lines().next().filter(|l| !l.is_empty()) else {
@@ -171,7 +177,9 @@ impl Plugin for Cryptsetup {
             }
         };
         run_cmd(&format_argv(&dev, &key))?;
-        b.state.notes.insert(devmapper::flag("luks-open", &name));
+        b.state
+            .notes
+            .insert(devmapper::Active::Luks(name.to_string()));
         run_cmd(&open_argv(&dev, &key, &name))?;
         let mapped = PathBuf::from("/dev/mapper").join(&name);
         b.state.add_tag(Tag {
@@ -190,7 +198,7 @@ impl Plugin for Cryptsetup {
             }
             b.state
                 .notes
-                .remove(&devmapper::flag("luks-open", &argv[2]));
+                .remove(&devmapper::Active::Luks(argv[2].to_string()));
         }
         Ok(())
     }
@@ -201,10 +209,10 @@ mod tests {
     use super::*;
     use crate::plugins::testing::{plan_with_root, step_errors, validate_step};
 
-    fn dm_plan(dir: &Path) -> crate::plan::Plan {
+    fn dm_plan(dir: &Path) -> crate::engine::plan::Plan {
         let mut p = plan_with_root();
         p.host_has_device_mapper = true;
-        p.spec_dir = dir.to_path_buf();
+        p.spec_dir = dir.into();
         p
     }
 

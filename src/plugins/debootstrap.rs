@@ -4,56 +4,76 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::binfmt;
-use crate::build::Build;
-use crate::chroot;
-use crate::cmd::Cmd;
-use crate::mirror;
-use crate::mmdebstrap;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::distro::binfmt;
+use crate::distro::bootstrap;
+use crate::distro::chroot;
+use crate::distro::mirror;
+use crate::engine::build::Build;
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 
 pub struct Debootstrap;
 
 const TARGET: Key = Key::req(
     "target",
     Kind::Str,
-    "tag of the mounted filesystem to install into",
+    "tag of the filesystem to install into; an earlier step must mount it",
 );
 const MIRROR: Key = Key::opt(
     "mirror",
     Kind::Str,
-    "the Debian mirror (default: the host's apt configuration's)",
+    "Debian mirror URL. Without it, vmdb takes the first `deb` source serving \
+                a Debian suite (not a security suite) from the host's \
+                `/etc/apt/sources.list.d/*.sources`, `*.list` and \
+                `/etc/apt/sources.list`; when there is none, validation fails and \
+                asks for `mirror:`",
 );
 const VARIANT: Key = Key::opt(
     "variant",
     Kind::Str,
-    "debootstrap variant; '-' is its default",
+    "debootstrap variant (`--variant`), e.g. `minbase`; `-` means \
+                debootstrap's default",
 )
 .default("-");
-const COMPONENTS: Key = Key::opt("components", Kind::List, "archive components").default("main");
-const INCLUDE: Key = Key::opt("include", Kind::List, "more packages to install");
-const EXCLUDE: Key = Key::opt("exclude", Kind::List, "packages to leave out");
+const COMPONENTS: Key = Key::opt(
+    "components",
+    Kind::List,
+    "archive components (`--components=a,b`)",
+)
+.default("main");
+const INCLUDE: Key = Key::opt("include", Kind::List, "more packages (`--include=a,b`)");
+const EXCLUDE: Key = Key::opt(
+    "exclude",
+    Kind::List,
+    "packages to leave out (`--exclude=a,b`)",
+);
 const KEYRING: Key = Key::opt(
     "keyring",
     Kind::Str,
-    "keyring to check the archive's signature with",
+    "keyring file to check the archive with (`--keyring`), relative to the \
+                spec file; by default debootstrap's",
 );
 const REQUIRE_EMPTY: Key = Key::opt(
     "require_empty_target",
     Kind::Bool,
-    "fail unless the target is empty (but for lost+found)",
+    "fail when the target has anything but `lost+found` and empty directories \
+                (the mount points of filesystems mounted below it, such as an ESP at \
+                `/boot/efi`)",
 )
 .default("true");
 const TLS_CA_CERTS: Key = Key::opt(
     "tls_ca_certs",
     Kind::Str,
-    "PEM file of CA certificates to trust when downloading from an https mirror",
+    "PEM file of CA certificates (relative to the spec file) to trust when the \
+     mirror is an `https://` one signed by a private authority (see its notes on the debootstrap page)",
 );
 
 const TOOL: Key = Key::opt(
     "tool",
     Kind::Str,
-    "what installs the system: 'auto' (mmdebstrap when it can, else debootstrap), 'debootstrap' or 'mmdebstrap'",
+    "`auto` (mmdebstrap when it can, else debootstrap), `debootstrap`, or \
+                `mmdebstrap` (an error where it cannot be used, or is not installed)",
 )
 .default("auto");
 
@@ -77,55 +97,26 @@ pub const fn keys(arch: Key) -> [Key; 11] {
 static KEYS: [Key; 11] = keys(Key::opt(
     "arch",
     Kind::Str,
-    "architecture (default: the host's)",
+    "Debian architecture (`--arch`), by default the host's (`dpkg \
+                --print-architecture`); a foreign one needs qemu-user-static on the \
+                host (see below)",
 ));
 
 static SPEC: StepSpec = StepSpec {
     name: "debootstrap",
     value: Kind::Str,
-    value_doc: "the suite to install (bookworm, stable, ...)",
+    value_doc: "the suite to install (`bookworm`, `stable`, ...)",
     keys: &KEYS,
-    summary: "Install a basic Debian system with debootstrap (or mmdebstrap, which is faster).",
+    summary: "Installs a basic Debian system into a mounted filesystem with `debootstrap`, or \
+        with `mmdebstrap`, which makes the same system in about a third of the time.",
+    cache: CacheRole::Tree,
+    always_saved: true,
 };
 
-/// Set while debootstrap runs: its teardown then unmounts what it may have left.
-const RUNNING: &str = "vmdb:debootstrap-running:";
-
-/// The values debootstrap is run with.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Args {
-    pub suite: String,
-    pub target: String,
-    pub mirror: String,
-    pub arch: String,
-    pub variant: String,
-    pub components: Vec<String>,
-    pub include: Vec<String>,
-    pub exclude: Vec<String>,
-    pub keyring: Option<String>,
-}
-
-/// debootstrap's command line.
-pub fn argv(a: &Args) -> Vec<String> {
-    let mut v = vec!["debootstrap".to_string(), format!("--arch={}", a.arch)];
-    if a.variant != "-" && !a.variant.is_empty() {
-        v.push(format!("--variant={}", a.variant));
-    }
-    if !a.components.is_empty() {
-        v.push(format!("--components={}", a.components.join(",")));
-    }
-    if !a.include.is_empty() {
-        v.push(format!("--include={}", a.include.join(",")));
-    }
-    if !a.exclude.is_empty() {
-        v.push(format!("--exclude={}", a.exclude.join(",")));
-    }
-    if let Some(k) = &a.keyring {
-        v.push(format!("--keyring={k}"));
-    }
-    v.extend([a.suite.clone(), a.target.clone(), a.mirror.clone()]);
-    v
-}
+/// Noted while debootstrap runs in the directory: its teardown then unmounts what it
+/// may have left.
+#[derive(Debug, PartialEq)]
+struct Running(std::path::PathBuf);
 
 /// Anything in `dir` but lost+found and trees of empty directories: those are the
 /// mount points of filesystems mounted below the target (an ESP at /boot/efi).
@@ -155,6 +146,10 @@ impl Plugin for Debootstrap {
         check_step(c);
     }
 
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        cache_inputs_of(step, inputs)
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         run_step(step, b)
     }
@@ -162,6 +157,27 @@ impl Plugin for Debootstrap {
     fn teardown(&self, step: &Step, b: &mut Build) -> Result<()> {
         teardown_step(step, b)
     }
+}
+
+/// The cache inputs of debootstrap and qemu-debootstrap: the versions of both tools
+/// (either may do the step, by its `tool: auto`), the host's mirror when the step names
+/// none, and the suite it installs, which the image's apt sources then name.
+pub fn cache_inputs_of(step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+    inputs.value("bootstrap tools", bootstrap::tool_versions());
+    let m = match step.opt_str("mirror") {
+        Some(m) => m.to_string(),
+        None => {
+            let m = mirror::host_default().unwrap_or_default();
+            inputs.value("mirror", m.clone());
+            m
+        }
+    };
+    let mut a = mirror::archive(&m, step.arg());
+    a.ca = step
+        .opt_str("tls_ca_certs")
+        .map(|p| inputs.opts().spec_dir.path(p));
+    inputs.fetches(a);
+    Ok(())
 }
 
 /// Validation shared by debootstrap and qemu-debootstrap (the suite is the step's value).
@@ -201,7 +217,7 @@ pub fn check_step(c: &mut Check) {
         "mmdebstrap" => {
             if let Some(why) = mmdebstrap_cannot(step) {
                 c.err("tool", format!("cannot use mmdebstrap here: {why}"));
-            } else if !mmdebstrap::available(other_arch(step)) {
+            } else if !bootstrap::available(other_arch(step)) {
                 c.err(
                     "tool",
                     "mmdebstrap is not installed on this host (apt-get install mmdebstrap arch-test)",
@@ -219,7 +235,7 @@ pub fn check_step(c: &mut Check) {
         c.needs(kind, "debootstrap", "debootstrap");
     }
     if let Some(ca) = step.opt_str("tls_ca_certs") {
-        let p = c.plan.spec_dir.join(ca);
+        let p = c.plan.spec_dir.path(ca);
         if !p.is_file() {
             c.err(
                 "tls_ca_certs",
@@ -240,7 +256,7 @@ fn mmdebstrap_cannot(step: &Step) -> Option<String> {
             }
         }
     }
-    mmdebstrap::unsupported(
+    bootstrap::unsupported(
         step.opt_str("variant").unwrap_or("-"),
         !step.list("exclude").is_empty(),
         step.has("tls_ca_certs"),
@@ -257,7 +273,7 @@ fn other_arch(step: &Step) -> bool {
 fn uses_mmdebstrap(step: &Step) -> bool {
     match step.opt_str("tool").unwrap_or("auto") {
         "mmdebstrap" => true,
-        "auto" => mmdebstrap_cannot(step).is_none() && mmdebstrap::available(other_arch(step)),
+        "auto" => mmdebstrap_cannot(step).is_none() && bootstrap::available(other_arch(step)),
         _ => false,
     }
 }
@@ -293,7 +309,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     };
     // debootstrap's second stage runs the image's programs in a chroot.
     binfmt::ensure(&arch)?;
-    let args = Args {
+    let args = bootstrap::Args {
         suite: step.arg().to_string(),
         target: dir.display().to_string(),
         mirror,
@@ -304,38 +320,39 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
         exclude: step.list("exclude"),
         keyring: step
             .opt_str("keyring")
-            .map(|k| b.spec_path(k).display().to_string()),
+            .map(|k| b.opts.spec_dir.path(k).display().to_string()),
     };
-    let ca = step.opt_str("tls_ca_certs").map(|p| b.spec_path(p));
+    let ca = step
+        .opt_str("tls_ca_certs")
+        .map(|p| b.opts.spec_dir.path(p));
     mirror::check_suite_with(&args.mirror, &args.suite, ca.as_deref())?;
-    let flag = format!("{RUNNING}{}", dir.display());
-    b.state.notes.insert(flag.clone());
-    let cache = crate::debcache::dir(&b.opts);
+    b.state.notes.insert(Running(dir.clone()));
+    let cache = crate::distro::debcache::dir(&b.opts);
     if uses_mmdebstrap(step) {
         // Its second stage runs the image's programs with its environment.
         let mut cmd = chroot::with_image_env(
-            Cmd::new("mmdebstrap").args(&mmdebstrap::argv(&args, cache.is_some())[1..]),
+            Cmd::new("mmdebstrap").args(&bootstrap::mmdebstrap_argv(&args, cache.is_some())[1..]),
             &dir,
         );
         if let Some(c) = &cache {
             let list = b.scratch_dir("debs-")?.join("list");
-            let n = crate::debcache::list_for_bootstrap(c, &dir, &args.arch, &list)?;
+            let n = crate::distro::debcache::list_for_bootstrap(c, &dir, &args.arch, &list)?;
             crate::log::verbose(&format!("  {n} packages from the package cache"));
-            cmd = cmd.env(mmdebstrap::DEBS_ENV, &list);
+            cmd = cmd.env(bootstrap::DEBS_ENV, &list);
         }
         cmd.run()?;
         if let Some(c) = &cache {
             collect(c, &dir);
         }
-        mmdebstrap::tidy(&dir)?;
-        b.state.notes.remove(&flag);
+        bootstrap::tidy(&dir)?;
+        b.state.notes.remove(&Running(dir.clone()));
         return Ok(());
     }
     // debootstrap gets no --cache-dir: it would download into the shared cache under
     // the final names, in place. It finds the cached packages in the image instead,
     // checks each against the archive's checksums and downloads what is missing or bad.
     let seeded = match &cache {
-        Some(c) => crate::debcache::seed_bootstrap(c, &dir, &args.arch),
+        Some(c) => crate::distro::debcache::seed_bootstrap(c, &dir, &args.arch),
         None => Vec::new(),
     };
     if !seeded.is_empty() {
@@ -344,7 +361,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
             seeded.len()
         ));
     }
-    let argv = argv(&args);
+    let argv = bootstrap::debootstrap_argv(&args);
     let mut cmd = chroot::with_image_env(Cmd::new(&argv[0]).args(&argv[1..]), &dir);
     if let Some(ca) = &ca {
         let rc = b.scratch_dir("wgetrc-")?.join("wgetrc");
@@ -354,20 +371,23 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
     cmd.run()?;
     if let Some(c) = &cache {
         collect(c, &dir);
-        crate::debcache::unseed(&dir, &seeded)?;
+        crate::distro::debcache::unseed(&dir, &seeded)?;
     }
-    b.state.notes.remove(&flag);
+    b.state.notes.remove(&Running(dir.clone()));
     Ok(())
 }
 
 /// Cache the packages a bootstrap left in the image's apt archive, checked against the
 /// checksums in the apt lists it left.
 fn collect(cache: &Path, root: &Path) {
-    let Some(archives) = crate::debcache::archives(root) else {
+    let Some(archives) = crate::distro::debcache::archives(root) else {
         return;
     };
-    let sums = crate::debcache::sums_from_lists(root, &crate::debcache::debs_in(&archives));
-    let n = crate::debcache::collect(cache, &archives, &sums);
+    let sums = crate::distro::debcache::sums_from_lists(
+        root,
+        &crate::distro::debcache::debs_in(&archives),
+    );
+    let n = crate::distro::debcache::collect(cache, &archives, &sums);
     crate::log::verbose(&format!("  {n} new packages into the package cache"));
 }
 
@@ -376,12 +396,11 @@ pub fn teardown_step(step: &Step, b: &mut Build) -> Result<()> {
     let Ok(dir) = chroot::tag_dir(b, step.str("target")?) else {
         return Ok(());
     };
-    let flag = format!("{RUNNING}{}", dir.display());
-    if !b.state.notes.remove(&flag) {
+    if !b.state.notes.remove(&Running(dir.clone())) {
         return Ok(());
     }
-    for p in chroot::VIRTUAL_PATHS {
-        crate::mount::unmount_below(&dir.join(p))?;
+    for p in crate::host::mount::VIRTUAL_PATHS {
+        crate::host::mount::unmount_below(&dir.join(p))?;
     }
     Ok(())
 }
@@ -389,63 +408,7 @@ pub fn teardown_step(step: &Step, b: &mut Build) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
-
-    fn args() -> Args {
-        Args {
-            suite: "bookworm".into(),
-            target: "/mnt".into(),
-            mirror: "http://mirror.example.org/debian".into(),
-            arch: "amd64".into(),
-            variant: "-".into(),
-            components: vec!["main".into()],
-            include: vec![],
-            exclude: vec![],
-            keyring: None,
-        }
-    }
-
-    #[test]
-    fn default_command_line() {
-        assert_eq!(
-            argv(&args()),
-            [
-                "debootstrap",
-                "--arch=amd64",
-                "--components=main",
-                "bookworm",
-                "/mnt",
-                "http://mirror.example.org/debian"
-            ]
-        );
-    }
-
-    #[test]
-    fn every_option_on_the_command_line() {
-        let a = Args {
-            variant: "minbase".into(),
-            components: vec!["main".into(), "contrib".into()],
-            include: vec!["less".into(), "vim".into()],
-            exclude: vec!["nano".into()],
-            keyring: Some("/k.gpg".into()),
-            ..args()
-        };
-        assert_eq!(
-            argv(&a),
-            [
-                "debootstrap",
-                "--arch=amd64",
-                "--variant=minbase",
-                "--components=main,contrib",
-                "--include=less,vim",
-                "--exclude=nano",
-                "--keyring=/k.gpg",
-                "bookworm",
-                "/mnt",
-                "http://mirror.example.org/debian"
-            ]
-        );
-    }
+    use crate::plugins::testing::specs as testing;
 
     #[test]
     fn defaults_from_the_schema() {
@@ -543,7 +506,7 @@ mod root_tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::chroot::testing;
+    use crate::plugins::testing::specs as testing;
     use crate::plugins::unpack_rootfs::UnpackRootfs;
 
     fn listing(dir: &Path) -> String {
@@ -598,12 +561,12 @@ mod root_tests {
         let mut b = testing::build(&root, Some(&tarball));
         for s in &steps {
             let t = Instant::now();
-            let p = crate::step::find(crate::plugins::ALL, s.kind).unwrap();
+            let p = crate::engine::step::find(crate::plugins::ALL, s.kind).unwrap();
             p.run(s, &mut b).unwrap();
             eprintln!("TIMING {}: {:.1}s", s.describe(), t.elapsed().as_secs_f64());
         }
         for s in steps.iter().rev() {
-            let p = crate::step::find(crate::plugins::ALL, s.kind).unwrap();
+            let p = crate::engine::step::find(crate::plugins::ALL, s.kind).unwrap();
             p.teardown(s, &mut b).unwrap();
         }
         assert_eq!(
@@ -614,11 +577,11 @@ mod root_tests {
         assert!(!root.join("etc/dpkg/dpkg.cfg.d/vmdb-unsafe-io").exists());
         assert!(!root.join("usr/local/sbin/update-initramfs").exists());
         assert!(!root.join("etc/apt/apt.conf.d/00vmdb-dpkg-path").exists());
-        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        assert!(crate::host::mount::mounts_below(&root).unwrap().is_empty());
         // apt ran its update once and remembers it; nothing else is left in the state.
-        let flags: Vec<&String> = b.state.notes.iter().collect();
-        assert_eq!(flags.len(), 1, "{flags:?}");
-        assert!(flags[0].starts_with("vmdb:apt-updated:"));
+        assert_eq!(b.state.notes.len(), 1, "{:?}", b.state.notes);
+        let updated: Vec<_> = b.state.notes.of::<crate::plugins::apt::Updated>().collect();
+        assert_eq!(updated.len(), 1);
         eprintln!(
             "TIMING tarball {:.0} MB",
             std::fs::metadata(&tarball).unwrap().len() as f64 / 1e6
@@ -669,12 +632,12 @@ mod root_tests {
             e.starts_with("command failed with exit status 3: chroot "),
             "{e}"
         );
-        assert_eq!(crate::mount::mounts_below(&root).unwrap().len(), 4);
+        assert_eq!(crate::host::mount::mounts_below(&root).unwrap().len(), 4);
         assert!(root.join("usr/sbin/policy-rc.d").exists());
         crate::plugins::chroot::Chroot
             .teardown(&fail, &mut b)
             .unwrap();
-        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        assert!(crate::host::mount::mounts_below(&root).unwrap().is_empty());
         assert!(!root.join("usr/sbin/policy-rc.d").exists());
     }
 
@@ -700,7 +663,7 @@ mod root_tests {
             return;
         }
         assert!(
-            mmdebstrap::available(false),
+            bootstrap::available(false),
             "mmdebstrap is not installed: run scripts/install-deps"
         );
         let d = tempfile::tempdir().unwrap();
@@ -717,7 +680,7 @@ mod root_tests {
             Debootstrap.run(&step, &mut b).unwrap();
             eprintln!("TIMING {tool}: {:.1}s", t.elapsed().as_secs_f64());
             Debootstrap.teardown(&step, &mut b).unwrap();
-            assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+            assert!(crate::host::mount::mounts_below(&root).unwrap().is_empty());
             trees.push(root);
         }
         let (deb, mm) = (&trees[0], &trees[1]);

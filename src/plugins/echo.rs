@@ -2,17 +2,23 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::step::{Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{CacheRole, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Echo;
 
 static SPEC: StepSpec = StepSpec {
     name: "echo",
     value: Kind::Str,
-    value_doc: "text to print when the step runs",
-    keys: &[Key::opt("teardown", Kind::Str, "text to print at teardown")],
-    summary: "Print a message, and another at teardown.",
+    value_doc: "the text printed when the step runs.",
+    keys: &[Key::opt(
+        "teardown",
+        Kind::Str,
+        "the text printed at teardown.",
+    )],
+    summary: "Prints a text when it runs, and another at teardown.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Echo {

@@ -2,17 +2,24 @@
 
 use anyhow::{Result, bail};
 
-use crate::build::Build;
-use crate::step::{Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{CacheRole, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Error;
 
 static SPEC: StepSpec = StepSpec {
     name: "error",
     value: Kind::Str,
-    value_doc: "text to print before failing",
-    keys: &[Key::opt("teardown", Kind::Str, "text to print at teardown")],
-    summary: "Print a message and fail the build (for testing teardown).",
+    value_doc: "the text printed before failing.",
+    keys: &[Key::opt(
+        "teardown",
+        Kind::Str,
+        "the text printed at teardown.",
+    )],
+    summary: "Prints a text and fails, so the build stops and tears down: a way to test \
+        teardown.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Error {

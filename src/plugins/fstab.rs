@@ -2,19 +2,23 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::image_root::ImageRoot;
-use crate::state::Tag;
-use crate::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::state::Tag;
+use crate::engine::step::{CacheRole, Check, Kind, Plugin, Step, StepSpec};
+use crate::host::image_root::ImageRoot;
 
 pub struct Fstab;
 
 static SPEC: StepSpec = StepSpec {
     name: "fstab",
     value: Kind::Str,
-    value_doc: "tag of the root filesystem (the file is written to its /etc/fstab)",
+    value_doc: "tag of the root filesystem; the file goes to its `/etc/fstab`.",
     keys: &[],
-    summary: "Write /etc/fstab with a UUID line for each filesystem mounted in the image.",
+    summary: "Writes the image's `/etc/fstab`: one line per filesystem mounted in the image, by \
+        UUID, sorted by mount point (so `/` comes before `/boot/efi`), and one line \
+        per swap partition.",
+    cache: CacheRole::Volatile,
+    always_saved: false,
 };
 
 impl Plugin for Fstab {

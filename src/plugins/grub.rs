@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::blockdev::table;
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::image_root::ImageRoot;
-use crate::state::Tag;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::plan::Filesystem;
+use crate::engine::state::Tag;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::blockdev::table;
+use crate::host::cmd::Cmd;
+use crate::host::image_root::ImageRoot;
 
 pub struct Grub;
 
@@ -29,29 +30,47 @@ const APT_OWNER: &str = "grub";
 static SPEC: StepSpec = StepSpec {
     name: "grub",
     value: Kind::Str,
-    value_doc: "firmware to boot with: bios or uefi",
+    value_doc: "`bios` or `uefi`.",
     keys: &[
-        Key::req("tag", Kind::Str, "tag of the root filesystem").aliases(&["root-fs"]),
-        Key::opt("efi", Kind::Str, "tag of the EFI system partition (uefi)").aliases(&["efi-part"]),
+        Key::req("tag", Kind::Str, "tag of the root filesystem.").aliases(&["root-fs"]),
+        Key::opt(
+            "efi",
+            Kind::Str,
+            "tag of the EFI system partition (vfat); required for `uefi`.",
+        )
+        .aliases(&["efi-part"]),
         Key::opt(
             "console",
             Kind::Str,
-            "'serial' for a serial console (as well as the screen): ttyS0, or ttyAMA0 on ARM",
+            "`serial` for a GRUB menu and kernel console on the serial port at 115200 \
+                baud, as well as the screen: ttyS0 on PCs, ttyAMA0 on ARM (arm64, \
+                armhf, armel), hvc0 on POWER.",
         ),
-        Key::opt("quiet", Kind::Bool, "boot the kernel with 'quiet'").default("false"),
-        Key::opt("timeout", Kind::Int, "seconds the GRUB menu waits").default("0"),
+        Key::opt(
+            "quiet",
+            Kind::Bool,
+            "add `quiet` to the kernel command line.",
+        )
+        .default("false"),
+        Key::opt("timeout", Kind::Int, "seconds the menu waits.").default("0"),
         Key::opt(
             "kernel-params",
             Kind::List,
-            "extra kernel command line parameters (default: net.ifnames=0 consoleblank=0)",
+            "kernel parameters, instead of the default `net.ifnames=0 consoleblank=0`.",
         ),
         Key::opt(
             "image-dev",
             Kind::Str,
-            "disk to install the BIOS boot code on (default: the disk holding the root partition)",
+            "the disk to put the BIOS boot code on, instead of the disk holding the \
+                root partition (a block device in use is refused, see \
+                [mklabel](mklabel.md)).",
         ),
     ],
-    summary: "Install the GRUB boot loader for BIOS or UEFI.",
+    summary: "Installs GRUB so that the image boots with BIOS or UEFI, from the host's GRUB \
+        files (packages grub-pc-bin and grub-efi-amd64-bin on the host; none are \
+        needed in the image, and no network is used).",
+    cache: CacheRole::Volatile,
+    always_saved: false,
 };
 
 impl Plugin for Grub {
@@ -77,8 +96,9 @@ impl Plugin for Grub {
         match c.step.opt_str("efi").map(str::to_string) {
             Some(efi) => {
                 if c.use_tag("efi", &efi) {
-                    let fs = c.plan.tags[&efi].fs_type.clone();
-                    if !matches!(fs.as_deref(), Some("vfat" | "fat" | "(existing)")) {
+                    let fs = &c.plan.tags[&efi].filesystem;
+                    // An existing filesystem is checked when the build reads it.
+                    if !matches!(fs.made(), Some("vfat" | "fat")) && *fs != Filesystem::Existing {
                         c.err(
                             "efi",
                             format!(
@@ -152,7 +172,7 @@ impl Plugin for Grub {
             .unwrap_or_else(|| "ext4".into());
         let img = ImageRoot::open(&root_dir)?;
         let kernel = latest_kernel(&img)?;
-        let arch = crate::binfmt::image_arch(&root_dir)?.unwrap_or_default();
+        let arch = crate::distro::binfmt::image_arch(&root_dir)?.unwrap_or_default();
         let params = kernel_params(step, &root_uuid, &arch);
         let cfg = grub_cfg(&kernel, boot_prefix, &boot_uuid, &params, step);
         img.write_file("/boot/grub/grub.cfg", &mut cfg.as_bytes(), 0o644, None)?;
@@ -175,7 +195,7 @@ impl Plugin for Grub {
 
     fn teardown(&self, _step: &Step, b: &mut Build) -> Result<()> {
         // Only what an installation of GRUB's modules in the image left half-way.
-        crate::chroot::leave(b, APT_OWNER)
+        crate::distro::chroot::leave(b, APT_OWNER)
     }
 }
 
@@ -322,12 +342,14 @@ fn install_uefi(
         }
         None => {
             let disk = efi.disk.clone().context("the EFI tag is not a partition")?;
-            crate::fat::copy_in(&staging, &disk, efi.offset)?;
+            crate::host::fat::copy_in(&staging, &disk, efi.offset)?;
         }
     }
     // Firmware looks for the ESP by its type.
     if let (Some(disk), Some(n)) = (&efi.disk, efi.number) {
-        if !crate::build::is_block_device(disk) || disk.to_string_lossy().starts_with("/dev/loop") {
+        if !crate::host::blockdev::is_block_device(disk)
+            || disk.to_string_lossy().starts_with("/dev/loop")
+        {
             table::set_flag(disk, n, "esp", true)?;
         }
     }
@@ -374,7 +396,7 @@ fn grub_fs_module(fs: &str) -> &'static str {
 
 /// Debian architecture of the image, from dpkg's status of base-files.
 fn image_arch(root: &Path) -> Result<String> {
-    crate::binfmt::image_arch(root)?
+    crate::distro::binfmt::image_arch(root)?
         .context("base-files is not in the image's dpkg status (is Debian installed in it?)")
 }
 
@@ -620,7 +642,7 @@ mod tests {
     /// grub-install's own error, not a guess that grub-pc-bin is missing.
     #[test]
     fn a_full_disk_is_reported_not_a_missing_package() {
-        use crate::chroot::testing;
+        use crate::plugins::testing::specs as testing;
         if !testing::is_root() || !Path::new(BIOS_MODULES).is_dir() {
             return;
         }
@@ -633,7 +655,7 @@ mod tests {
         let root = d.path().join("root");
         std::fs::create_dir_all(root.join("boot")).unwrap();
         let _guard = testing::Unmounter(root.clone());
-        crate::mount::mount(
+        crate::host::mount::mount(
             Path::new("tmpfs"),
             &root.join("boot"),
             Some("tmpfs"),

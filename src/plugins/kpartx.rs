@@ -5,24 +5,28 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use crate::blockdev::table;
-use crate::build::Build;
-use crate::plan::PlanTag;
-use crate::state::Tag;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::plan::{Filesystem, PlanTag};
+use crate::engine::state::Tag;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::blockdev::table;
 
 pub struct Kpartx;
 
 static SPEC: StepSpec = StepSpec {
     name: "kpartx",
     value: Kind::Str,
-    value_doc: "image file or block device whose partitions to map",
+    value_doc: "the image file or block device (see [mklabel](mklabel.md) for block devices in \
+        use).",
     keys: &[Key::opt(
         "tags",
         Kind::List,
-        "for a disk partitioned outside this spec: tags to give its partitions, in order",
+        "for a disk partitioned outside this spec, the tags to give its existing \
+                partitions, in order of their numbers.",
     )],
-    summary: "Map a disk's partitions to block devices (loop devices at each partition's offset).",
+    summary: "Makes a disk's partitions usable as block devices.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Kpartx {
@@ -42,7 +46,7 @@ impl Plugin for Kpartx {
             let t = PlanTag {
                 step: c.step.index,
                 disk: Some(disk.clone()),
-                fs_type: Some("(existing)".into()),
+                filesystem: Filesystem::Existing,
                 ..PlanTag::default()
             };
             if let Err(e) = c.plan.define_tag(&tag, t) {
@@ -82,7 +86,7 @@ impl Plugin for Kpartx {
             if tags.contains(&name) {
                 // A filesystem made outside this spec: mount and fstab need its type.
                 let probe = |what: &str| {
-                    crate::cmd::Cmd::new("blkid")
+                    crate::host::cmd::Cmd::new("blkid")
                         .args(["-p", "-s", what, "-o", "value"])
                         .arg(&dev)
                         .run()

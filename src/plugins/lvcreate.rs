@@ -1,16 +1,15 @@
 //! `lvcreate: VG`: make a logical volume in a volume group; the volume becomes a tag
 //! (its name) for mkfs and mount. Needs device-mapper on the host.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::devmapper;
-use crate::plan::PlanTag;
-use crate::state::Tag;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::plan::PlanTag;
+use crate::engine::state::{Notes, Tag};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::plugins::devmapper;
 
 use super::vgcreate::{run_cmd, valid_lvm_name};
 
@@ -19,20 +18,24 @@ pub struct Lvcreate;
 static SPEC: StepSpec = StepSpec {
     name: "lvcreate",
     value: Kind::Str,
-    value_doc: "the volume group to make the volume in",
+    value_doc: "the volume group",
     keys: &[
         Key::req(
             "name",
             Kind::Str,
-            "name of the logical volume, also its tag",
+            "name of the logical volume, also the new tag",
         ),
         Key::req(
             "size",
             Kind::Str,
-            "its size (1G, 500M: lvcreate -L), a share in extents (50%FREE, 100%VG: lvcreate -l), or 'fill' (all free space)",
+            "`1G`, `500M`, ... (`-L`); `50%FREE`, `100%VG`, `20%PVS` (`-l`); or `fill` \
+                (all free space)",
         ),
     ],
-    summary: "Make an LVM logical volume, as a new tag.",
+    summary: "Makes a logical volume in a volume group made by an earlier `vgcreate` (or \
+        activated by `lvscan`) step.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 /// How the size is given to lvcreate: `-L SIZE` or `-l EXTENTS`.
@@ -96,13 +99,13 @@ pub fn deactivate_argv(vg: &str, name: &str) -> Vec<String> {
 }
 
 /// The teardown's command, if the step made its volume.
-pub fn teardown_argv(step: &Step, flags: &BTreeSet<String>) -> Option<Vec<String>> {
+pub fn teardown_argv(step: &Step, notes: &Notes) -> Option<Vec<String>> {
     let name = step.opt_str("name")?;
-    flags
-        .contains(&devmapper::flag(
-            "lv-active",
-            &format!("{}/{name}", step.arg()),
-        ))
+    notes
+        .contains(&devmapper::Active::LogicalVolume(format!(
+            "{}/{name}",
+            step.arg()
+        )))
         .then(|| deactivate_argv(step.arg(), name))
 }
 
@@ -151,7 +154,7 @@ impl Plugin for Lvcreate {
         let argv = argv(vg, name, step.str("size")?).map_err(anyhow::Error::msg)?;
         b.state
             .notes
-            .insert(devmapper::flag("lv-active", &format!("{vg}/{name}")));
+            .insert(devmapper::Active::LogicalVolume(format!("{vg}/{name}")));
         run_cmd(&argv)?;
         b.state.add_tag(Tag {
             name: name.to_string(),
@@ -168,7 +171,7 @@ impl Plugin for Lvcreate {
             }
             b.state
                 .notes
-                .remove(&devmapper::flag("lv-active", &format!("{vg}/{name}")));
+                .remove(&devmapper::Active::LogicalVolume(format!("{vg}/{name}")));
         }
         Ok(())
     }

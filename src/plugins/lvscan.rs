@@ -2,15 +2,13 @@
 //! spec, see kpartx's `tags`) and give tags to its logical volumes. Needs
 //! device-mapper on the host.
 
-use std::collections::BTreeSet;
-
 use anyhow::{Result, bail};
 
-use crate::build::Build;
-use crate::devmapper;
-use crate::plan::PlanTag;
-use crate::state::Tag;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::plan::PlanTag;
+use crate::engine::state::{Notes, Tag};
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::plugins::devmapper;
 
 use super::lvcreate;
 use super::vgcreate::{deactivate_argv, run_cmd, valid_lvm_name};
@@ -24,9 +22,14 @@ static SPEC: StepSpec = StepSpec {
     keys: &[Key::req(
         "tags",
         Kind::List,
-        "names of its logical volumes, each becoming a tag",
+        "names of its logical volumes; each becomes a tag with its device \
+                `/dev/VG/LV`",
     )],
-    summary: "Activate an existing LVM volume group and tag its logical volumes.",
+    summary: "Activates an LVM volume group that already exists, on a disk partitioned outside \
+        the spec (see `kpartx`'s `tags`), and gives tags to its logical volumes so \
+        that later steps can use them.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 /// The commands that find and activate the volume group.
@@ -38,9 +41,9 @@ pub fn argvs(vg: &str) -> Vec<Vec<String>> {
 }
 
 /// The teardown's command, if the step activated the volume group.
-pub fn teardown_argv(step: &Step, flags: &BTreeSet<String>) -> Option<Vec<String>> {
-    flags
-        .contains(&devmapper::flag("vg-active", step.arg()))
+pub fn teardown_argv(step: &Step, notes: &Notes) -> Option<Vec<String>> {
+    notes
+        .contains(&devmapper::Active::VolumeGroup(step.arg().to_string()))
         .then(|| deactivate_argv(step.arg()))
 }
 
@@ -80,7 +83,9 @@ impl Plugin for Lvscan {
             (v.pop().expect("two commands"), a)
         };
         run_cmd(&scan)?;
-        b.state.notes.insert(devmapper::flag("vg-active", vg));
+        b.state
+            .notes
+            .insert(devmapper::Active::VolumeGroup(vg.to_string()));
         run_cmd(&activate)?;
         for lv in step.list("tags") {
             let dev = lvcreate::device(vg, &lv);
@@ -104,7 +109,7 @@ impl Plugin for Lvscan {
             run_cmd(&argv)?;
             b.state
                 .notes
-                .remove(&devmapper::flag("vg-active", step.arg()));
+                .remove(&devmapper::Active::VolumeGroup(step.arg().to_string()));
         }
         Ok(())
     }

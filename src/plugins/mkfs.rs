@@ -2,9 +2,10 @@
 
 use anyhow::{Context, Result};
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::plan::Filesystem;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 
 pub struct Mkfs;
 
@@ -29,17 +30,26 @@ fn program(fs: &str) -> Option<(&'static str, &'static str)> {
 static SPEC: StepSpec = StepSpec {
     name: "mkfs",
     value: Kind::Str,
-    value_doc: "filesystem type: ext2, ext3, ext4, vfat, xfs, btrfs or swap",
+    value_doc: "`ext2`, `ext3`, `ext4`, `vfat` (or `fat`), `xfs`, `btrfs` or `swap`.",
     keys: &[
-        Key::req("partition", Kind::Str, "tag of the partition"),
-        Key::opt("label", Kind::Str, "filesystem label"),
+        Key::req("partition", Kind::Str, "tag of the partition."),
+        Key::opt(
+            "label",
+            Kind::Str,
+            "filesystem label (at most 11 characters for vfat, 12 for xfs, 16 for the \
+                others).",
+        ),
         Key::opt(
             "options",
             Kind::Str,
-            "extra options for the mkfs program, split at spaces",
+            "extra options for the mkfs tool, split at spaces.",
         ),
     ],
-    summary: "Make a filesystem on a partition.",
+    summary: "Makes a filesystem on a tagged partition with the system's mkfs tool (`mkfs.ext4 \
+        -F`, `mkfs.xfs -f`, `mkfs.btrfs -f`, `mkfs.vfat`, `mkswap`) and records its \
+        UUID for `fstab` and `grub`.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Mkfs {
@@ -79,7 +89,7 @@ impl Plugin for Mkfs {
         let part = c.step.opt_str("partition").unwrap_or_default().to_string();
         if c.use_tag("partition", &part) {
             if let Some(t) = c.plan.tags.get_mut(&part) {
-                t.fs_type = Some(fs);
+                t.filesystem = Filesystem::Made(fs);
             }
         }
     }
@@ -165,10 +175,12 @@ mod tests {
     fn every_type_declares_its_program() {
         for fs in super::TYPES {
             let raw =
-                crate::spec::load(&format!("steps:\n  - mkfs: {fs}\n    partition: /\n")).unwrap();
+                crate::engine::spec::load(&format!("steps:\n  - mkfs: {fs}\n    partition: /\n"))
+                    .unwrap();
             let mut plan = crate::plugins::testing::plan_with_root();
-            let r = crate::template::Renderer::new(Default::default());
-            crate::step::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan).unwrap();
+            let r = crate::engine::template::Renderer::new(Default::default());
+            crate::engine::validate::validate(&raw.steps, &r, crate::plugins::ALL, &mut plan)
+                .unwrap();
             let needs: Vec<_> = plan.host_needs.iter().map(|n| n.any_of[0]).collect();
             let (prog, package) = super::program(fs).unwrap();
             assert_eq!(needs, [(prog, package), ("blkid", "util-linux")], "{fs}");

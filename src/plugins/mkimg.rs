@@ -4,23 +4,29 @@ use std::fs::OpenOptions;
 
 use anyhow::{Context, Result};
 
-use crate::build::{Build, is_block_device};
-use crate::plan::PlanDisk;
+use crate::engine::build::Build;
+use crate::engine::plan::PlanDisk;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::blockdev::is_block_device;
 use crate::size;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
 
 pub struct Mkimg;
 
 static SPEC: StepSpec = StepSpec {
     name: "mkimg",
     value: Kind::Str,
-    value_doc: "path of the image file to create (usually \"{{ output }}\")",
+    value_doc: "path of the image, almost always `\"{{ output }}\"`.",
     keys: &[Key::req(
         "size",
         Kind::Str,
-        "size of the image: 4G, 512M, 300MiB (K, M, G, T are binary, as with qemu-img; KB, MB, GB are decimal)",
+        "the size. `K`, `M`, `G`, `T` and `KiB`, `MiB`, `GiB`, `TiB` are binary \
+                (`300M` is 300 MiB, as with qemu-img); `KB`, `MB`, `GB`, `TB` are \
+                decimal; a bare number is bytes.",
     )],
-    summary: "Create a sparse raw disk image file.",
+    summary: "Creates the image file: a sparse raw file of the given size (it takes no disk \
+        space until written).",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Mkimg {

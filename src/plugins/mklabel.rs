@@ -4,22 +4,25 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::blockdev::table::{self, LabelKind};
-use crate::build::Build;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::blockdev::table::{self, LabelKind};
 
 pub struct Mklabel;
 
 static SPEC: StepSpec = StepSpec {
     name: "mklabel",
     value: Kind::Str,
-    value_doc: "kind of partition table: msdos or gpt",
+    value_doc: "`msdos` (MBR; `dos` and `mbr` are accepted too) or `gpt`.",
     keys: &[Key::req(
         "device",
         Kind::Str,
-        "image file or block device to label",
+        "the image file or block device.",
     )],
-    summary: "Write an empty partition table.",
+    summary: "Writes a new, empty partition table on the image, replacing any old one (both \
+        ends of the disk are cleared, so no stale GPT backup is left).",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Mklabel {

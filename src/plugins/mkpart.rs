@@ -4,35 +4,51 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use crate::blockdev::table::{self, LabelKind, NewPartition};
-use crate::build::Build;
-use crate::plan::PlanTag;
-use crate::state::Tag;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::plan::{Filesystem, PlanTag};
+use crate::engine::state::Tag;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::blockdev::table::{self, LabelKind, NewPartition};
 
 pub struct Mkpart;
 
 static SPEC: StepSpec = StepSpec {
     name: "mkpart",
     value: Kind::Str,
-    value_doc: "partition type: primary (msdos); for gpt, the partition's name",
+    value_doc: "`primary` on msdos; on gpt, the partition's name.",
     keys: &[
-        Key::req("device", Kind::Str, "image file or block device to partition"),
+        Key::req(
+            "device",
+            Kind::Str,
+            "the image file or block device (see [mklabel](mklabel.md) for block \
+                devices in use).",
+        ),
         Key::req(
             "start",
             Kind::Str,
-            "start: a percentage of the disk (0%), a size (1M = 10^6 bytes, 1MiB, 1G) or sectors (2048s); rounded to 1 MiB",
+            "where the partition starts: a position as above.",
         ),
-        Key::req("end", Kind::Str, "end, in the same forms as start (100% is the end of the disk)"),
-        Key::opt("tag", Kind::Str, "name by which later steps refer to the partition").aliases(&["part-tag"]),
+        Key::req("end", Kind::Str, "where it ends: a position as above."),
+        Key::opt(
+            "tag",
+            Kind::Str,
+            "the name later steps use for the partition. Without it the partition is \
+                named `DEVICE#N`.",
+        )
+        .aliases(&["part-tag"]),
         Key::opt(
             "fs-type",
             Kind::Str,
-            "filesystem the partition is for (sets its type): ext2, ext4, xfs, btrfs, fat32, vfat, linux-swap, ...",
+            "what the partition is for; sets its type: `fat16`, `fat32` and `vfat` \
+                give a FAT type (0x06/0x0c, or Microsoft basic data on gpt), \
+                `linux-swap` a swap type, anything else Linux filesystem (0x83).",
         )
         .default("ext2"),
     ],
-    summary: "Create a partition on a labelled disk.",
+    summary: "Adds a partition to a disk labelled by an earlier `mklabel` step and gives it a \
+        tag.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Mkpart {
@@ -68,7 +84,7 @@ impl Plugin for Mkpart {
             let t = PlanTag {
                 step: step.index,
                 disk: Some(device),
-                fs_type: None,
+                filesystem: Filesystem::None,
                 mounted: false,
             };
             if let Err(e) = c.plan.define_tag(tag, t) {
@@ -83,7 +99,7 @@ impl Plugin for Mkpart {
         let Some(kind) = table::read_label(&device)? else {
             bail!("{} has no partition table", device.display());
         };
-        let size = table::disk_size(&device)?;
+        let size = crate::host::blockdev::disk_size(&device)?;
         let (first, last) = table::resolve_range(size, kind, step.str("start")?, step.str("end")?)?;
         let number = table::add_partition(
             &device,

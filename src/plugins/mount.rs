@@ -10,43 +10,62 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use nix::mount::MsFlags;
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::image_root::ImageRoot;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
-use crate::{fat, mount};
+use crate::engine::build::Build;
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::plan::Filesystem;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
+use crate::host::image_root::ImageRoot;
+use crate::host::{fat, mount};
 
 pub struct Mount;
 
 static SPEC: StepSpec = StepSpec {
     name: "mount",
     value: Kind::Str,
-    value_doc: "tag of the partition whose filesystem to mount",
+    value_doc: "tag of a partition with a filesystem (made by `mkfs`, or found by `kpartx`'s \
+        `tags`).",
     keys: &[
         Key::opt(
             "mount-on",
             Kind::Str,
-            "tag of a mounted filesystem to mount this one below",
+            "tag of a mounted filesystem to mount this one below.",
         ),
         Key::opt(
             "dirname",
             Kind::Str,
-            "where in the image to mount it (e.g. /boot/efi); required with mount-on",
+            "absolute path in the image, e.g. `/boot/efi`; required with `mount-on`.",
         ),
         Key::opt(
             "zerofree",
             Kind::Bool,
-            "after a successful build, fill the free blocks of an ext2/3/4 filesystem with zeros",
+            "after a successful build, when the filesystem is unmounted at teardown, \
+                run `zerofree -v` on its device so that the blocks of files deleted \
+                during the build (downloaded packages, caches) are zeros and the \
+                image compresses well. Only for ext2, ext3 and ext4; other \
+                filesystems are skipped with a note. Not run when the build failed \
+                (the image is removed anyway). vmdb2 runs zerofree by default; vmdb \
+                does not, because a new image file is sparse and zerofree makes the \
+                zeroed blocks take space on the host's disk. Needs the `zerofree` \
+                program on the host.",
         )
         .default("false"),
         Key::opt(
             "keep_resolvconf",
             Kind::Bool,
-            "keep the build host's /etc/resolv.conf in the image",
+            "for the filesystem mounted at `/`: keep the build host's \
+                `/etc/resolv.conf` in the image. By default, when a build succeeds, \
+                the image's `/etc/resolv.conf` is removed at teardown if it is a \
+                plain file with exactly the host's contents (debootstrap copies the \
+                host's in, and the build host's name servers should not ship in an \
+                image); a symbolic link (e.g. systemd-resolved's) or a file with \
+                other contents is left alone.",
         )
         .default("false"),
     ],
-    summary: "Mount a filesystem for the rest of the build.",
+    summary: "Mounts a tagged filesystem for the rest of the build.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for Mount {
@@ -60,7 +79,7 @@ impl Plugin for Mount {
             let t = &c.plan.tags[&tag];
             if t.mounted {
                 c.err("mount", format!("tag '{tag}' is already mounted"));
-            } else if t.fs_type.is_none() {
+            } else if t.filesystem == Filesystem::None {
                 c.err(
                     "mount",
                     format!("tag '{tag}' has no filesystem: add an mkfs step before mounting it"),
@@ -90,7 +109,11 @@ impl Plugin for Mount {
                 );
             }
         }
-        let fs = c.plan.tags.get(&tag).and_then(|t| t.fs_type.clone());
+        let fs = c
+            .plan
+            .tags
+            .get(&tag)
+            .and_then(|t| t.filesystem.made().map(str::to_string));
         if matches!(fs.as_deref(), Some("vfat" | "fat")) {
             // FAT is not mounted but staged: mtools copy its files out and back in.
             c.needs("mount", "mdir", "mtools");
@@ -102,6 +125,17 @@ impl Plugin for Mount {
             c.needs("zerofree", ZEROFREE, ZEROFREE);
         }
         c.plan.mount(&tag);
+    }
+
+    /// Where it mounts a filesystem matters to the image's tree, not what the
+    /// filesystem is.
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        inputs.text(format!(
+            "mount {:?} on {:?}\n",
+            step.opt_str("dirname").unwrap_or("/"),
+            step.opt_str("mount-on")
+        ));
+        Ok(())
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
@@ -182,7 +216,7 @@ impl Plugin for Mount {
                 }
             }
         }
-        let succeeded = !b.state.notes.contains(crate::runner::BUILD_FAILED);
+        let succeeded = !b.state.failed;
         let is_root = b.state.tag(tag)?.target.as_deref() == Some("/");
         if succeeded && is_root && !step.bool("keep_resolvconf") {
             if let Err(e) = drop_host_resolv_conf(&point, Path::new(HOST_RESOLV_CONF)) {

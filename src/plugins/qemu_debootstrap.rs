@@ -5,8 +5,9 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 
 use super::debootstrap;
 
@@ -15,15 +16,19 @@ pub struct QemuDebootstrap;
 static KEYS: [Key; 11] = debootstrap::keys(Key::req(
     "arch",
     Kind::Str,
-    "the Debian architecture to install (arm64, armhf, i386, ...)",
+    "the Debian architecture (`--arch`): `arm64`, `armhf`, `armel`, `i386`, \
+                `ppc64el`, `riscv64`, `s390x`, ...",
 ));
 
 static SPEC: StepSpec = StepSpec {
     name: "qemu-debootstrap",
     value: Kind::Str,
-    value_doc: "the suite to install (bookworm, stable, ...)",
+    value_doc: "the suite to install (`bookworm`, `stable`, ...)",
     keys: &KEYS,
-    summary: "Install a basic Debian system for another architecture with debootstrap and qemu-user-static.",
+    summary: "Installs a basic Debian system for another architecture (arm64, armhf, ppc64el, \
+        ...).",
+    cache: CacheRole::Tree,
+    always_saved: true,
 };
 
 impl Plugin for QemuDebootstrap {
@@ -33,6 +38,10 @@ impl Plugin for QemuDebootstrap {
 
     fn check(&self, c: &mut Check) {
         debootstrap::check_step(c);
+    }
+
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        debootstrap::cache_inputs_of(step, inputs)
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
@@ -47,7 +56,7 @@ impl Plugin for QemuDebootstrap {
 
 #[cfg(test)]
 mod tests {
-    use crate::chroot::testing;
+    use crate::plugins::testing::specs as testing;
 
     const M: &str = "    mirror: http://m.example.org/debian\n";
 
@@ -79,7 +88,7 @@ mod tests {
                 "tag 'unmounted' is not mounted at this point: add a 'mount: unmounted' step before this one".to_string(),
                 format!(
                     "vmdb does not know how to run 'vax' programs on this {} host",
-                    crate::binfmt::host_arch().unwrap()
+                    crate::distro::binfmt::host_arch().unwrap()
                 ),
             ]
         );
@@ -87,11 +96,14 @@ mod tests {
 
     #[test]
     fn every_debootstrap_key_is_a_qemu_debootstrap_key() {
-        let d: Vec<&str> =
-            super::debootstrap::keys(crate::step::Key::opt("arch", crate::step::Kind::Str, ""))
-                .iter()
-                .map(|k| k.name)
-                .collect();
+        let d: Vec<&str> = super::debootstrap::keys(crate::engine::step::Key::opt(
+            "arch",
+            crate::engine::step::Kind::Str,
+            "",
+        ))
+        .iter()
+        .map(|k| k.name)
+        .collect();
         let q: Vec<&str> = super::KEYS.iter().map(|k| k.name).collect();
         assert_eq!(d, q);
         assert!(super::KEYS.iter().any(|k| k.name == "arch" && k.required));

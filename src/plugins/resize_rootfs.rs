@@ -11,19 +11,24 @@
 
 use anyhow::{Result, bail};
 
-use crate::build::Build;
-use crate::chroot;
-use crate::image_root::ImageRoot;
-use crate::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::distro::chroot;
+use crate::engine::build::Build;
+use crate::engine::step::{CacheRole, Check, Kind, Plugin, Step, StepSpec};
+use crate::host::image_root::ImageRoot;
 
 pub struct ResizeRootfs;
 
 static SPEC: StepSpec = StepSpec {
     name: "resize-rootfs",
     value: Kind::Str,
-    value_doc: "tag of the image's mounted root filesystem",
+    value_doc: "tag of the image's root filesystem; an earlier step must mount it; an ext2/3/4, \
+        xfs or btrfs filesystem",
     keys: &[],
-    summary: "Grow the root partition and filesystem to fill the disk at first boot.",
+    summary: "Makes the image grow its root partition and root filesystem to fill its disk the \
+        first time it boots, so that an image written to a bigger disk, or enlarged \
+        with `qemu-img resize`, uses all of it.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 /// Where the step writes its files, in the image.
@@ -90,6 +95,16 @@ const NEEDS: &[(&[&str], &str)] = &[
     (&["usr/bin/systemctl", "bin/systemctl"], "systemd"),
 ];
 
+/// Why the filesystem of `tag`, of type `fs`, cannot be resized; None when it can.
+fn not_growable(tag: &str, fs: &str) -> Option<String> {
+    (!GROWABLE.contains(&fs)).then(|| {
+        format!(
+            "tag '{tag}' has a {fs} filesystem, which cannot be grown while mounted: expected one of {}",
+            GROWABLE.join(", ")
+        )
+    })
+}
+
 /// What a root filesystem of type `fs` needs to grow, in the image.
 fn grower(fs: &str) -> Option<(&'static [&'static str], &'static str)> {
     Some(match fs {
@@ -130,29 +145,26 @@ impl Plugin for ResizeRootfs {
     fn check(&self, c: &mut Check) {
         let tag = c.step.arg().to_string();
         chroot::check_mounted_tag(c, "resize-rootfs", &tag);
-        let fs = c.plan.tags.get(&tag).and_then(|t| t.fs_type.clone());
-        if let Some(fs) = fs {
-            if !GROWABLE.contains(&fs.as_str()) {
-                c.err(
-                    "resize-rootfs",
-                    format!(
-                        "tag '{tag}' has a {fs} filesystem, which cannot be grown while mounted: expected one of {}",
-                        GROWABLE.join(", ")
-                    ),
-                );
-            }
+        // An existing filesystem (kpartx tags) is checked when the build knows its type.
+        let fs = c
+            .plan
+            .tags
+            .get(&tag)
+            .and_then(|t| t.filesystem.made().map(str::to_string));
+        if let Some(why) = fs.and_then(|fs| not_growable(&tag, &fs)) {
+            c.err("resize-rootfs", why);
         }
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let tag = step.arg();
         let root = chroot::tag_dir(b, tag)?;
-        let fs = b
-            .state
-            .tag(tag)?
-            .fs_type
-            .clone()
-            .unwrap_or_else(|| "ext4".into());
+        let Some(fs) = b.state.tag(tag)?.fs_type.clone() else {
+            bail!("the type of the filesystem of tag '{tag}' is not known (blkid found none)");
+        };
+        if let Some(why) = not_growable(tag, &fs) {
+            bail!(why);
+        }
         let img = ImageRoot::open(&root)?;
         let missing = missing_packages(&img, &fs)?;
         if !missing.is_empty() {
@@ -204,6 +216,33 @@ mod tests {
             ]
         );
         assert!(check_errors("resize-rootfs: /").is_empty());
+    }
+
+    /// A disk partitioned outside the spec (kpartx `tags`): the filesystem's type is
+    /// only known when the build reads it.
+    #[test]
+    fn an_existing_filesystem_is_checked_when_the_build_reads_it() {
+        let s = crate::plugins::testing::steps(&[
+            "kpartx: disk.img\ntags: [root]",
+            "mount: root",
+            "resize-rootfs: root",
+        ]);
+        assert!(s.is_ok(), "{s:?}");
+        // When the build runs, the type read decides.
+        let refusal = |fs: Option<&str>| {
+            let (mut b, _root) = test_build_with_root();
+            b.state.tag_mut("/").unwrap().fs_type = fs.map(str::to_string);
+            let step = test_step("resize-rootfs: /");
+            ResizeRootfs.run(&step, &mut b).unwrap_err().to_string()
+        };
+        assert_eq!(
+            refusal(Some("vfat")),
+            "tag '/' has a vfat filesystem, which cannot be grown while mounted: expected one of ext2, ext3, ext4, xfs, btrfs"
+        );
+        assert_eq!(
+            refusal(None),
+            "the type of the filesystem of tag '/' is not known (blkid found none)"
+        );
     }
 
     #[test]
@@ -323,6 +362,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("s");
         std::fs::write(&f, SCRIPT_TEXT).unwrap();
-        crate::cmd::Cmd::new("sh").arg("-n").arg(&f).run().unwrap();
+        crate::host::cmd::Cmd::new("sh")
+            .arg("-n")
+            .arg(&f)
+            .run()
+            .unwrap();
     }
 }

@@ -4,26 +4,29 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::blockdev::table;
-use crate::build::Build;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::blockdev::table;
 
 pub struct SetPartFlag;
 
 static SPEC: StepSpec = StepSpec {
     name: "set_part_flag",
     value: Kind::Str,
-    value_doc: "image file or block device holding the partition",
+    value_doc: "the image file or block device.",
     keys: &[
-        Key::req("tag", Kind::Str, "tag of the partition"),
+        Key::req("tag", Kind::Str, "tag of the partition."),
         Key::req(
             "flag",
             Kind::Str,
-            "flag name as parted knows it: esp, boot, bios_grub, lvm, raid, swap, legacy_boot, msftdata",
+            "`esp`, `boot`, `bios_grub`, `lvm`, `raid`, `swap`, `legacy_boot`, \
+                `msftdata`.",
         ),
-        Key::opt("state", Kind::Str, "enabled or disabled").default("enabled"),
+        Key::opt("state", Kind::Str, "`enabled` or `disabled`.").default("enabled"),
     ],
-    summary: "Set or clear a flag on a partition.",
+    summary: "Sets or clears a flag on a partition, as parted's `set N FLAG on|off` does.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 impl Plugin for SetPartFlag {

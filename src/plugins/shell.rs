@@ -2,23 +2,25 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
 
 pub struct Shell;
 
 static SPEC: StepSpec = StepSpec {
     name: "shell",
     value: Kind::Str,
-    value_doc: "shell script, run on the host with 'sh -ec' in the spec file's directory",
+    value_doc: "the script, run on the host with `sh -ec` in the spec file's directory.",
     keys: &[Key::req(
         "root-fs",
         Kind::Str,
-        "tag of a mounted filesystem: its host mount point is given to the script as $ROOT",
+        "tag of a mounted filesystem. Its host mount point is in `$ROOT`.",
     )],
-    summary: "Run a shell script on the host (not in the image) with $ROOT set to the \
-              mount point of a filesystem.",
+    summary: "Runs a shell script on the host, not inside the image (see `chroot` for that).",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 /// The shell that runs the script, and its Debian package.
@@ -43,11 +45,15 @@ impl Plugin for Shell {
             );
         }
     }
+    fn cache_inputs(&self, step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        super::script_cache_inputs(step, inputs)
+    }
+
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let root = b.state.mount_point(step.str("root-fs")?)?;
         let mut cmd = Cmd::new(SH.0).arg("-ec").arg(step.arg()).env("ROOT", root);
-        if !b.opts.spec_dir.as_os_str().is_empty() {
-            cmd = cmd.cwd(&b.opts.spec_dir);
+        if !b.opts.spec_dir.dir().as_os_str().is_empty() {
+            cmd = cmd.cwd(b.opts.spec_dir.dir());
         }
         cmd.run()?;
         Ok(())
@@ -57,7 +63,7 @@ impl Plugin for Shell {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{Plan, PlanTag};
+    use crate::engine::plan::{Plan, PlanTag};
     use crate::plugins::testing::{plan_with_root, step_errors};
     use crate::plugins::{test_build_with_root, test_step};
     use std::fs;
@@ -67,7 +73,7 @@ mod tests {
         let (mut b, root) = test_build_with_root();
         let spec_dir = tempfile::tempdir().unwrap();
         fs::write(spec_dir.path().join("input"), "from the spec dir").unwrap();
-        b.opts.spec_dir = spec_dir.path().to_path_buf();
+        b.opts.spec_dir = spec_dir.path().into();
         // Quotes and $ in the script reach sh untouched.
         let s = test_step(
             "shell: |\n  cat input > \"$ROOT/out\"\n  printf '%s' \"$0:$ROOT\" > \"$ROOT/env\"\nroot-fs: /",
@@ -131,15 +137,20 @@ mod tests {
         ] {
             let mut vars = std::collections::BTreeMap::new();
             vars.insert("hostname".to_string(), value.clone());
-            let node = crate::spec::parse_yaml(
+            let node = crate::engine::spec::parse_yaml(
                 "shell: printf %s {{ hostname | quote }} > \"$ROOT/hostname\"\nroot-fs: /",
             )
             .unwrap();
-            let renderer = crate::template::Renderer::new(vars);
+            let renderer = crate::engine::template::Renderer::new(vars);
             let mut plan = plan_with_root();
-            let s = crate::step::validate(&[node], &renderer, crate::plugins::ALL, &mut plan)
-                .unwrap()
-                .remove(0);
+            let s = crate::engine::validate::validate(
+                &[node],
+                &renderer,
+                crate::plugins::ALL,
+                &mut plan,
+            )
+            .unwrap()
+            .remove(0);
             assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
             Shell.run(&s, &mut b).unwrap();
             assert!(!marker.exists(), "{value} ran a command");

@@ -1,12 +1,13 @@
 //! Helpers for plugin unit tests: typed steps from YAML, validated as a real spec
 //! would be, and a build with a root filesystem.
 
-use crate::build::{Build, Options};
-use crate::plan::{Plan, PlanTag};
-use crate::spec::Diag;
-use crate::state::Tag;
-use crate::step::{Step, validate};
-use crate::template::Renderer;
+use crate::engine::build::{Build, Options};
+use crate::engine::plan::{Filesystem, Plan, PlanTag};
+use crate::engine::spec::Diag;
+use crate::engine::state::Tag;
+use crate::engine::step::Step;
+use crate::engine::template::Renderer;
+use crate::engine::validate::validate;
 
 /// A plan in which an earlier step has mounted tag "/" at the image's root.
 pub(crate) fn plan_with_root() -> Plan {
@@ -15,7 +16,7 @@ pub(crate) fn plan_with_root() -> Plan {
         "/",
         PlanTag {
             step: 0,
-            fs_type: Some("ext4".into()),
+            filesystem: Filesystem::Made("ext4".into()),
             mounted: true,
             ..PlanTag::default()
         },
@@ -27,9 +28,9 @@ pub(crate) fn plan_with_root() -> Plan {
 /// Validate one step written as YAML (a mapping such as "create-dir: /x\nperm: 0700")
 /// against `plan`, with no template variables. Returns the typed step or every problem.
 pub(crate) fn validate_step(yaml: &str, plan: &mut Plan) -> Result<Step, Vec<Diag>> {
-    let node = crate::spec::parse_yaml(yaml).map_err(|d| vec![d])?;
+    let node = crate::engine::spec::parse_yaml(yaml).map_err(|d| vec![d])?;
     let renderer = Renderer::new(Default::default());
-    let mut steps = crate::step::validate(&[node], &renderer, super::ALL, plan)?;
+    let mut steps = validate(&[node], &renderer, super::ALL, plan)?;
     Ok(steps.remove(0))
 }
 
@@ -90,7 +91,7 @@ pub fn steps(yaml_steps: &[&str]) -> Result<Vec<Step>, Vec<String>> {
             text.push('\n');
         }
     }
-    let raw = crate::spec::load(&text)
+    let raw = crate::engine::spec::load(&text)
         .map_err(|d| d.iter().map(|d| d.msg.clone()).collect::<Vec<_>>())?;
     let mut plan = Plan::default();
     plan.tags.insert(
@@ -98,7 +99,7 @@ pub fn steps(yaml_steps: &[&str]) -> Result<Vec<Step>, Vec<String>> {
         PlanTag {
             step: 0,
             mounted: true,
-            fs_type: Some("ext4".into()),
+            filesystem: Filesystem::Made("ext4".into()),
             ..PlanTag::default()
         },
     );
@@ -127,7 +128,7 @@ pub fn check_errors(yaml_step: &str) -> Vec<String> {
 pub fn run_step(yaml_step: &str) -> anyhow::Result<Build> {
     let s = steps(&[yaml_step]).map_err(|e| anyhow::anyhow!(e.join("; ")))?;
     let mut b = Build::new(Options::default())?;
-    let p = crate::step::find(super::ALL, s[0].kind).unwrap();
+    let p = crate::engine::step::find(super::ALL, s[0].kind).unwrap();
     p.run(&s[0], &mut b)?;
     Ok(b)
 }
@@ -222,4 +223,98 @@ pub(crate) fn own_ids() -> String {
         nix::unistd::geteuid(),
         nix::unistd::getegid()
     )
+}
+
+/// Whole specs (YAML with `steps:`) validated against a plan where "/" is mounted
+/// and "unmounted" is not, and builds whose "/" is a directory.
+pub(crate) mod specs {
+
+    use std::collections::BTreeMap;
+
+    use crate::engine::plan::{Plan, PlanTag};
+    use crate::engine::spec::Diag;
+    use crate::engine::step::Step;
+    use crate::engine::template::Renderer;
+
+    pub fn validate(yaml: &str) -> Result<Vec<Step>, Vec<Diag>> {
+        let raw = crate::engine::spec::load(yaml)?;
+        let renderer = Renderer::new(BTreeMap::new());
+        let mut plan = Plan::default();
+        plan.define_tag(
+            "/",
+            PlanTag {
+                step: 0,
+                mounted: true,
+                ..PlanTag::default()
+            },
+        )
+        .expect("a fresh plan");
+        plan.define_tag(
+            "unmounted",
+            PlanTag {
+                step: 0,
+                ..PlanTag::default()
+            },
+        )
+        .expect("a fresh plan");
+        crate::engine::validate::validate(&raw.steps, &renderer, crate::plugins::ALL, &mut plan)
+    }
+
+    pub fn step(yaml: &str) -> Step {
+        match validate(yaml) {
+            Ok(mut s) => s.remove(0),
+            Err(d) => panic!("{d:?}"),
+        }
+    }
+
+    /// The messages of the problems found.
+    pub fn errors(yaml: &str) -> Vec<String> {
+        match validate(yaml) {
+            Ok(_) => panic!("no error in {yaml}"),
+            Err(d) => d.into_iter().map(|d| d.msg).collect(),
+        }
+    }
+
+    /// A build whose "/" is the directory `root` (no disk).
+    pub fn build(
+        root: &std::path::Path,
+        tarball: Option<&std::path::Path>,
+    ) -> crate::engine::build::Build {
+        let mut b = crate::engine::build::Build::new(crate::engine::build::Options {
+            rootfs_tarball: tarball.map(|t| t.to_path_buf()),
+            ..Default::default()
+        })
+        .expect("a build");
+        b.state
+            .add_tag(crate::engine::state::Tag {
+                name: "/".into(),
+                mount_point: Some(root.to_path_buf()),
+                target: Some("/".into()),
+                ..Default::default()
+            })
+            .expect("a fresh state");
+        b
+    }
+
+    /// Test builds run in the host's mount namespace: whatever a failed test left
+    /// mounted below the directory is detached before the directory is removed (it
+    /// must be declared after the TempDir, to be dropped first).
+    pub struct Unmounter(pub std::path::PathBuf);
+
+    impl Drop for Unmounter {
+        fn drop(&mut self) {
+            for m in crate::host::mount::mounts_below(&self.0).unwrap_or_default() {
+                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+
+    pub fn is_root() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            true
+        } else {
+            eprintln!("skipped: needs root");
+            false
+        }
+    }
 }

@@ -5,46 +5,33 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::chroot as image;
-use crate::cmd::Cmd;
+use crate::distro::chroot as image;
+use crate::engine::build::Build;
+use crate::engine::cachekey::CacheInputs;
+use crate::engine::step::{CacheRole, Check, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
+use crate::host::mount::mounted_virtuals;
+use crate::host::tarball::{Compression, have_pigz, unpack_argv};
 use crate::log;
-use crate::plugins::cache_rootfs::{Compression, TAR_KEEP, have_pigz, mounted_virtuals, needs_tar};
-use crate::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::plugins::cache_rootfs::needs_tar;
 
 pub struct UnpackRootfs;
 
 static SPEC: StepSpec = StepSpec {
     name: "unpack-rootfs",
     value: Kind::Str,
-    value_doc: "tag of the mounted filesystem to unpack into (the image's root)",
+    value_doc: "tag of the filesystem to unpack into; an earlier step must mount it",
     keys: &[],
-    summary: "Unpack the --rootfs-tarball file into the image, if it exists; sets rootfs_unpacked.",
+    summary: "Unpacks the tarball given with `--rootfs-tarball FILE` (made by `cache-rootfs`) \
+        into the mounted filesystem, keeping numeric owners, permissions, extended \
+        attributes and ACLs, and sets the flag `rootfs_unpacked`, so that steps \
+        marked `unless: rootfs_unpacked` are skipped.",
+    cache: CacheRole::Tree,
+    always_saved: false,
 };
 
 /// The flag later steps test with `unless: rootfs_unpacked`.
 pub const FLAG: &str = "rootfs_unpacked";
-
-/// tar's arguments to unpack `file` into `root`, leaving alone the virtual filesystems
-/// mounted in `mounted` (e.g. "dev": the host's device nodes).
-pub fn unpack_argv(
-    root: &std::path::Path,
-    file: &std::path::Path,
-    prog: Option<&str>,
-    mounted: &[&str],
-) -> Vec<String> {
-    let mut v: Vec<String> = vec!["--extract".into(), format!("--file={}", file.display())];
-    if let Some(p) = prog {
-        v.push(format!("--use-compress-program={p}"));
-    }
-    v.push("--preserve-permissions".into());
-    v.extend(TAR_KEEP.iter().map(|s| s.to_string()));
-    for m in mounted {
-        v.push(format!("--exclude=./{m}/*"));
-    }
-    v.push(format!("--directory={}", root.display()));
-    v
-}
 
 impl Plugin for UnpackRootfs {
     fn spec(&self) -> &'static StepSpec {
@@ -55,6 +42,14 @@ impl Plugin for UnpackRootfs {
         let tag = c.step.arg();
         image::check_mounted_tag(c, "unpack-rootfs", tag);
         needs_tar(c);
+    }
+
+    /// Whether the tarball is there decides what the step does.
+    fn cache_inputs(&self, _step: &Step, inputs: &mut CacheInputs) -> Result<()> {
+        if let Some(t) = inputs.opts().rootfs_tarball.clone() {
+            inputs.file_identity(&t);
+        }
+        Ok(())
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
@@ -70,14 +65,7 @@ impl Plugin for UnpackRootfs {
             return Ok(());
         }
         let root = image::tag_dir(b, step.arg())?;
-        // Decompressing; xz and zstd decompress on one thread only anyway.
-        let prog = match Compression::for_path(&tarball) {
-            Compression::Gzip if have_pigz() => Some("pigz -d"),
-            Compression::Gzip => Some("gzip -d"),
-            Compression::Zstd => Some("zstd -d"),
-            Compression::Xz => Some("xz -d"),
-            Compression::None | Compression::Unknown => None,
-        };
+        let prog = Compression::for_path(&tarball).unpack_program(have_pigz());
         let mounted = mounted_virtuals(&root)?;
         let t = Instant::now();
         Cmd::new("tar")
@@ -96,33 +84,9 @@ impl Plugin for UnpackRootfs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
     use crate::plugins::cache_rootfs::CacheRootfs;
+    use crate::plugins::testing::specs as testing;
     use std::path::Path;
-
-    #[test]
-    fn unpack_command_line() {
-        assert_eq!(
-            unpack_argv(
-                Path::new("/mnt"),
-                Path::new("/c/r.tar.gz"),
-                Some("gzip -d"),
-                &["dev"]
-            ),
-            [
-                "--extract",
-                "--file=/c/r.tar.gz",
-                "--use-compress-program=gzip -d",
-                "--preserve-permissions",
-                "--numeric-owner",
-                "--xattrs",
-                "--xattrs-include=*",
-                "--acls",
-                "--exclude=./dev/*",
-                "--directory=/mnt"
-            ]
-        );
-    }
 
     #[test]
     fn no_tarball_no_flag() {
@@ -199,12 +163,13 @@ mod tests {
         std::fs::create_dir(&dst).unwrap();
         let _guard = testing::Unmounter(dst.clone());
         let mut b = testing::build(&dst, Some(&t));
-        crate::chroot::mount_vfs(&mut b, &dst, crate::chroot::FOR_BUILD, "test").unwrap();
+        crate::distro::chroot::mount_vfs(&mut b, &dst, crate::distro::chroot::FOR_BUILD, "test")
+            .unwrap();
         let r = UnpackRootfs.run(&testing::step("steps:\n  - unpack-rootfs: /\n"), &mut b);
         let leaked = Path::new("/dev").join(marker);
         let was_leaked = leaked.exists();
         let _ = std::fs::remove_file(&leaked);
-        crate::chroot::unmount_vfs(&mut b, "test").unwrap();
+        crate::distro::chroot::unmount_vfs(&mut b, "test").unwrap();
         r.unwrap();
         assert!(!was_leaked, "unpacked into the host's /dev");
         assert_eq!(
@@ -255,7 +220,12 @@ mod tests {
         // A hostile archive: a link to the host, then a file below it.
         let evil = base.join("evil");
         plant_link(&evil, "l", &canary.path.display().to_string());
-        let tar = |args: &[&str]| crate::cmd::Cmd::new("tar").args(args).cwd(&evil).run();
+        let tar = |args: &[&str]| {
+            crate::host::cmd::Cmd::new("tar")
+                .args(args)
+                .cwd(&evil)
+                .run()
+        };
         tar(&["--create", "--file=../evil.tar", "./l"]).unwrap();
         std::fs::remove_file(evil.join("l")).unwrap();
         std::fs::create_dir(evil.join("l")).unwrap();

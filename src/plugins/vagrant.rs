@@ -5,35 +5,44 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 
-use crate::build::Build;
-use crate::chroot as image;
-use crate::cmd::Cmd;
-use crate::image_root::ImageRoot;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::distro::chroot as image;
+use crate::engine::build::Build;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
+use crate::host::image_root::ImageRoot;
 
 pub struct Vagrant;
 
 static SPEC: StepSpec = StepSpec {
     name: "vagrant",
     value: Kind::Str,
-    value_doc: "tag of the image's mounted root filesystem",
+    value_doc: "tag of the image's mounted root filesystem.",
     keys: &[
-        Key::opt("user", Kind::Str, "the user Vagrant logs in as").default("vagrant"),
-        Key::opt("password", Kind::Str, "the user's password").default("vagrant"),
+        Key::opt("user", Kind::Str, "the user name.").default("vagrant"),
+        Key::opt(
+            "password",
+            Kind::Str,
+            "the user's password (Vagrant's convention); no newline or `:`.",
+        )
+        .default("vagrant"),
         Key::opt(
             "network",
             Kind::Bool,
-            "configure DHCP on every Ethernet interface with systemd-networkd",
+            "configure DHCP with systemd-networkd.",
         )
         .default("true"),
         Key::opt(
             "new-host-keys",
             Kind::Bool,
-            "remove the SSH host keys; each machine makes its own at first boot",
+            "each machine makes its own SSH host keys at first boot.",
         )
         .default("true"),
     ],
-    summary: "Make the image a Vagrant base box: user, insecure keys, sudo, sshd, DHCP.",
+    summary: "Makes the image a Vagrant base box, as Vagrant expects one: a user (`vagrant`) \
+        that logs in with Vagrant's well-known insecure SSH keys, password-less sudo \
+        for that user, the SSH server enabled, and DHCP on the network.",
+    cache: CacheRole::Volatile,
+    always_saved: false,
 };
 
 const OWNER: &str = "vagrant";
@@ -41,7 +50,7 @@ const OWNER: &str = "vagrant";
 /// Vagrant's well-known insecure public keys (published by the Vagrant project; Vagrant
 /// replaces them with a machine's own key on first `vagrant up`).
 pub const INSECURE_KEYS: &str = "\
-ssh-rsa AAAAB3NzaC1yc2EAAAABIwAAAQEA6NF8iallvQVp22WDkTkyrtvp9eWW6A8YVr+kz4TjGYe7gHzIw+niNltGEFHzD8+v1I2YJ6oXevct1YeS0o9HZyN1Q9qgCgzUFtdOKLv6IedplqoPkcmF0aYet2PkEDo3MlTBckFXPITAMzF8dJSIFo9D8HfdOV0IAdx4O7PtixWKn5y2hMNG0zQPyUecp4pzC6kivAIhyfHilFR61RGL+GPXQ2MWZWFYbAGjyiYJnAmCP3NOTd0jMZEnDkbUvxhMmBYSdETk1rRgm+R4LOzFUGaHqHDLKLX+FIPKcF96hrucXzcWyLbIbEgE98OHlnVYCzRdK8jlqm8tehUc9c9WhQ== vagrant insecure public key
+                                 ssh-rsa AAAAB3NzaC1yc2EAAAABIwAAAQEA6NF8iallvQVp22WDkTkyrtvp9eWW6A8YVr+kz4TjGYe7gHzIw+niNltGEFHzD8+v1I2YJ6oXevct1YeS0o9HZyN1Q9qgCgzUFtdOKLv6IedplqoPkcmF0aYet2PkEDo3MlTBckFXPITAMzF8dJSIFo9D8HfdOV0IAdx4O7PtixWKn5y2hMNG0zQPyUecp4pzC6kivAIhyfHilFR61RGL+GPXQ2MWZWFYbAGjyiYJnAmCP3NOTd0jMZEnDkbUvxhMmBYSdETk1rRgm+R4LOzFUGaHqHDLKLX+FIPKcF96hrucXzcWyLbIbEgE98OHlnVYCzRdK8jlqm8tehUc9c9WhQ== vagrant insecure public key
 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN1YdxBpNlzxDqfJyw/QKow1F+wvG9hXGoqiysfJOn5Y vagrant insecure public key
 ";
 
@@ -50,7 +59,7 @@ pub const NEEDED: &[&str] = &["openssh-server", "sudo"];
 
 pub const NETWORK_FILE: &str = "etc/systemd/network/80-vagrant-dhcp.network";
 const NETWORK: &str = "\
-# Written by vmdb's vagrant step: DHCP on every Ethernet interface.
+                       # Written by vmdb's vagrant step: DHCP on every Ethernet interface.
 [Match]
 Name=en* eth*
 
@@ -60,7 +69,7 @@ DHCP=yes
 
 pub const HOST_KEYS_DROPIN: &str = "etc/systemd/system/ssh.service.d/vmdb-host-keys.conf";
 const HOST_KEYS: &str = "\
-# Written by vmdb's vagrant step: make the host keys at first start.
+                         # Written by vmdb's vagrant step: make the host keys at first start.
 [Service]
 ExecStartPre=
 ExecStartPre=/usr/bin/ssh-keygen -A
@@ -227,7 +236,7 @@ impl Plugin for Vagrant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
+    use crate::plugins::testing::specs as testing;
 
     #[test]
     fn keys_and_checks() {

@@ -1,28 +1,32 @@
 //! `vgcreate: VG`: make LVM physical volumes of tagged devices and a volume group of
 //! them. Needs device-mapper on the host.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::cmd::Cmd;
-use crate::devmapper;
-use crate::step::{Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::engine::build::Build;
+use crate::engine::state::Notes;
+use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
+use crate::host::cmd::Cmd;
+use crate::plugins::devmapper;
 
 pub struct Vgcreate;
 
 static SPEC: StepSpec = StepSpec {
     name: "vgcreate",
     value: Kind::Str,
-    value_doc: "name of the volume group",
+    value_doc: "name of the volume group (letters, digits, `.`, `_`, `-`, `+`)",
     keys: &[Key::req(
         "physical",
         Kind::List,
-        "tags of the partitions or devices to make physical volumes of",
+        "tags of the partitions or devices to use; each must be defined by an \
+                earlier step",
     )],
-    summary: "Make an LVM volume group of tagged partitions.",
+    summary: "Makes LVM physical volumes of tagged partitions (or LUKS devices) and a volume \
+        group of them, for `lvcreate` steps.",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 /// The commands that make the volume group: one pvcreate per device, then vgcreate.
@@ -50,9 +54,9 @@ pub fn deactivate_argv(vg: &str) -> Vec<String> {
 }
 
 /// The teardown's command, if the step made its volume group.
-pub fn teardown_argv(step: &Step, flags: &BTreeSet<String>) -> Option<Vec<String>> {
-    flags
-        .contains(&devmapper::flag("vg-active", step.arg()))
+pub fn teardown_argv(step: &Step, notes: &Notes) -> Option<Vec<String>> {
+    notes
+        .contains(&devmapper::Active::VolumeGroup(step.arg().to_string()))
         .then(|| deactivate_argv(step.arg()))
 }
 
@@ -118,7 +122,7 @@ impl Plugin for Vgcreate {
         }
         b.state
             .notes
-            .insert(devmapper::flag("vg-active", step.arg()));
+            .insert(devmapper::Active::VolumeGroup(step.arg().to_string()));
         run_cmd(vgcreate)?;
         Ok(())
     }
@@ -128,7 +132,7 @@ impl Plugin for Vgcreate {
             run_cmd(&argv)?;
             b.state
                 .notes
-                .remove(&devmapper::flag("vg-active", step.arg()));
+                .remove(&devmapper::Active::VolumeGroup(step.arg().to_string()));
         }
         Ok(())
     }

@@ -3,18 +3,23 @@
 
 use anyhow::Result;
 
-use crate::build::Build;
-use crate::chroot as image;
-use crate::step::{Check, Kind, Plugin, Step, StepSpec};
+use crate::distro::chroot as image;
+use crate::engine::build::Build;
+use crate::engine::step::{CacheRole, Check, Kind, Plugin, Step, StepSpec};
 
 pub struct VirtualFilesystems;
 
 static SPEC: StepSpec = StepSpec {
     name: "virtual-filesystems",
     value: Kind::Str,
-    value_doc: "tag of the mounted filesystem (the image's root)",
+    value_doc: "tag of the image's root filesystem; an earlier step must mount it",
     keys: &[],
-    summary: "Mount proc, sysfs, devtmpfs, devpts and /run in the image until teardown.",
+    summary: "Mounts the virtual filesystems a running system expects in the image, for the \
+        rest of the build: `proc` (proc), `sys` (sysfs), `dev` (devtmpfs, or a bind \
+        mount of the host's `/dev` where devtmpfs cannot be mounted), `dev/pts` \
+        (devpts) and `run` (tmpfs).",
+    cache: CacheRole::Setup,
+    always_saved: false,
 };
 
 const OWNER: &str = "virtual-filesystems";
@@ -42,7 +47,7 @@ impl Plugin for VirtualFilesystems {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chroot::testing;
+    use crate::plugins::testing::specs as testing;
     use std::path::{Path, PathBuf};
 
     #[test]
@@ -56,7 +61,7 @@ mod tests {
         let mut b = testing::build(&root, None);
         let s = testing::step("steps:\n  - virtual-filesystems: /\n");
         VirtualFilesystems.run(&s, &mut b).unwrap();
-        let mut got = crate::mount::mounts_below(&root).unwrap();
+        let mut got = crate::host::mount::mounts_below(&root).unwrap();
         got.sort();
         let want: Vec<PathBuf> = ["dev", "dev/pts", "proc", "run", "sys"]
             .iter()
@@ -66,12 +71,12 @@ mod tests {
         assert!(root.join("proc/self").exists());
         assert!(root.join("dev/null").exists());
         // A chroot step then mounts nothing more, and leaves these alone.
-        crate::chroot::enter(&mut b, &root, "chroot").unwrap();
+        crate::distro::chroot::enter(&mut b, &root, "chroot").unwrap();
         assert_eq!(b.state.notes.len(), 5);
-        crate::chroot::leave(&mut b, "chroot").unwrap();
-        assert_eq!(crate::mount::mounts_below(&root).unwrap().len(), 5);
+        crate::distro::chroot::leave(&mut b, "chroot").unwrap();
+        assert_eq!(crate::host::mount::mounts_below(&root).unwrap().len(), 5);
         VirtualFilesystems.teardown(&s, &mut b).unwrap();
-        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        assert!(crate::host::mount::mounts_below(&root).unwrap().is_empty());
         assert!(b.state.notes.is_empty());
     }
 
@@ -101,8 +106,8 @@ mod tests {
         let proc_inside = mounts.inside(&root);
         let before = files.snapshot();
         let mut b = testing::build(&root, None);
-        crate::chroot::enter(&mut b, &root, "chroot").unwrap();
-        let mounted = crate::mount::mounts_below(Path::new("/")).unwrap();
+        crate::distro::chroot::enter(&mut b, &root, "chroot").unwrap();
+        let mounted = crate::host::mount::mounts_below(Path::new("/")).unwrap();
         assert!(
             !mounted.contains(&mounts.path),
             "mounted on the host's directory"
@@ -119,8 +124,8 @@ mod tests {
             assert!(inside.join(f).is_file(), "{f}");
         }
         assert!(root.join("usr/sbin/policy-rc.d").is_file());
-        crate::chroot::leave(&mut b, "chroot").unwrap();
-        assert!(crate::mount::mounts_below(&root).unwrap().is_empty());
+        crate::distro::chroot::leave(&mut b, "chroot").unwrap();
+        assert!(crate::host::mount::mounts_below(&root).unwrap().is_empty());
         assert!(b.state.notes.is_empty());
         assert_eq!(files.snapshot(), before);
         assert!(!inside.join("sbin/update-initramfs").exists());
