@@ -188,7 +188,9 @@ fn declared_packages() -> BTreeSet<String> {
         let text = std::fs::read_to_string(&file).unwrap();
         // Unit tests name made-up programs.
         let code = text.split("#[cfg(test)]").next().unwrap_or("");
-        if !code.contains("needs(") && !code.contains("needs_one_of(") {
+        // Files that call them, or hold (program, package) tables for them.
+        let tables = code.contains("(&'static str, &'static str)");
+        if !code.contains("needs(") && !code.contains("needs_one_of(") && !tables {
             continue;
         }
         let consts: Vec<(&str, &str)> = code
