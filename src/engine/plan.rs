@@ -72,6 +72,9 @@ pub struct Plan {
     pub unchecked: BTreeSet<&'static str>,
     /// Whether the host can use device-mapper (cryptsetup, LVM).
     pub host_has_device_mapper: bool,
+    /// Whether a step uses the host's device-mapper: then /dev/mapper stays the host's
+    /// and partitions get no vmdb2 names (see `Options::vmdb2_names`).
+    pub uses_device_mapper: bool,
     /// Directory of the spec file, for checking that source files named in steps exist.
     pub spec_dir: SpecDir,
     /// LVM volume groups made (vgcreate) or activated (lvscan) by earlier steps.
