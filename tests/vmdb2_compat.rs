@@ -178,3 +178,158 @@ fn partitions_have_vmdb2_names_inside_the_build_only() {
         format!("UUID={} / ext4 errors=remount-ro 0 1\n", uuid.trim())
     );
 }
+
+/// A spec in the dialect of vmdb2's first releases (2017): a partition and its mounted
+/// filesystem have separate tags (`part-tag`, then `mount` with `fs-tag`), apt takes a
+/// package as its value, and grub is told the root partition and the disk.
+const ALPHA_SPEC: &str = r#"steps:
+  - mkimg: "{{ image }}"
+    size: 2G
+  - mklabel: msdos
+    device: "{{ image }}"
+  - mkpart: primary
+    device: "{{ image }}"
+    start: 0%
+    end: 100%
+    part-tag: system
+  - mkfs: ext4
+    partition: system
+  - mount: system
+    fs-tag: tree
+  - debootstrap: bookworm
+    variant: minbase
+    target: tree
+  - apt: linux-image-amd64
+    fs-tag: tree
+    recommends: false
+  - grub: bios
+    root-fs: tree
+    root-part: system
+    device: "{{ image }}"
+"#;
+
+#[test]
+fn vmdb2_alpha_forms_validate() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = write(d.path(), "alpha.vmdb", ALPHA_SPEC);
+    let img = d.path().join("alpha.img");
+    let r = run(&[
+        "validate",
+        spec.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.ends_with("alpha.vmdb: OK, 8 steps\n"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(listing(d.path()), ["alpha.vmdb"]);
+}
+
+/// Mistakes in those forms: a second name that is taken, a value of apt that is no
+/// package name, grub told a partition that is not the root filesystem's.
+const BAD_ALPHA_SPEC: &str = r#"steps:
+  - mkimg: "{{ image }}"
+    size: 2G
+  - mklabel: msdos
+    device: "{{ image }}"
+  - mkpart: primary
+    device: "{{ image }}"
+    start: 0%
+    end: 50%
+    part-tag: system
+  - mkpart: primary
+    device: "{{ image }}"
+    start: 50%
+    end: 100%
+    part-tag: other
+  - mkfs: ext4
+    partition: system
+  - mount: system
+    fs-tag: other
+  - apt: Linux Image
+    fs-tag: system
+  - grub: bios
+    root-fs: system
+    root-part: other
+    device: "{{ image }}"
+"#;
+
+#[test]
+fn vmdb2_alpha_forms_are_checked_like_the_current_ones() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = write(d.path(), "alpha.vmdb", BAD_ALPHA_SPEC);
+    let img = d.path().join("alpha.img");
+    let r = run(&[spec.to_str().unwrap(), "--image", img.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let s = spec.display();
+    assert_eq!(
+        r.stderr,
+        format!(
+            "{s}:19:13: step 6 (mount): key 'fs-tag': tag 'other' is already defined by step 4\n\
+             {s}:20:10: step 7 (apt): key 'apt': 'Linux Image' is neither 'install' (with 'packages') nor a package name (vmdb2's early form 'apt: PACKAGE')\n\
+             {s}:24:16: step 8 (grub): key 'root-part': tag 'other' is not the partition of the root filesystem ('system'); vmdb finds that partition itself: leave root-part out\n\
+             vmdb: {s}: 3 problems found; nothing was built\n"
+        )
+    );
+    assert_eq!(listing(d.path()), ["alpha.vmdb"]);
+}
+
+#[test]
+#[ignore = "builds a Debian image: minutes, needs the Debian archive"]
+fn vmdb2_alpha_forms_build() {
+    need_root!();
+    let d = tempfile::Builder::new()
+        .prefix("vmdb-alpha-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let spec = write(d.path(), "alpha.vmdb", ALPHA_SPEC);
+    let img = d.path().join("alpha.img");
+    let t = Instant::now();
+    let r = run(&[spec.to_str().unwrap(), "--image", img.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    eprintln!(
+        "TIMING built alpha.vmdb in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    wait_clean(d.path(), 5).unwrap();
+
+    let j: serde_json::Value =
+        serde_json::from_str(&tool("sfdisk", &["-J", img.to_str().unwrap()])).unwrap();
+    let p = &j["partitiontable"]["partitions"][0];
+    let part = d.path().join("root.part");
+    extract(
+        &img,
+        p["start"].as_u64().unwrap(),
+        p["size"].as_u64().unwrap(),
+        &part,
+    );
+    let cat = |f: &str| {
+        tool(
+            "debugfs",
+            &["-R", &format!("cat {f}"), part.to_str().unwrap()],
+        )
+    };
+    // debootstrap's target and apt's fs-tag, both the second name, reached the
+    // filesystem mounted from the partition.
+    assert!(cat("/etc/debian_version").starts_with("12."));
+    assert!(
+        cat("/var/lib/dpkg/status")
+            .contains("Package: linux-image-amd64\nStatus: install ok installed\n")
+    );
+    // grub, told the root partition and the disk, put its boot code on the disk and
+    // a menu that finds the root filesystem by its UUID.
+    let uuid = tool(
+        "blkid",
+        &["-p", "-s", "UUID", "-o", "value", part.to_str().unwrap()],
+    );
+    let cfg = cat("/boot/grub/grub.cfg");
+    assert!(cfg.contains(&format!("root=UUID={}", uuid.trim())), "{cfg}");
+    let mbr = std::fs::read(&img).map(|b| b[..440].to_vec()).unwrap();
+    assert!(
+        mbr.windows(4).any(|w| w == b"GRUB"),
+        "no GRUB boot code in the MBR"
+    );
+}
