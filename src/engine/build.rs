@@ -27,6 +27,23 @@ pub struct Options {
     pub refresh: bool,
     /// The image's format, checksums, manifest (src/output/mod.rs).
     pub out: crate::output::OutputOptions,
+    /// Give partitions vmdb2's names too (`/dev/mapper/loopNpM`), in a private
+    /// /dev/mapper: only in the build's own mount namespace, and only when no step uses
+    /// the host's device-mapper, whose names that would hide.
+    pub vmdb2_names: bool,
+}
+
+/// Where the partitions' vmdb2 names go (see host/blockdev/mapper.rs).
+const MAPPER_DIR: &str = "/dev/mapper";
+
+/// The state of the private /dev/mapper.
+#[derive(Debug, Default, PartialEq)]
+enum MapperDir {
+    #[default]
+    NotYet,
+    Mounted,
+    /// The host has no /dev/mapper to mount over: no names are made.
+    Unavailable,
 }
 
 pub struct Build {
@@ -47,6 +64,9 @@ pub struct Build {
     mounted: Vec<(PathBuf, std::fs::File)>,
     /// Block devices the steps write to, held exclusively until the build ends.
     held: Vec<crate::host::blockdev::busy::Claim>,
+    mapper_dir: MapperDir,
+    /// The vmdb2 names made, each with the partition device it points at.
+    mapper_names: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Build {
@@ -73,6 +93,8 @@ impl Build {
             part_loops: Vec::new(),
             mounted: Vec::new(),
             held: Vec::new(),
+            mapper_dir: MapperDir::default(),
+            mapper_names: Vec::new(),
         }
     }
 
@@ -150,13 +172,55 @@ impl Build {
             .disk
             .clone()
             .with_context(|| format!("tag '{tag}' is not a partition"))?;
-        let (offset, size) = (t.offset, t.size);
+        let (offset, size, number) = (t.offset, t.size, t.number);
         self.claim_device(&disk)?;
         let l = LoopDevice::attach(&disk, offset, size)?;
         let path = l.path().to_path_buf();
         self.part_loops.push(l);
         self.state.tag_mut(tag)?.device = Some(path.clone());
+        if let (true, Some(number)) = (self.opts.vmdb2_names, number) {
+            self.add_vmdb2_name(&disk, number, &path)?;
+        }
         Ok(path)
+    }
+
+    /// Make partition `number` of `disk`, attached as `device`, reachable under the
+    /// name kpartx would have given it: after the whole disk's loop device (made now
+    /// for an image file, so that the name's loop number is a real one).
+    fn add_vmdb2_name(&mut self, disk: &Path, number: u32, device: &Path) -> Result<()> {
+        use crate::host::blockdev::mapper;
+        if self.mapper_dir == MapperDir::NotYet {
+            self.mapper_dir = if mapper::make_private(Path::new(MAPPER_DIR))? {
+                MapperDir::Mounted
+            } else {
+                crate::log::verbose(&format!(
+                    "  this host has no {MAPPER_DIR}: partitions get no vmdb2 names"
+                ));
+                MapperDir::Unavailable
+            };
+        }
+        if self.mapper_dir != MapperDir::Mounted {
+            return Ok(());
+        }
+        let whole = self.disk_device(disk)?;
+        let link = mapper::add(
+            Path::new(MAPPER_DIR),
+            &mapper::kpartx_name(&whole, number),
+            device,
+        )?;
+        self.mapper_names.push((device.to_path_buf(), link));
+        Ok(())
+    }
+
+    /// Remove the vmdb2 name of a partition device, as kpartx -d did. Only tidiness:
+    /// the private /dev/mapper goes with the build's namespace anyway.
+    fn remove_vmdb2_name(&mut self, device: &Path) {
+        if let Some(i) = self.mapper_names.iter().position(|(d, _)| d == device) {
+            let (_, link) = self.mapper_names.remove(i);
+            if let Err(e) = crate::host::blockdev::mapper::remove(&link) {
+                crate::log::verbose(&format!("  {e:#}"));
+            }
+        }
     }
 
     /// Whether the build is still going well: a failed build's image is thrown away,
@@ -202,6 +266,7 @@ impl Build {
         for name in tags {
             if let Ok(t) = self.state.tag_mut(name) {
                 if let Some(dev) = t.device.take() {
+                    self.remove_vmdb2_name(&dev);
                     if let Some(i) = self.part_loops.iter().position(|l| l.path() == dev) {
                         let l = self.part_loops.remove(i);
                         if !check {

@@ -72,12 +72,18 @@ pub struct Plan {
     pub unchecked: BTreeSet<&'static str>,
     /// Whether the host can use device-mapper (cryptsetup, LVM).
     pub host_has_device_mapper: bool,
+    /// Whether a step uses the host's device-mapper: then /dev/mapper stays the host's
+    /// and partitions get no vmdb2 names (see `Options::vmdb2_names`).
+    pub uses_device_mapper: bool,
     /// Directory of the spec file, for checking that source files named in steps exist.
     pub spec_dir: SpecDir,
     /// LVM volume groups made (vgcreate) or activated (lvscan) by earlier steps.
     pub volume_groups: BTreeSet<String>,
     /// The tags mounted so far (see `mount`).
     pub mounted: BTreeSet<String>,
+    /// Second names of tags, with the tag each names (vmdb2's early `mount` with
+    /// `fs-tag`).
+    pub aliases: BTreeMap<String, String>,
     /// The build's --rootfs-tarball, if any: its name says how it is compressed.
     pub rootfs_tarball: Option<PathBuf>,
     /// What the steps need on the host, checked once validation is done.
@@ -128,6 +134,22 @@ impl Plan {
         }
         self.tags.insert(name.to_string(), tag);
         Ok(())
+    }
+
+    /// Give tag `of` a second name: checks by either name see what it is at this point
+    /// of the spec (vmdb2's early `mount` with `fs-tag`; nothing changes a tag after it
+    /// is mounted).
+    pub fn define_alias(&mut self, alias: &str, of: &str) -> Result<(), String> {
+        let of = self.canonical(of).to_string();
+        let t = self.tags.get(&of).cloned().unwrap_or_default();
+        self.define_tag(alias, t)?;
+        self.aliases.insert(alias.to_string(), of);
+        Ok(())
+    }
+
+    /// The tag a name stands for: itself, or the tag it is a second name of.
+    pub fn canonical<'a>(&'a self, name: &'a str) -> &'a str {
+        self.aliases.get(name).map(String::as_str).unwrap_or(name)
     }
 
     /// A step mounts the tag.

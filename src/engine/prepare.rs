@@ -100,6 +100,7 @@ pub fn prepare(
             cache_dir: None,
             refresh: false,
             out: Default::default(),
+            vmdb2_names: !plan.uses_device_mapper,
         },
         warnings,
     })

@@ -1,7 +1,7 @@
 //! The build state the steps share: tags (partitions, filesystems, mount points) and flags.
 
 use std::any::Any;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 
@@ -39,6 +39,9 @@ pub struct State {
     pub failed: bool,
     /// Flags for `unless:` (e.g. rootfs_unpacked).
     pub flags: BTreeSet<String>,
+    /// Second names of tags, with the tag each names (vmdb2's early `mount` with
+    /// `fs-tag`).
+    pub aliases: BTreeMap<String, String>,
     /// What steps did that their teardown must undo, or later steps need not redo
     /// (mounts of virtual filesystems, files written for the build's duration).
     pub notes: Notes,
@@ -91,6 +94,7 @@ impl Notes {
 
 impl State {
     pub fn tag(&self, name: &str) -> Result<&Tag> {
+        let name = self.canonical(name);
         self.tags
             .iter()
             .find(|t| t.name == name)
@@ -98,6 +102,11 @@ impl State {
     }
 
     pub fn tag_mut(&mut self, name: &str) -> Result<&mut Tag> {
+        let name = self
+            .aliases
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| name.to_string());
         self.tags
             .iter_mut()
             .find(|t| t.name == name)
@@ -105,11 +114,26 @@ impl State {
     }
 
     pub fn add_tag(&mut self, tag: Tag) -> Result<()> {
-        if self.tags.iter().any(|t| t.name == tag.name) {
+        if self.tags.iter().any(|t| t.name == tag.name) || self.aliases.contains_key(&tag.name) {
             bail!("tag '{}' is already defined", tag.name);
         }
         self.tags.push(tag);
         Ok(())
+    }
+
+    /// Give tag `of` the second name `alias` (vmdb2's early `mount` with `fs-tag`).
+    pub fn add_alias(&mut self, alias: &str, of: &str) -> Result<()> {
+        let of = self.tag(of)?.name.clone();
+        if self.tags.iter().any(|t| t.name == alias) || self.aliases.contains_key(alias) {
+            bail!("tag '{alias}' is already defined");
+        }
+        self.aliases.insert(alias.to_string(), of);
+        Ok(())
+    }
+
+    /// The tag a name stands for: itself, or the tag it is a second name of.
+    fn canonical<'a>(&'a self, name: &'a str) -> &'a str {
+        self.aliases.get(name).map(String::as_str).unwrap_or(name)
     }
 
     pub fn device(&self, name: &str) -> Result<&Path> {
@@ -163,6 +187,36 @@ mod tests {
         assert!(!n.remove(&A(1)));
         assert_eq!(n.of::<A>().collect::<Vec<_>>(), [&A(2)]);
         assert!(n.contains(&B(1)));
+    }
+
+    #[test]
+    fn a_second_name_finds_the_same_tag() {
+        let mut s = State::default();
+        s.add_tag(Tag {
+            name: "rootpart".into(),
+            ..Tag::default()
+        })
+        .unwrap();
+        s.add_alias("rootfs", "rootpart").unwrap();
+        s.tag_mut("rootfs").unwrap().fs_type = Some("ext4".into());
+        assert_eq!(s.tag("rootpart").unwrap().fs_type.as_deref(), Some("ext4"));
+        assert_eq!(s.tag("rootfs").unwrap().name, "rootpart");
+        assert_eq!(s.tags.len(), 1);
+        assert_eq!(
+            s.add_alias("rootfs", "rootpart").unwrap_err().to_string(),
+            "tag 'rootfs' is already defined"
+        );
+        assert!(
+            s.add_tag(Tag {
+                name: "rootfs".into(),
+                ..Tag::default()
+            })
+            .is_err()
+        );
+        assert_eq!(
+            s.add_alias("x", "nope").unwrap_err().to_string(),
+            "no tag 'nope' in the build state"
+        );
     }
 
     #[test]

@@ -14,12 +14,14 @@ pub struct Apt;
 static SPEC: StepSpec = StepSpec {
     name: "apt",
     value: Kind::Str,
-    value_doc: "`install`, the only operation",
+    value_doc: "`install`, the only operation; or, as in vmdb2's first releases and \
+        accepted for compatibility, the name of one package to install (`apt: \
+        linux-image-amd64`, without `packages`)",
     keys: &[
-        Key::req(
+        Key::opt(
             "packages",
             Kind::List,
-            "the packages to install (a list, or one name)",
+            "the packages to install (a list, or one name); required with `apt: install`",
         ),
         Key::req(
             "tag",
@@ -153,12 +155,29 @@ impl Plugin for Apt {
 
     fn check(&self, c: &mut Check) {
         let step = c.step;
-        if step.arg() != "install" {
+        let value = step.arg();
+        if value == "install" {
+            if !step.has("packages") {
+                c.err(
+                    "packages",
+                    "missing required key: expected a list of strings",
+                );
+            }
+        } else if step.has("packages") {
             c.err(
                 "apt",
                 format!(
-                    "unknown apt operation '{}': only 'apt: install' is supported",
-                    step.arg()
+                    "unknown apt operation '{value}': the operation is 'install' (with \
+                     'packages'); a package name as the value (vmdb2's early form) comes \
+                     without 'packages'"
+                ),
+            );
+        } else if !is_package_name(value) {
+            c.err(
+                "apt",
+                format!(
+                    "'{value}' is neither 'install' (with 'packages') nor a package name \
+                     (vmdb2's early form 'apt: PACKAGE')"
                 ),
             );
         }
@@ -182,7 +201,7 @@ impl Plugin for Apt {
         install(
             b,
             &root,
-            &step.list("packages"),
+            &packages(step),
             step.bool("recommends"),
             step.bool("clean"),
             OWNER,
@@ -195,10 +214,56 @@ impl Plugin for Apt {
     }
 }
 
+/// What the step installs: its `packages`, or the package its value names (vmdb2's
+/// early `apt: PACKAGE`).
+fn packages(step: &Step) -> Vec<String> {
+    if step.arg() == "install" {
+        step.list("packages")
+    } else {
+        vec![step.arg().to_string()]
+    }
+}
+
+/// A Debian package name (Debian policy 5.6.7): lower-case letters, digits, `+`, `-`
+/// and `.`, at least two, starting with a letter or digit. An architecture qualifier
+/// (`:i386`) is allowed, as apt-get takes it.
+fn is_package_name(s: &str) -> bool {
+    let name = s.split_once(':').map_or(s, |(n, _)| n);
+    let arch_ok = s
+        .split_once(':')
+        .is_none_or(|(_, a)| !a.is_empty() && a.bytes().all(|c| c.is_ascii_alphanumeric()));
+    name.len() >= 2
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+-.".contains(&c))
+        && arch_ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::plugins::testing::specs as testing;
+
+    #[test]
+    fn a_package_as_the_value_is_vmdb2s_early_form() {
+        let s = testing::step("steps:\n  - apt: linux-image-amd64\n    fs-tag: /\n");
+        assert_eq!(packages(&s), ["linux-image-amd64"]);
+        let s = testing::step("steps:\n  - apt: install\n    packages: [a, b]\n    tag: /\n");
+        assert_eq!(packages(&s), ["a", "b"]);
+        assert_eq!(
+            testing::errors("steps:\n  - apt: Linux Image\n    tag: /\n"),
+            [
+                "'Linux Image' is neither 'install' (with 'packages') nor a package name (vmdb2's early form 'apt: PACKAGE')"
+            ]
+        );
+        for good in ["g++", "libc6:i386", "0ad", "linux-image-6.1.0-9-amd64"] {
+            assert!(is_package_name(good), "{good}");
+        }
+        for bad in ["x", "-x", "Foo", "a b", "a:", "a:b-c", ""] {
+            assert!(!is_package_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn a_new_source_or_architecture_changes_the_fingerprint() {
@@ -283,7 +348,9 @@ mod tests {
     fn only_install_is_supported() {
         assert_eq!(
             testing::errors("steps:\n  - apt: remove\n    packages: hello\n    tag: /\n"),
-            ["unknown apt operation 'remove': only 'apt: install' is supported"]
+            [
+                "unknown apt operation 'remove': the operation is 'install' (with 'packages'); a package name as the value (vmdb2's early form) comes without 'packages'"
+            ]
         );
     }
 

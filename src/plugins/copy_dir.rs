@@ -34,6 +34,26 @@ static SPEC: StepSpec = StepSpec {
         ),
         Key::opt("uid", Kind::Int, "numeric owner of every copied entry.").default("0"),
         Key::opt("gid", Kind::Int, "numeric group of every copied entry.").default("0"),
+        Key::opt(
+            "user",
+            Kind::Str,
+            "owner of every copied entry by name, looked up in the image's \
+                `/etc/passwd` when the step runs (as vmdb2 does); it wins over `uid`.",
+        ),
+        Key::opt(
+            "group",
+            Kind::Str,
+            "group of every copied entry by name, looked up in the image's \
+                `/etc/group`; it wins over `gid`.",
+        ),
+        Key::opt(
+            "umask",
+            Kind::Mode,
+            "permission bits to clear from the mode of every copied file and \
+                directory, e.g. `0027`. Without it modes are copied as they are; vmdb2 \
+                clears `0022` unless told otherwise, so a spec written for it that \
+                relies on that should say `umask: 0022`.",
+        ),
     ],
     summary: "Copies a directory tree from the host into the image: the contents of `src` go \
         into the destination directory.",
@@ -48,6 +68,7 @@ impl Plugin for CopyDir {
     fn check(&self, c: &mut Check) {
         check_image_path(c);
         check_owner(c);
+
         if let Some(src) = c.step.opt_str("src") {
             let path = c.plan.spec_dir.path(src);
             match fs::metadata(&path) {
@@ -68,27 +89,52 @@ impl Plugin for CopyDir {
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
         let src = b.opts.spec_dir.path(step.str("src")?);
-        let (img, owner) = target(step, b)?;
+        let (img, mut owner) = target(step, b)?;
+        if let Some(user) = step.opt_str("user") {
+            owner.uid = id_of(&img, "/etc/passwd", user)?;
+        }
+        if let Some(group) = step.opt_str("group") {
+            owner.gid = id_of(&img, "/etc/group", group)?;
+        }
         let meta = fs::metadata(&src)
             .with_context(|| format!("cannot read source directory {}", src.display()))?;
         if !meta.is_dir() {
             bail!("source {} is not a directory", src.display());
         }
+        let keep = !(step.int("umask").unwrap_or(0) as u32) & 0o7777;
         let dest = Path::new(step.arg());
-        let (dir, created) = img.create_dir_all(dest, meta.mode() & 0o7777)?;
-        copy_tree(&img, &src, dest, owner)?;
+        let top_mode = meta.mode() & keep;
+        let (dir, created) = img.create_dir_all(dest, top_mode)?;
+        copy_tree(&img, &src, dest, owner, keep)?;
         let perm = step.int("perm").map(|m| m as u32);
-        let perm = perm.or(created.then_some(meta.mode() & 0o7777));
+        let perm = perm.or(created.then_some(top_mode));
         img.set_owner_mode(&dir, dest, Some(owner.ids()), perm)
     }
 }
 
+/// The numeric id of `name` in the image's `file` (/etc/passwd or /etc/group: the
+/// third field of the line that starts with the name).
+fn id_of(img: &ImageRoot, file: &str, name: &str) -> Result<u32> {
+    let text = img
+        .read(file)?
+        .with_context(|| format!("the image has no {file} to look up '{name}' in"))?;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next() == Some(name))
+                .then(|| f.nth(1).and_then(|id| id.parse().ok()))
+                .flatten()
+        })
+        .with_context(|| format!("'{name}' is not in the image's {file}"))
+}
+
 /// Copy the entries of `src` into the image's directory `dest`: files and directories
-/// keep their modes, symlinks are copied as symlinks, and every created entry gets
-/// `owner`. Directories that already exist in the image (or symlinks to directories in
+/// keep the bits of their modes that are in `keep` (all but the umask), symlinks are
+/// copied as symlinks, and every created entry gets `owner`. Directories that already exist in the image (or symlinks to directories in
 /// it) are merged into and keep mode and owner; files and symlinks in the way are
 /// replaced. Every path is resolved inside the image (see src/host/image_root.rs).
-fn copy_tree(img: &ImageRoot, src: &Path, dest: &Path, owner: Owner) -> Result<()> {
+fn copy_tree(img: &ImageRoot, src: &Path, dest: &Path, owner: Owner, keep: u32) -> Result<()> {
     let mut entries = fs::read_dir(src)
         .with_context(|| format!("reading directory {}", src.display()))?
         .collect::<std::io::Result<Vec<_>>>()
@@ -100,13 +146,13 @@ fn copy_tree(img: &ImageRoot, src: &Path, dest: &Path, owner: Owner) -> Result<(
         let m =
             fs::symlink_metadata(&from).with_context(|| format!("examining {}", from.display()))?;
         let ft = m.file_type();
-        let mode = m.mode() & 0o7777;
+        let mode = m.mode() & keep;
         if ft.is_dir() {
             let (dir, created) = img.create_dir_all(&to, mode)?;
             if created {
                 img.set_owner_mode(&dir, &to, Some(owner.ids()), Some(mode))?;
             }
-            copy_tree(img, &from, &to, owner)?;
+            copy_tree(img, &from, &to, owner, keep)?;
         } else if ft.is_symlink() {
             let link =
                 fs::read_link(&from).with_context(|| format!("reading link {}", from.display()))?;
@@ -268,6 +314,67 @@ mod tests {
     }
 
     #[test]
+    fn umask_clears_bits_and_names_are_looked_up_in_the_image() {
+        if !is_root("copy-dir umask_clears_bits_and_names_are_looked_up_in_the_image") {
+            return;
+        }
+        let spec_dir = source_tree();
+        let (mut b, root) = test_build_with_root();
+        b.opts.spec_dir = spec_dir.path().into();
+        fs::create_dir_all(root.path().join("etc")).unwrap();
+        fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nbuilder:x:1234:1234::/home/builder:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(
+            root.path().join("etc/group"),
+            "root:x:0:\nstaff:x:50:builder\n",
+        )
+        .unwrap();
+        let s = step(
+            "copy-dir: /opt/app\nsrc: overlay\nuser: builder\ngroup: staff\numask: 0077",
+            spec_dir.path(),
+        );
+        CopyDir.run(&s, &mut b).unwrap();
+        let dest = root.path().join("opt/app");
+        for (p, mode) in [
+            ("", 0o700),
+            ("a.sh", 0o700),
+            ("sub", 0o700),
+            ("sub/b.txt", 0o600),
+        ] {
+            let m = fs::symlink_metadata(dest.join(p)).unwrap();
+            assert_eq!(
+                (m.mode() & 0o7777, m.uid(), m.gid()),
+                (mode, 1234, 50),
+                "{p}"
+            );
+        }
+        let m = fs::symlink_metadata(dest.join("link")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (1234, 50));
+
+        // A name the image does not have fails the step, before anything is copied.
+        let s = step(
+            "copy-dir: /opt/other\nsrc: overlay\nuser: nobody",
+            spec_dir.path(),
+        );
+        assert_eq!(
+            format!("{:#}", CopyDir.run(&s, &mut b).unwrap_err()),
+            "'nobody' is not in the image's /etc/passwd"
+        );
+        let s = step(
+            "copy-dir: /opt/other\nsrc: overlay\ngroup: wheel",
+            spec_dir.path(),
+        );
+        assert_eq!(
+            format!("{:#}", CopyDir.run(&s, &mut b).unwrap_err()),
+            "'wheel' is not in the image's /etc/group"
+        );
+        assert!(!root.path().join("opt/other").exists());
+    }
+
+    #[test]
     fn validation() {
         let spec_dir = source_tree();
         let mut plan = plan_with_root();
@@ -304,5 +411,6 @@ mod tests {
         );
         let s = step("copy-dir: /x\nsrc: overlay", spec_dir.path());
         assert_eq!(s.int("perm"), None);
+        assert_eq!(s.int("umask"), None);
     }
 }

@@ -12,6 +12,7 @@ use crate::engine::build::Build;
 use crate::engine::cachekey::CacheInputs;
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::cmd::Cmd;
+use crate::host::image_root::ImageRoot;
 
 pub struct Debootstrap;
 
@@ -54,6 +55,15 @@ const KEYRING: Key = Key::opt(
     "keyring file to check the archive with (`--keyring`), relative to the \
                 spec file; by default debootstrap's",
 );
+const INSTALL_KEYRING: Key = Key::opt(
+    "install_keyring",
+    Kind::Bool,
+    "also install `keyring` in the image, as \
+                `/etc/apt/trusted.gpg.d/NAME.gpg` (`NAME.asc` for an ASCII-armoured one), so \
+                that apt in the image trusts the archive the system came from (vmdb2 adds \
+                it with `apt-key`, which newer Debian releases no longer have)",
+)
+.default("false");
 const REQUIRE_EMPTY: Key = Key::opt(
     "require_empty_target",
     Kind::Bool,
@@ -78,7 +88,7 @@ const TOOL: Key = Key::opt(
 .default("auto");
 
 /// The keys of debootstrap and of qemu-debootstrap, which differ only in `arch`.
-pub const fn keys(arch: Key) -> [Key; 11] {
+pub const fn keys(arch: Key) -> [Key; 12] {
     [
         TARGET,
         MIRROR,
@@ -88,13 +98,14 @@ pub const fn keys(arch: Key) -> [Key; 11] {
         INCLUDE,
         EXCLUDE,
         KEYRING,
+        INSTALL_KEYRING,
         REQUIRE_EMPTY,
         TLS_CA_CERTS,
         TOOL,
     ]
 }
 
-static KEYS: [Key; 11] = keys(Key::opt(
+static KEYS: [Key; 12] = keys(Key::opt(
     "arch",
     Kind::Str,
     "Debian architecture (`--arch`), by default the host's (`dpkg \
@@ -177,7 +188,11 @@ pub fn cache_inputs_of(step: &Step, inputs: &mut CacheInputs) -> Result<()> {
         .opt_str("tls_ca_certs")
         .map(|p| inputs.opts().spec_dir.path(p));
     inputs.fetches(a);
-    Ok(())
+    match step.opt_str("keyring") {
+        // Then it is copied into the image.
+        Some(k) if step.bool("install_keyring") => inputs.file(k),
+        _ => Ok(()),
+    }
 }
 
 /// Validation shared by debootstrap and qemu-debootstrap (the suite is the step's value).
@@ -233,6 +248,19 @@ pub fn check_step(c: &mut Check) {
         c.needs(kind, "mmdebstrap", "mmdebstrap");
     } else {
         c.needs(kind, "debootstrap", "debootstrap");
+    }
+    if step.bool("install_keyring") {
+        match step.opt_str("keyring") {
+            None => c.err(
+                "install_keyring",
+                "there is no keyring to install: give it with 'keyring: FILE'",
+            ),
+            Some(k) => {
+                if let Err(e) = keyring_name(&c.plan.spec_dir.path(k)) {
+                    c.err("keyring", format!("{e:#}"));
+                }
+            }
+        }
     }
     if let Some(ca) = step.opt_str("tls_ca_certs") {
         let p = c.plan.spec_dir.path(ca);
@@ -346,7 +374,7 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
         }
         bootstrap::tidy(&dir)?;
         b.state.notes.remove(&Running(dir.clone()));
-        return Ok(());
+        return install_keyring(step, b, &dir);
     }
     // debootstrap gets no --cache-dir: it would download into the shared cache under
     // the final names, in place. It finds the cached packages in the image instead,
@@ -374,7 +402,56 @@ pub fn run_step(step: &Step, b: &mut Build) -> Result<()> {
         crate::distro::debcache::unseed(&dir, &seeded)?;
     }
     b.state.notes.remove(&Running(dir.clone()));
-    Ok(())
+    install_keyring(step, b, &dir)
+}
+
+/// Where in /etc/apt/trusted.gpg.d a keyring goes: apt reads OpenPGP keyrings there
+/// named `*.gpg` and ASCII-armoured keys named `*.asc`, and nothing else (no GnuPG
+/// keybox).
+fn keyring_name(path: &Path) -> Result<String> {
+    let data =
+        std::fs::read(path).with_context(|| format!("cannot read keyring {}", path.display()))?;
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if data.starts_with(b"-----BEGIN PGP PUBLIC KEY BLOCK-----") {
+        return Ok(format!("{stem}.asc"));
+    }
+    if data.get(8..12) == Some(b"KBXf") {
+        bail!(
+            "{} is a GnuPG keybox, which apt cannot read: export its keys with \
+             'gpg --no-default-keyring --keyring {0} --export > KEYRING.gpg'",
+            path.display()
+        );
+    }
+    // An OpenPGP packet: the tag byte has its top bit set.
+    if data.first().is_some_and(|b| b & 0x80 != 0) {
+        return Ok(format!("{stem}.gpg"));
+    }
+    bail!(
+        "{} is neither an OpenPGP keyring nor an ASCII-armoured key",
+        path.display()
+    )
+}
+
+/// With `install_keyring`: the keyring debootstrap checked the archive with goes into
+/// the image, for its apt.
+fn install_keyring(step: &Step, b: &Build, root: &Path) -> Result<()> {
+    let Some(keyring) = step
+        .opt_str("keyring")
+        .filter(|_| step.bool("install_keyring"))
+    else {
+        return Ok(());
+    };
+    let src = b.opts.spec_dir.path(keyring);
+    let dest = format!("/etc/apt/trusted.gpg.d/{}", keyring_name(&src)?);
+    let img = ImageRoot::open(root)?;
+    img.create_dir_all("/etc/apt/trusted.gpg.d", 0o755)?;
+    let mut f = std::fs::File::open(&src)
+        .with_context(|| format!("cannot read keyring {}", src.display()))?;
+    crate::log::verbose(&format!("  installing {} as {dest}", src.display()));
+    img.write_file(&dest, &mut f, 0o644, Some((0, 0)))
 }
 
 /// Cache the packages a bootstrap left in the image's apt archive, checked against the
@@ -419,6 +496,83 @@ mod tests {
         assert_eq!(s.list("components"), ["main"]);
         assert!(s.bool("require_empty_target"));
         assert!(s.list("include").is_empty());
+    }
+
+    #[test]
+    fn install_keyring_copies_the_keyring_for_apt_in_the_image() {
+        let d = tempfile::tempdir().unwrap();
+        // An OpenPGP public key packet starts 0x99 (old format, tag 6).
+        let binary = d.path().join("archive-keyring.gpg");
+        std::fs::write(&binary, [0x99u8, 0x01, 0x0d, 0x04]).unwrap();
+        let armored = d.path().join("local.key");
+        std::fs::write(&armored, "-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nxyz\n").unwrap();
+        let keybox = d.path().join("pubring.kbx");
+        std::fs::write(&keybox, b"\0\0\0\x20\x01\x01\0\0KBXf\0\0").unwrap();
+        let text = d.path().join("notes.txt");
+        std::fs::write(&text, "hello\n").unwrap();
+        assert_eq!(keyring_name(&binary).unwrap(), "archive-keyring.gpg");
+        assert_eq!(keyring_name(&armored).unwrap(), "local.asc");
+        assert!(
+            format!("{:#}", keyring_name(&keybox).unwrap_err())
+                .contains("is a GnuPG keybox, which apt cannot read")
+        );
+        assert_eq!(
+            format!("{:#}", keyring_name(&text).unwrap_err()),
+            format!(
+                "{} is neither an OpenPGP keyring nor an ASCII-armoured key",
+                text.display()
+            )
+        );
+
+        let yaml = |k: &Path, install: bool| {
+            format!(
+                "steps:\n  - debootstrap: bookworm\n    target: /\n    mirror: http://m.example.org/debian\n    keyring: {}\n    install_keyring: {install}\n",
+                k.display()
+            )
+        };
+        let root = tempfile::tempdir().unwrap();
+        let b = testing::build(root.path(), None);
+        install_keyring(&testing::step(&yaml(&armored, true)), &b, root.path()).unwrap();
+        let m = std::fs::metadata(root.path().join("etc/apt/trusted.gpg.d/local.asc")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(m.mode() & 0o7777, 0o644);
+        assert_eq!(
+            std::fs::read(root.path().join("etc/apt/trusted.gpg.d/local.asc")).unwrap(),
+            std::fs::read(&armored).unwrap()
+        );
+        // Without install_keyring the keyring only checks the archive.
+        install_keyring(&testing::step(&yaml(&binary, false)), &b, root.path()).unwrap();
+        assert!(
+            !root
+                .path()
+                .join("etc/apt/trusted.gpg.d/archive-keyring.gpg")
+                .exists()
+        );
+        install_keyring(&testing::step(&yaml(&binary, true)), &b, root.path()).unwrap();
+        assert_eq!(
+            std::fs::read(
+                root.path()
+                    .join("etc/apt/trusted.gpg.d/archive-keyring.gpg")
+            )
+            .unwrap(),
+            [0x99u8, 0x01, 0x0d, 0x04]
+        );
+
+        // Found by validation: no keyring to install, or one apt cannot read.
+        assert_eq!(
+            testing::errors(
+                "steps:\n  - debootstrap: bookworm\n    target: /\n    mirror: http://m.example.org/debian\n    install_keyring: true\n"
+            ),
+            ["there is no keyring to install: give it with 'keyring: FILE'"]
+        );
+        assert_eq!(
+            testing::errors(&yaml(&text, true)),
+            [format!(
+                "{} is neither an OpenPGP keyring nor an ASCII-armoured key",
+                text.display()
+            )]
+        );
+        assert!(testing::validate(&yaml(&text, false)).is_ok());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::engine::step::Check;
 /// Validation: report, at the step's main key, that this host has no device-mapper.
 /// Returns whether it has.
 pub fn check_host(c: &mut Check) -> bool {
+    c.plan.uses_device_mapper = true;
     if c.plan.host_has_device_mapper {
         return true;
     }
@@ -60,6 +61,11 @@ mod tests {
     /// Validate a spec (YAML list items) against a plan with "/" and a partition
     /// "pv" defined, on a host with or without device-mapper.
     fn validate(items: &[&str], dm: bool) -> Result<Vec<Step>, Vec<String>> {
+        validate_with_plan(items, dm).0
+    }
+
+    /// As `validate`, with the plan as validation left it.
+    fn validate_with_plan(items: &[&str], dm: bool) -> (Result<Vec<Step>, Vec<String>>, Plan) {
         let mut text = String::from("steps:\n");
         for s in items {
             for (i, line) in s.lines().enumerate() {
@@ -73,7 +79,7 @@ mod tests {
         plan.host_has_device_mapper = dm;
         plan.define_tag("pv", Default::default()).unwrap();
         plan.define_tag("pv2", Default::default()).unwrap();
-        crate::engine::validate::validate(
+        let result = crate::engine::validate::validate(
             &raw.steps,
             &Renderer::new(Default::default()),
             crate::plugins::ALL,
@@ -83,7 +89,8 @@ mod tests {
             d.iter()
                 .map(|d| format!("{}: {}", d.key.clone().unwrap_or_default(), d.msg))
                 .collect()
-        })
+        });
+        (result, plan)
     }
 
     const LVM_SPEC: &[&str] = &[
@@ -99,6 +106,15 @@ mod tests {
     fn a_whole_lvm_on_luks_spec_validates_with_device_mapper() {
         let steps = validate(LVM_SPEC, true).unwrap();
         assert_eq!(steps.len(), 6);
+    }
+
+    #[test]
+    fn only_specs_without_device_mapper_steps_get_vmdb2_partition_names() {
+        // The private /dev/mapper with the names would hide the host's mappings.
+        let (steps, plan) = validate_with_plan(LVM_SPEC, true);
+        assert!(steps.is_ok() && plan.uses_device_mapper);
+        let (steps, plan) = validate_with_plan(&["mkfs: ext4\npartition: pv"], true);
+        assert!(steps.is_ok() && !plan.uses_device_mapper);
     }
 
     #[test]

@@ -30,7 +30,9 @@ const APT_OWNER: &str = "grub";
 static SPEC: StepSpec = StepSpec {
     name: "grub",
     value: Kind::Str,
-    value_doc: "`bios` or `uefi`.",
+    value_doc: "`bios` or `uefi`. vmdb2's `ieee1275` (PowerPC, with `prep`) is refused by \
+        validation: it needs GRUB's powerpc-ieee1275 modules, which Debian builds for \
+        ppc64el and powerpc hosts only.",
     keys: &[
         Key::req("tag", Kind::Str, "tag of the root filesystem.").aliases(&["root-fs"]),
         Key::opt(
@@ -39,6 +41,12 @@ static SPEC: StepSpec = StepSpec {
             "tag of the EFI system partition (vfat); required for `uefi`.",
         )
         .aliases(&["efi-part"]),
+        Key::opt(
+            "prep",
+            Kind::Str,
+            "tag of the PowerPC PReP boot partition, for vmdb2's `grub: ieee1275`, \
+                which vmdb refuses (see below).",
+        ),
         Key::opt(
             "console",
             Kind::Str,
@@ -63,7 +71,16 @@ static SPEC: StepSpec = StepSpec {
             Kind::Str,
             "the disk to put the BIOS boot code on, instead of the disk holding the \
                 root partition (a block device in use is refused, see \
-                [mklabel](mklabel.md)).",
+                [mklabel](mklabel.md)). `device` is its name in vmdb2's first \
+                releases, accepted for compatibility.",
+        )
+        .aliases(&["device"]),
+        Key::opt(
+            "root-part",
+            Kind::Str,
+            "tag of the root filesystem's partition, as vmdb2's first releases wanted \
+                it (accepted for compatibility): vmdb finds the partition from `tag`, \
+                so this must name the same one.",
         ),
     ],
     summary: "Installs GRUB so that the image boots with BIOS or UEFI, from the host's GRUB \
@@ -80,7 +97,9 @@ impl Plugin for Grub {
 
     fn check(&self, c: &mut Check) {
         let fw = c.step.arg().to_string();
-        if fw != "bios" && fw != "uefi" {
+        if fw == "ieee1275" {
+            c.err("grub", IEEE1275_REFUSED);
+        } else if fw != "bios" && fw != "uefi" {
             c.err(
                 "grub",
                 format!("unknown firmware '{fw}': expected bios or uefi"),
@@ -92,6 +111,22 @@ impl Plugin for Grub {
                 "tag",
                 format!("tag '{root}' is not mounted by an earlier step"),
             );
+        }
+        if let Some(part) = c.step.opt_str("root-part").map(str::to_string) {
+            if c.use_tag("root-part", &part)
+                && c.plan.tags.contains_key(&root)
+                && c.plan.canonical(&part) != c.plan.canonical(&root)
+            {
+                let of = match c.plan.canonical(&root) {
+                    same if same == root => String::new(),
+                    other => format!(", partition '{other}'"),
+                };
+                let msg = format!(
+                    "tag '{part}' is not the partition of the root filesystem ('{root}'{of}); \
+                     vmdb finds that partition itself: leave root-part out"
+                );
+                c.err("root-part", msg);
+            }
         }
         match c.step.opt_str("efi").map(str::to_string) {
             Some(efi) => {
@@ -113,6 +148,16 @@ impl Plugin for Grub {
                 "required for uefi: the tag of the EFI system partition",
             ),
             None => {}
+        }
+        if let Some(prep) = c.step.opt_str("prep").map(str::to_string) {
+            if fw != "ieee1275" {
+                c.err(
+                    "prep",
+                    "only for ieee1275: the tag of the PReP boot partition",
+                );
+            } else {
+                c.use_tag("prep", &prep);
+            }
         }
         if let Some(dev) = c.step.opt_str("image-dev").map(str::to_string) {
             super::check_device(c, "image-dev", &dev);
@@ -198,6 +243,15 @@ impl Plugin for Grub {
         crate::distro::chroot::leave(b, APT_OWNER)
     }
 }
+
+/// Why `grub: ieee1275` is refused: GRUB for PowerPC's Open Firmware is only built for
+/// PowerPC hosts, and none that vmdb is built and tested on is one.
+const IEEE1275_REFUSED: &str = "'ieee1275' (GRUB for the Open Firmware of PowerPC \
+    machines, written to a PReP partition) is for ppc64el images and needs GRUB's \
+    powerpc-ieee1275 modules, which Debian builds for ppc64el and powerpc only \
+    (package grub-ieee1275-bin; on amd64 that package has i386-ieee1275 instead); \
+    vmdb cannot install it: build ppc64el images with vmdb2 on a ppc64el host, or \
+    use 'bios' or 'uefi' for other architectures";
 
 /// GRUB's BIOS modules, which grub-install copies into the image.
 const BIOS_MODULES: &str = "/usr/lib/grub/i386-pc";
@@ -689,5 +743,41 @@ mod tests {
             check_errors("grub: coreboot\ntag: /"),
             vec!["key 'grub': unknown firmware 'coreboot': expected bios or uefi"]
         );
+    }
+
+    #[test]
+    fn ieee1275_with_prep_is_refused_naming_ppc64el() {
+        // As autopkgtest-build-qemu writes it for ppc64el.
+        let e = steps(&[
+            "mkimg: d.img\nsize: 1G",
+            "mklabel: gpt\ndevice: d.img",
+            "mkpart: primary\ndevice: d.img\nstart: 0%\nend: 10MiB\ntag: prep",
+            "mkpart: primary\ndevice: d.img\nstart: 10MiB\nend: 100%\ntag: root",
+            "mkfs: ext4\npartition: root",
+            "mount: root",
+            "grub: ieee1275\ntag: root\nprep: prep\nconsole: serial",
+        ])
+        .unwrap_err();
+        assert_eq!(e, [format!("key 'grub': {IEEE1275_REFUSED}")]);
+        assert!(IEEE1275_REFUSED.contains("ppc64el"));
+        assert_eq!(
+            check_errors("grub: bios\ntag: /\nprep: nope"),
+            ["key 'prep': only for ieee1275: the tag of the PReP boot partition"]
+        );
+    }
+
+    #[test]
+    fn vmdb2s_early_root_part_and_device() {
+        let s = steps(&[
+            "mkimg: d.img\nsize: 1G",
+            "mklabel: msdos\ndevice: d.img",
+            "mkpart: primary\ndevice: d.img\nstart: 0%\nend: 100%\npart-tag: rootpart",
+            "mkfs: ext4\npartition: rootpart",
+            "mount: rootpart\nfs-tag: rootfs",
+            "grub: bios\nroot-fs: rootfs\nroot-part: rootpart\ndevice: d.img",
+        ])
+        .unwrap();
+        assert_eq!(s[5].opt_str("image-dev"), Some("d.img"));
+        assert_eq!(s[5].opt_str("tag"), Some("rootfs"));
     }
 }

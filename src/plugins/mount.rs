@@ -62,6 +62,15 @@ static SPEC: StepSpec = StepSpec {
                 other contents is left alone.",
         )
         .default("false"),
+        Key::opt(
+            "fs-tag",
+            Kind::Str,
+            "a second name for the mounted filesystem, by which later steps may refer \
+                to it. Accepted for compatibility with vmdb2's first releases, whose \
+                specs tagged a partition and its mounted filesystem separately \
+                (`mount: rootpart` with `fs-tag: rootfs`, then `target: rootfs`); \
+                in vmdb both names are one tag.",
+        ),
     ],
     summary: "Mounts a tagged filesystem for the rest of the build.",
     cache: CacheRole::Setup,
@@ -125,6 +134,11 @@ impl Plugin for Mount {
             c.needs("zerofree", ZEROFREE, ZEROFREE);
         }
         c.plan.mount(&tag);
+        if let Some(alias) = c.step.opt_str("fs-tag") {
+            if let Err(e) = c.plan.define_alias(alias, &tag) {
+                c.err("fs-tag", e);
+            }
+        }
     }
 
     /// Where it mounts a filesystem matters to the image's tree, not what the
@@ -185,6 +199,9 @@ impl Plugin for Mount {
             fat::copy_out(&disk, offset, &point)?;
         } else {
             b.watch_filesystem(&point)?;
+        }
+        if let Some(alias) = step.opt_str("fs-tag") {
+            b.state.add_alias(alias, tag)?;
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use super::debootstrap;
 
 pub struct QemuDebootstrap;
 
-static KEYS: [Key; 11] = debootstrap::keys(Key::req(
+static KEYS: [Key; 12] = debootstrap::keys(Key::req(
     "arch",
     Kind::Str,
     "the Debian architecture (`--arch`): `arm64`, `armhf`, `armel`, `i386`, \

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 
 pub mod busy;
 pub mod loopdev;
+pub mod mapper;
 pub mod table;
 
 // BLKGETSIZE64: _IOR(0x12, 114, size_t), the size of a block device in bytes.
