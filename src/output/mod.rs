@@ -169,6 +169,26 @@ impl Report {
     ) -> Result<PathBuf> {
         let path =
             std::path::absolute(path).with_context(|| format!("output {}", path.display()))?;
+        let partial = temp_name(&path, "partial", pid);
+        self.add_output_at(dir, &path, &partial, kind, format)?;
+        Ok(partial)
+    }
+
+    /// Register an output that a step is about to write under the temporary name
+    /// `partial` it chose itself (a second disk named after the image's own temporary
+    /// name, `{{ output }}.data`), as `add_output` does.
+    pub fn add_output_at(
+        &mut self,
+        dir: &Path,
+        path: &Path,
+        partial: &Path,
+        kind: OutKind,
+        format: Option<&str>,
+    ) -> Result<()> {
+        let path =
+            std::path::absolute(path).with_context(|| format!("output {}", path.display()))?;
+        let partial = std::path::absolute(partial)
+            .with_context(|| format!("output {}", partial.display()))?;
         if path.file_name().is_none() {
             bail!("output {} has no file name", path.display());
         }
@@ -188,17 +208,15 @@ impl Report {
                 f.kind
             );
         }
-        let partial = temp_name(&path, "partial", pid);
         self.files.push(OutFile {
-            partial: partial.clone(),
+            partial,
             path: Some(path),
             kind,
             format: format.map(str::to_string),
             size: None,
             sha256: None,
         });
-        self.save(dir)?;
-        Ok(partial)
+        self.save(dir)
     }
 
     /// Register a temporary file or directory, removed whatever happens, and save the
