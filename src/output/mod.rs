@@ -39,8 +39,9 @@ pub struct OutputOptions {
     pub final_path: Option<PathBuf>,
     /// Where the steps write the raw image (the template variable `output`).
     pub build_path: PathBuf,
-    /// The output is a block device, written in place.
-    pub device: bool,
+    /// The output is written in place: a block device, or an existing file (vmdb2's
+    /// `--image`).
+    pub in_place: bool,
     /// vmdb's PID (the parent's: the build itself is PID 1 in its namespace), in the
     /// temporary names.
     pub owner_pid: u32,
@@ -305,7 +306,7 @@ pub fn finish(
         return Ok(());
     };
     let pid = o.pid();
-    if o.device {
+    if o.in_place {
         // What the steps wrote to the device directly (a partition table, a boot
         // loader) as well as through loop devices.
         sync_file(&final_path)?;
@@ -330,7 +331,7 @@ pub fn finish(
     let n = report.files.len();
     for i in 0..n {
         let f = &report.files[i];
-        if f.path.is_none() || o.device && f.partial == final_path {
+        if f.path.is_none() || o.in_place && f.partial == final_path {
             continue;
         }
         let size = sync_file(&f.partial)?;
