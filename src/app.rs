@@ -100,12 +100,18 @@ fn prepare_quietly(
     .ok()
 }
 
+/// A line on standard error, and in the --log file.
+fn say(msg: &str) {
+    eprintln!("{msg}");
+    crate::log::debug(msg);
+}
+
 /// Read the spec (see `engine::prepare::read`); on failure, say why and return the exit
 /// status.
 fn read_spec(spec_path: &Path) -> Result<Source, i32> {
     engine::prepare::read(spec_path).map_err(|e| {
         if let Refused::Unreadable(why) = e {
-            eprintln!("vmdb: {why}");
+            say(&format!("vmdb: {why}"));
         }
         EXIT_USAGE
     })
@@ -128,7 +134,7 @@ fn prepare(
     let (built, shown) = (out.display().to_string(), shown_out.display().to_string());
     let print = |name: &str, diags: &[Diag]| {
         for d in diags {
-            eprintln!("{}", d.render(name).replace(&built, &shown));
+            say(&d.render(name).replace(&built, &shown));
         }
     };
     let rootfs_tarball = args.rootfs_tarball.as_deref();
@@ -144,7 +150,7 @@ fn prepare(
             Ok(p)
         }
         Err(Refused::Unreadable(why)) => {
-            eprintln!("vmdb: {why}");
+            say(&format!("vmdb: {why}"));
             Err(EXIT_USAGE)
         }
         Err(Refused::Invalid {
@@ -155,10 +161,10 @@ fn prepare(
             print(&name, &warnings);
             print(&name, &problems);
             let n = problems.len();
-            eprintln!(
+            say(&format!(
                 "vmdb: {name}: {n} problem{} found; nothing was built",
                 if n == 1 { "" } else { "s" }
-            );
+            ));
             Err(EXIT_USAGE)
         }
     }
@@ -215,23 +221,23 @@ fn build(args: BuildArgs) -> i32 {
         crate::log::warn(w);
     }
     if args.compress && !args.format.compressible() {
-        eprintln!(
+        say(&format!(
             "vmdb: --compress works with --format qcow2, vmdk, vagrant-libvirt and vagrant-virtualbox, not {}",
             args.format.name()
-        );
+        ));
         return EXIT_USAGE;
     }
     if args.format != Format::Raw && !crate::host::cmd::in_path("qemu-img") {
-        eprintln!(
+        say(&format!(
             "vmdb: --format {} needs qemu-img (Debian package qemu-utils)",
             args.format.name()
-        );
+        ));
         return EXIT_USAGE;
     }
     let mut target = match supervisor::Target::new(&out) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("vmdb: {e:#}");
+            say(&format!("vmdb: {e:#}"));
             return EXIT_USAGE;
         }
     };
@@ -263,21 +269,21 @@ fn build(args: BuildArgs) -> i32 {
         } else {
             "built in place"
         };
-        eprintln!(
+        say(&format!(
             "vmdb: {} is {what}: it can only be written raw (not --format {})",
             out.display(),
             args.format.name()
-        );
+        ));
         return EXIT_USAGE;
     }
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("vmdb: building needs root (loop devices, mounts): run vmdb with sudo");
+        say("vmdb: building needs root (loop devices, mounts): run vmdb with sudo");
         return EXIT_FAILED;
     }
     // What killed builds left behind, whatever their spec and output.
     crate::engine::inflight::clean_stale();
     if let Err(e) = target.claim() {
-        eprintln!("vmdb: {e:#}");
+        say(&format!("vmdb: {e:#}"));
         return EXIT_USAGE;
     }
     if !args.no_cache {
@@ -286,7 +292,10 @@ fn build(args: BuildArgs) -> i32 {
     prepared.opts.refresh = args.refresh;
     if let Some(dest) = &args.json {
         if let Err(e) = crate::log::init_json(dest) {
-            eprintln!("vmdb: cannot write JSON events to {}: {e}", dest.display());
+            say(&format!(
+                "vmdb: cannot write JSON events to {}: {e}",
+                dest.display()
+            ));
             return EXIT_USAGE;
         }
     }
@@ -344,17 +353,17 @@ fn prepare_image(
     }
     if quiet.is_some() {
         if std::fs::symlink_metadata(out).is_err() {
-            eprintln!(
+            say(&format!(
                 "vmdb: {} does not exist, and the spec makes no image there (no mkimg step \
                  of it): --image builds into an existing file or device",
                 out.display()
-            );
+            ));
             return Err(EXIT_USAGE);
         }
         *target = match supervisor::Target::existing(out) {
             Ok(t) => t,
             Err(e) => {
-                eprintln!("vmdb: {e:#}");
+                say(&format!("vmdb: {e:#}"));
                 return Err(EXIT_USAGE);
             }
         };

@@ -222,22 +222,31 @@ fn vmdb2_help_and_usage_errors_say_vmdb2() {
     // vmdb2 sets only the variables of the options given; a spec problem is a usage
     // error, with nothing written.
     let uses_output = write(d.path(), "o.vmdb", "steps:\n  - echo: \"{{ output }}\"\n");
+    let log = d.path().join("x.log");
     let r = vmdb2(
         &link,
         &[
             "--image",
             &d.path().join("x.img").to_string_lossy(),
+            "--log",
+            &log.to_string_lossy(),
             &uses_output.to_string_lossy(),
         ],
     );
     assert_eq!(r.code, 2);
+    let problem = "key 'echo': undefined template variable 'output'";
+    assert!(r.stderr.contains(problem), "{}", r.stderr);
+    // The log says it too (autopkgtest-build-qemu shows the log when vmdb2 fails).
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains(problem), "{logged}");
     assert!(
-        r.stderr
-            .contains("key 'echo': undefined template variable 'output'"),
-        "{}",
-        r.stderr
+        logged.ends_with(&format!(
+            "] vmdb: {}: 1 problem found; nothing was built\n",
+            uses_output.display()
+        )),
+        "{logged}"
     );
-    assert_eq!(listing(d.path()), ["o.vmdb", "s.vmdb", "vmdb2"]);
+    assert_eq!(listing(d.path()), ["o.vmdb", "s.vmdb", "vmdb2", "x.log"]);
 }
 
 #[test]
