@@ -341,17 +341,15 @@ fn prepare_image(
     target: &mut supervisor::Target,
     args: &SpecArgs,
 ) -> Result<Prepared, i32> {
-    let quiet = prepare_quietly(spec_path, source, target.build_path(), args);
-    if let Some(p) = &quiet {
-        let makes_it = p
-            .steps
-            .iter()
-            .any(|s| s.kind == "mkimg" && Path::new(s.arg()) == target.build_path());
-        if makes_it {
-            return prepare(spec_path, source, "image", target.build_path(), out, args);
-        }
-    }
-    if quiet.is_some() {
+    let Some(p) = prepare_quietly(spec_path, source, target.build_path(), args) else {
+        // Refused: say why.
+        return prepare(spec_path, source, "image", target.build_path(), out, args);
+    };
+    let makes_it = p
+        .steps
+        .iter()
+        .any(|s| s.kind == "mkimg" && Path::new(s.arg()) == target.build_path());
+    if !makes_it {
         if std::fs::symlink_metadata(out).is_err() {
             say(&format!(
                 "vmdb: {} does not exist, and the spec makes no image there (no mkimg step \
@@ -368,6 +366,7 @@ fn prepare_image(
             }
         };
     }
+    // Rendered again, with the name the build uses, and its warnings shown.
     prepare(spec_path, source, "image", target.build_path(), out, args)
 }
 
