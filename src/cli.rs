@@ -204,7 +204,9 @@ pub struct BuildArgs {
     /// Image to build (sets the template variable 'output')
     #[arg(long, value_name = "IMAGE", conflicts_with = "image")]
     pub output: Option<PathBuf>,
-    /// Image to build (sets the template variable 'image' instead of 'output')
+    /// Image to build (sets the template variable 'image' instead of 'output'); as
+    /// vmdb2's --image, an existing file or device is built into in place when the spec
+    /// makes no image there (no mkimg step of it)
     #[arg(long, value_name = "IMAGE")]
     pub image: Option<PathBuf>,
     #[command(flatten)]
