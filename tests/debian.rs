@@ -311,6 +311,7 @@ fn installed_files_exist() {
 fn every_lintian_override_says_why() {
     for file in [
         "debian/vmdb.lintian-overrides",
+        "debian/vmdb-vmdb2.lintian-overrides",
         "debian/source/lintian-overrides",
     ] {
         let text = read(file);
