@@ -2,7 +2,8 @@
 //!
 //!     cargo run --example vmdb-docs -- OUTDIR
 //!
-//! writes OUTDIR/man/vmdb.1 (with a page per subcommand), and
+//! writes OUTDIR/man/vmdb.1 (with a page per subcommand), OUTDIR/man/vmdb2.1 (vmdb run
+//! as vmdb2), and
 //! OUTDIR/completions/{vmdb.bash,_vmdb,vmdb.fish}. debian/rules runs it at package build
 //! time; tests/man_page.rs checks what it writes. It is an example target so that
 //! clap_mangen and clap_complete stay dev-dependencies, out of the vmdb binary.
@@ -343,6 +344,51 @@ pub fn man_pages(dir: &Path, date: Option<&str>) -> std::io::Result<Vec<PathBuf>
     Ok(written)
 }
 
+/// The page of vmdb run as vmdb2 (the vmdb-vmdb2 package's /usr/bin/vmdb2).
+const VMDB2: &str = r#".SH "EXIT STATUS"
+.TP
+\fB0\fR
+The build succeeded and the image is in place.
+.TP
+\fB1\fR
+The build failed: every started step was torn down, and what vmdb made (an image
+made by \fBmkimg\fR, a second disk named after it) was removed. A file or device
+given with \fB\-\-image\fR that the spec builds into in place is left as the
+build left it.
+.TP
+\fB2\fR
+Nothing was done: a usage error or a mistake in the spec.
+.SH ENVIRONMENT
+.TP
+\fBVMDB_CACHE_DIR\fR
+As vmdb2, vmdb keeps no step cache under this name, unless this variable names a
+cache directory (see \fBvmdb\fR(1)).
+.TP
+\fBTMPDIR\fR
+Where a build makes its scratch directory (default \fI/tmp\fR).
+.SH EXAMPLES
+What autopkgtest\-build\-qemu runs:
+.PP
+.RS
+.nf
+vmdb2 \-\-verbose \-\-image=IMG.raw \-\-log=IMG.log vmdb2.yaml
+.fi
+.RE
+.SH "SEE ALSO"
+\fBvmdb\fR(1), \fBautopkgtest\-build\-qemu\fR(1)
+"#;
+
+/// Write vmdb2.1, the page of vmdb run as vmdb2 (its own command line), into `dir`.
+pub fn vmdb2_page(dir: &Path, date: Option<&str>) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let mut page = Vec::new();
+    man(vmdb::cli::Vmdb2Cli::command(), date).render(&mut page)?;
+    page.extend_from_slice(VMDB2.as_bytes());
+    let path = dir.join("vmdb2.1");
+    std::fs::File::create(&path)?.write_all(&page)?;
+    Ok(path)
+}
+
 /// Write completions for bash (vmdb.bash), zsh (_vmdb) and fish (vmdb.fish) into `dir`.
 pub fn completions(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
@@ -362,6 +408,7 @@ fn main() {
     let out = Path::new(out);
     let date = page_date();
     let result = man_pages(&out.join("man"), date.as_deref()).and_then(|mut files| {
+        files.push(vmdb2_page(&out.join("man"), date.as_deref())?);
         files.extend(completions(&out.join("completions"))?);
         Ok(files)
     });

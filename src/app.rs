@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::cli::{BuildArgs, Cli, Command, EXIT_FAILED, EXIT_USAGE, SpecArgs};
-use crate::engine::prepare::{Prepared, Refused, absolute};
+use crate::cli::{BuildArgs, Cli, Command, EXIT_FAILED, EXIT_USAGE, SpecArgs, Vmdb2Cli};
+use crate::engine::prepare::{Prepared, Refused, Source, absolute};
 use crate::engine::spec::Diag;
 use crate::engine::{self, supervisor};
 use crate::event::{Event, Status, round3};
@@ -16,7 +16,11 @@ pub fn main(cli: Cli) -> i32 {
         Some(Command::Validate(v)) => {
             let (var, out) = output_var(v.output.as_deref(), v.image.as_deref())
                 .unwrap_or(("output", PathBuf::from("OUTPUT.img")));
-            match prepare(&v.spec, var, &out, &out, &v.spec_args) {
+            let source = match read_spec(&v.spec) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match prepare(&v.spec, &source, var, &out, &out, &v.spec_args) {
                 Ok(p) => {
                     print_plan(&p);
                     println!("{}: OK, {}", p.name, steps(p.steps.len()));
@@ -43,6 +47,18 @@ pub fn main(cli: Cli) -> i32 {
     }
 }
 
+/// vmdb run as `vmdb2`: a build with vmdb2's command line.
+pub fn main_vmdb2(cli: Vmdb2Cli) -> i32 {
+    if cli.image.is_none() && cli.output.is_none() {
+        eprintln!("vmdb2: say where to build the image with --image FILE or --output FILE");
+        return EXIT_USAGE;
+    }
+    let cache_dir = std::env::var_os("VMDB_CACHE_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from);
+    build(cli.build_args(cache_dir))
+}
+
 fn output_var<'a>(
     output: Option<&'a Path>,
     image: Option<&'a Path>,
@@ -54,18 +70,8 @@ fn output_var<'a>(
     }
 }
 
-/// Load, render and validate (see `engine::prepare`), printing the spec's warnings and
-/// problems; on failure, the exit status.
-///
-/// `out` is the path the image is built at; messages show `shown_out` instead (the
-/// final name, not the temporary one beside it).
-fn prepare(
-    spec_path: &Path,
-    out_var: &str,
-    out: &Path,
-    shown_out: &Path,
-    args: &SpecArgs,
-) -> Result<Prepared, i32> {
+/// The template variables: the image's, --rootfs-tarball's and the --variable ones.
+fn spec_vars(out_var: &str, out: &Path, args: &SpecArgs) -> BTreeMap<String, String> {
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
     vars.insert(out_var.to_string(), out.display().to_string());
     if let Some(t) = &args.rootfs_tarball {
@@ -74,20 +80,77 @@ fn prepare(
     for (k, v) in &args.variables {
         vars.insert(k.clone(), v.clone());
     }
+    vars
+}
+
+/// `prepare` without printing anything; None if the spec is refused.
+fn prepare_quietly(
+    spec_path: &Path,
+    source: &Source,
+    out: &Path,
+    args: &SpecArgs,
+) -> Option<Prepared> {
+    engine::prepare::prepare_source(
+        spec_path,
+        source,
+        spec_vars("image", out, args),
+        args.rootfs_tarball.as_deref(),
+        plugins::REGISTRY.plugins,
+    )
+    .ok()
+}
+
+/// A line on standard error, and in the --log file.
+fn say(msg: &str) {
+    eprintln!("{msg}");
+    crate::log::debug(msg);
+}
+
+/// Read the spec (see `engine::prepare::read`); on failure, say why and return the exit
+/// status.
+fn read_spec(spec_path: &Path) -> Result<Source, i32> {
+    engine::prepare::read(spec_path).map_err(|e| {
+        if let Refused::Unreadable(why) = e {
+            say(&format!("vmdb: {why}"));
+        }
+        EXIT_USAGE
+    })
+}
+
+/// Render and validate the spec read from `spec_path` (see `engine::prepare`), printing
+/// its warnings and problems; on failure, the exit status.
+///
+/// `out` is the path the image is built at; messages show `shown_out` instead (the
+/// final name, not the temporary one beside it).
+fn prepare(
+    spec_path: &Path,
+    source: &Source,
+    out_var: &str,
+    out: &Path,
+    shown_out: &Path,
+    args: &SpecArgs,
+) -> Result<Prepared, i32> {
+    let vars = spec_vars(out_var, out, args);
     let (built, shown) = (out.display().to_string(), shown_out.display().to_string());
     let print = |name: &str, diags: &[Diag]| {
         for d in diags {
-            eprintln!("{}", d.render(name).replace(&built, &shown));
+            say(&d.render(name).replace(&built, &shown));
         }
     };
     let rootfs_tarball = args.rootfs_tarball.as_deref();
-    match engine::prepare::prepare(spec_path, vars, rootfs_tarball, plugins::REGISTRY.plugins) {
+    match engine::prepare::prepare_source(
+        spec_path,
+        source,
+        vars,
+        rootfs_tarball,
+        plugins::REGISTRY.plugins,
+    ) {
         Ok(p) => {
             print(&p.name, &p.warnings);
             Ok(p)
         }
         Err(Refused::Unreadable(why)) => {
-            eprintln!("vmdb: {why}");
+            say(&format!("vmdb: {why}"));
             Err(EXIT_USAGE)
         }
         Err(Refused::Invalid {
@@ -98,10 +161,10 @@ fn prepare(
             print(&name, &warnings);
             print(&name, &problems);
             let n = problems.len();
-            eprintln!(
+            say(&format!(
                 "vmdb: {name}: {n} problem{} found; nothing was built",
                 if n == 1 { "" } else { "s" }
-            );
+            ));
             Err(EXIT_USAGE)
         }
     }
@@ -147,6 +210,9 @@ fn build(args: BuildArgs) -> i32 {
     if args.dry_run {
         return dry_run(&spec_path, var, &out, &args);
     }
+    if args.as_vmdb2 {
+        crate::log::as_vmdb2();
+    }
     if let Err(e) = crate::log::init(args.verbose, args.log.as_deref()) {
         eprintln!("vmdb: cannot open log file: {e}");
         return EXIT_USAGE;
@@ -155,46 +221,69 @@ fn build(args: BuildArgs) -> i32 {
         crate::log::warn(w);
     }
     if args.compress && !args.format.compressible() {
-        eprintln!(
+        say(&format!(
             "vmdb: --compress works with --format qcow2, vmdk, vagrant-libvirt and vagrant-virtualbox, not {}",
             args.format.name()
-        );
+        ));
         return EXIT_USAGE;
     }
     if args.format != Format::Raw && !crate::host::cmd::in_path("qemu-img") {
-        eprintln!(
+        say(&format!(
             "vmdb: --format {} needs qemu-img (Debian package qemu-utils)",
             args.format.name()
-        );
+        ));
         return EXIT_USAGE;
     }
     let mut target = match supervisor::Target::new(&out) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("vmdb: {e:#}");
+            say(&format!("vmdb: {e:#}"));
             return EXIT_USAGE;
         }
     };
-    if target.is_device() && args.format != Format::Raw {
-        eprintln!(
-            "vmdb: {} is a block device: it can only be written raw (not --format {})",
-            out.display(),
-            args.format.name()
-        );
-        return EXIT_USAGE;
-    }
-    let mut prepared = match prepare(&spec_path, var, target.build_path(), &out, &args.spec_args) {
-        Ok(p) => p,
+    let source = match read_spec(&spec_path) {
+        Ok(s) => s,
         Err(code) => return code,
     };
+    let mut prepared = if var == "image" && !target.is_device() {
+        match prepare_image(&spec_path, &source, &out, &mut target, &args.spec_args) {
+            Ok(p) => p,
+            Err(code) => return code,
+        }
+    } else {
+        match prepare(
+            &spec_path,
+            &source,
+            var,
+            target.build_path(),
+            &out,
+            &args.spec_args,
+        ) {
+            Ok(p) => p,
+            Err(code) => return code,
+        }
+    };
+    if target.is_in_place() && args.format != Format::Raw {
+        let what = if target.is_device() {
+            "a block device"
+        } else {
+            "built in place"
+        };
+        say(&format!(
+            "vmdb: {} is {what}: it can only be written raw (not --format {})",
+            out.display(),
+            args.format.name()
+        ));
+        return EXIT_USAGE;
+    }
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("vmdb: building needs root (loop devices, mounts): run vmdb with sudo");
+        say("vmdb: building needs root (loop devices, mounts): run vmdb with sudo");
         return EXIT_FAILED;
     }
     // What killed builds left behind, whatever their spec and output.
     crate::engine::inflight::clean_stale();
     if let Err(e) = target.claim() {
-        eprintln!("vmdb: {e:#}");
+        say(&format!("vmdb: {e:#}"));
         return EXIT_USAGE;
     }
     if !args.no_cache {
@@ -203,7 +292,10 @@ fn build(args: BuildArgs) -> i32 {
     prepared.opts.refresh = args.refresh;
     if let Some(dest) = &args.json {
         if let Err(e) = crate::log::init_json(dest) {
-            eprintln!("vmdb: cannot write JSON events to {}: {e}", dest.display());
+            say(&format!(
+                "vmdb: cannot write JSON events to {}: {e}",
+                dest.display()
+            ));
             return EXIT_USAGE;
         }
     }
@@ -214,7 +306,7 @@ fn build(args: BuildArgs) -> i32 {
         manifest: args.manifest,
         final_path: Some(target.final_path().to_path_buf()),
         build_path: target.build_path().to_path_buf(),
-        device: target.is_device(),
+        in_place: target.is_in_place(),
         owner_pid: std::process::id(),
         spec_name: prepared.name.clone(),
         spec_text: prepared.text.clone(),
@@ -238,8 +330,52 @@ fn build(args: BuildArgs) -> i32 {
     code
 }
 
+/// `--image FILE` as vmdb2 has it: a spec that makes the image (an `mkimg` step of
+/// it) gets a new one, built under a temporary name as with --output; a spec that makes
+/// none builds into the existing FILE in place. The spec is rendered with the
+/// temporary name first to find out which.
+fn prepare_image(
+    spec_path: &Path,
+    source: &Source,
+    out: &Path,
+    target: &mut supervisor::Target,
+    args: &SpecArgs,
+) -> Result<Prepared, i32> {
+    let Some(p) = prepare_quietly(spec_path, source, target.build_path(), args) else {
+        // Refused: say why.
+        return prepare(spec_path, source, "image", target.build_path(), out, args);
+    };
+    let makes_it = p
+        .steps
+        .iter()
+        .any(|s| s.kind == "mkimg" && Path::new(s.arg()) == target.build_path());
+    if !makes_it {
+        if std::fs::symlink_metadata(out).is_err() {
+            say(&format!(
+                "vmdb: {} does not exist, and the spec makes no image there (no mkimg step \
+                 of it): --image builds into an existing file or device",
+                out.display()
+            ));
+            return Err(EXIT_USAGE);
+        }
+        *target = match supervisor::Target::existing(out) {
+            Ok(t) => t,
+            Err(e) => {
+                say(&format!("vmdb: {e:#}"));
+                return Err(EXIT_USAGE);
+            }
+        };
+    }
+    // Rendered again, with the name the build uses, and its warnings shown.
+    prepare(spec_path, source, "image", target.build_path(), out, args)
+}
+
 fn dry_run(spec: &Path, var: &str, out: &Path, args: &BuildArgs) -> i32 {
-    match prepare(spec, var, out, out, &args.spec_args) {
+    let source = match read_spec(spec) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match prepare(spec, &source, var, out, out, &args.spec_args) {
         Ok(p) => {
             print_plan(&p);
             println!(

@@ -1,6 +1,6 @@
 //! The command line (vmdb2-compatible for builds).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -74,6 +74,86 @@ pub enum CacheAction {
     },
 }
 
+/// The command line of vmdb run as `vmdb2` (a link named so): vmdb2's options, and
+/// its behaviour (see `app::main_vmdb2`).
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmdb2",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (vmdb answering as vmdb2)"),
+    about = "Build a disk image from a vmdb2 spec (vmdb, answering to vmdb2's command line)",
+    long_about = "Build a disk image from a vmdb2 spec: vmdb, run under the name vmdb2, takes \
+                  vmdb2's command line. Progress goes to standard output with --verbose; \
+                  errors go to standard error, and a failed build exits with status 1 \
+                  (2 for a mistake in the spec or on the command line). No step cache is \
+                  kept unless the environment variable VMDB_CACHE_DIR names one. Run as \
+                  vmdb for vmdb's own options. Must run as root."
+)]
+pub struct Vmdb2Cli {
+    /// The spec file ('-' reads it from standard input)
+    #[arg(value_name = "SPECFILE")]
+    pub spec: PathBuf,
+    /// Use the existing image file or block device FILE (sets the template variable
+    /// 'image'): the steps build into it in place, unless the spec makes it with mkimg
+    #[arg(long, value_name = "FILE", conflicts_with = "output")]
+    pub image: Option<PathBuf>,
+    /// Create the new image FILE (sets the template variable 'output'); it appears
+    /// only when the build succeeds
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Rootfs tarball for cache-rootfs / unpack-rootfs (sets the variable rootfs_tarball)
+    #[arg(long, value_name = "FILE")]
+    pub rootfs_tarball: Option<PathBuf>,
+    /// Show progress on standard output
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Write a log to FILE
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Template variable for the spec (repeatable); quotes around VALUE are removed
+    #[arg(long = "variable", value_name = "NAME=VALUE", value_parser = parse_vmdb2_variable)]
+    pub variables: Vec<(String, String)>,
+}
+
+impl Vmdb2Cli {
+    /// The build vmdb does for this command line: vmdb2's options, no step cache unless
+    /// `cache_dir` (VMDB_CACHE_DIR) names one, a raw image.
+    pub fn build_args(self, cache_dir: Option<PathBuf>) -> BuildArgs {
+        BuildArgs {
+            spec: Some(self.spec),
+            output: self.output,
+            image: self.image,
+            spec_args: SpecArgs {
+                variables: self.variables,
+                rootfs_tarball: self.rootfs_tarball,
+            },
+            verbose: self.verbose,
+            log: self.log,
+            no_cache: cache_dir.is_none(),
+            cache_dir: cache_dir.unwrap_or_default(),
+            as_vmdb2: true,
+            ..BuildArgs::default()
+        }
+    }
+}
+
+/// Whether vmdb was started under the name `vmdb2` (argv[0], e.g. /usr/bin/vmdb2).
+pub fn called_as_vmdb2(argv0: Option<&std::ffi::OsStr>) -> bool {
+    argv0
+        .and_then(|a| Path::new(a).file_name())
+        .is_some_and(|n| n == "vmdb2")
+}
+
+/// vmdb2's `--variable NAME=VALUE`: as vmdb's, and quotes around the value go, as
+/// vmdb2 removes them.
+fn parse_vmdb2_variable(s: &str) -> Result<(String, String), String> {
+    let (k, v) = parse_variable(s)?;
+    let v = match v.chars().next() {
+        Some(q @ ('\'' | '"')) => v.trim_matches(q).to_string(),
+        _ => v,
+    };
+    Ok((k, v))
+}
+
 /// vmdb's exit status when a build (or another command) failed.
 pub const EXIT_FAILED: i32 = 1;
 /// vmdb's exit status for a mistake in the spec or on the command line: nothing was done.
@@ -124,7 +204,9 @@ pub struct BuildArgs {
     /// Image to build (sets the template variable 'output')
     #[arg(long, value_name = "IMAGE", conflicts_with = "image")]
     pub output: Option<PathBuf>,
-    /// Image to build (sets the template variable 'image' instead of 'output')
+    /// Image to build (sets the template variable 'image' instead of 'output'); as
+    /// vmdb2's --image, an existing file or device is built into in place when the spec
+    /// makes no image there (no mkimg step of it)
     #[arg(long, value_name = "IMAGE")]
     pub image: Option<PathBuf>,
     #[command(flatten)]
@@ -173,6 +255,9 @@ pub struct BuildArgs {
     /// Write one JSON event per line to FILE ('-': standard output)
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Run as `vmdb2`: progress as vmdb2 shows it (see `log::as_vmdb2`).
+    #[arg(skip)]
+    pub as_vmdb2: bool,
 }
 
 impl BuildArgs {
@@ -396,6 +481,62 @@ mod tests {
         let help = cmd.render_long_help().to_string();
         assert!(help.contains("(default: the number of CPUs)"), "{help}");
         assert!(!help.contains(&format!("[default: {cpus}]")), "{help}");
+    }
+
+    #[test]
+    fn the_name_vmdb2_is_told_by_argv0() {
+        use std::ffi::OsStr;
+        assert!(called_as_vmdb2(Some(OsStr::new("/usr/bin/vmdb2"))));
+        assert!(called_as_vmdb2(Some(OsStr::new("vmdb2"))));
+        assert!(!called_as_vmdb2(Some(OsStr::new("/usr/bin/vmdb"))));
+        assert!(!called_as_vmdb2(Some(OsStr::new("/tmp/vmdb2/vmdb"))));
+        assert!(!called_as_vmdb2(Some(OsStr::new("vmdb2.sh"))));
+        assert!(!called_as_vmdb2(None));
+    }
+
+    #[test]
+    fn vmdb2_command_line() {
+        let c = Vmdb2Cli::try_parse_from([
+            "vmdb2",
+            "--verbose",
+            "--image=x.raw",
+            "--log=x.log",
+            "--rootfs-tarball",
+            "r.tar.gz",
+            "--variable",
+            "a='b c'",
+            "--variable",
+            "d=\"e\"",
+            "--variable",
+            "f=it's",
+            "spec.yaml",
+        ])
+        .unwrap();
+        let b = c.build_args(None);
+        assert_eq!(b.spec, Some(PathBuf::from("spec.yaml")));
+        assert_eq!(b.image, Some(PathBuf::from("x.raw")));
+        assert_eq!(b.output, None);
+        assert_eq!(b.log, Some(PathBuf::from("x.log")));
+        assert_eq!(b.spec_args.rootfs_tarball, Some(PathBuf::from("r.tar.gz")));
+        let v = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            b.spec_args.variables,
+            [v("a", "b c"), v("d", "e"), v("f", "it's")]
+        );
+        assert!(b.verbose && b.as_vmdb2 && b.no_cache);
+        assert_eq!(b.format, crate::output::Format::Raw);
+        let b = Vmdb2Cli::try_parse_from(["vmdb2", "--output", "o.img", "s"])
+            .unwrap()
+            .build_args(Some(PathBuf::from("/c")));
+        assert!(!b.no_cache && !b.verbose);
+        assert_eq!(b.cache_dir, PathBuf::from("/c"));
+        let e = Vmdb2Cli::try_parse_from(["vmdb2", "--output", "o", "--variable", "image=x", "s"])
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the variable 'image' is set by --image: use --image instead"),
+            "{e}"
+        );
     }
 
     #[test]

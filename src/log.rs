@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crate::event::{Event, round3};
 
 static VERBOSE: AtomicBool = AtomicBool::new(false);
+/// vmdb runs as `vmdb2`: progress only with --verbose, and then on standard output, as
+/// vmdb2 shows it; warnings and errors stay on standard error.
+static AS_VMDB2: AtomicBool = AtomicBool::new(false);
 static LOG: Mutex<Option<File>> = Mutex::new(None);
 /// Where JSON events go (`--json`), one object per line.
 static JSON: Mutex<Option<File>> = Mutex::new(None);
@@ -25,6 +28,16 @@ pub fn init(verbose: bool, log_file: Option<&Path>) -> std::io::Result<()> {
         *LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
     Ok(())
+}
+
+/// Show progress as vmdb2 does (see `AS_VMDB2`).
+pub fn as_vmdb2() {
+    AS_VMDB2.store(true, Ordering::Relaxed);
+}
+
+/// Whether progress goes to standard error, where a progress line may be drawn.
+pub fn progress_on_stderr() -> bool {
+    !AS_VMDB2.load(Ordering::Relaxed)
 }
 
 /// Send JSON events to `dest` (appended to), or to standard output for `-`. For `-`,
@@ -100,8 +113,17 @@ pub fn debug(msg: &str) {
     }
 }
 
-/// A line on stderr, below any progress line (which is cleared first).
+/// A line of progress: on stderr, or on stdout as vmdb2 shows it.
 fn show(msg: &str) {
+    if AS_VMDB2.load(Ordering::Relaxed) {
+        let _ = writeln!(std::io::stdout().lock(), "{msg}");
+        return;
+    }
+    alert(msg);
+}
+
+/// A line on stderr, below any progress line (which is cleared first).
+fn alert(msg: &str) {
     let mut err = std::io::stderr().lock();
     if PROGRESS_SHOWN.swap(false, Ordering::SeqCst) {
         let _ = err.write_all(b"\r\x1b[K");
@@ -109,9 +131,17 @@ fn show(msg: &str) {
     let _ = writeln!(err, "{msg}");
 }
 
-/// Always shown.
+/// Always shown (as vmdb2: with --verbose).
 pub fn info(msg: &str) {
-    show(msg);
+    if !AS_VMDB2.load(Ordering::Relaxed) || is_verbose() {
+        show(msg);
+    }
+    debug(msg);
+}
+
+/// Why a build failed: always shown, on stderr (as vmdb2 too).
+pub fn failure(msg: &str) {
+    alert(msg);
     debug(msg);
 }
 
@@ -131,7 +161,9 @@ pub fn out(msg: &str) {
 
 /// Always shown as `vmdb: warning: MSG`, and a `warning` event.
 pub fn warn(msg: &str) {
-    info(&format!("vmdb: warning: {msg}"));
+    let line = format!("vmdb: warning: {msg}");
+    alert(&line);
+    debug(&line);
     event(Event::Warning {
         message: msg.to_string(),
     });
@@ -139,7 +171,9 @@ pub fn warn(msg: &str) {
 
 /// Always shown as `vmdb: error: MSG`, and an `error` event.
 pub fn error(msg: &str) {
-    info(&format!("vmdb: error: {msg}"));
+    let line = format!("vmdb: error: {msg}");
+    alert(&line);
+    debug(&line);
     event(Event::Error {
         message: msg.to_string(),
     });

@@ -26,7 +26,7 @@ pub struct Progress {
 impl Progress {
     /// Start showing progress for `label` (e.g. "[8/12] debootstrap: bookworm").
     pub fn start(label: String) -> Progress {
-        let tty = std::io::stderr().is_terminal();
+        let tty = std::io::stderr().is_terminal() && crate::log::progress_on_stderr();
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let s = stop.clone();
         let thread = std::thread::Builder::new()

@@ -311,6 +311,7 @@ fn installed_files_exist() {
 fn every_lintian_override_says_why() {
     for file in [
         "debian/vmdb.lintian-overrides",
+        "debian/vmdb-vmdb2.lintian-overrides",
         "debian/source/lintian-overrides",
     ] {
         let text = read(file);
@@ -395,4 +396,40 @@ fn autopkgtests_run_every_yarn_scenario() {
         assert!(test.contains(s), "scripts/test does not run {s}");
     }
     assert!(read(".ci/run").contains("exec scripts/test\n"));
+}
+
+/// vmdb-vmdb2 ships the name vmdb2 (a link to vmdb, and vmdb2(1)) and takes the place
+/// of Debian's vmdb2, whose /usr/bin/vmdb2 is a plain file: it conflicts with it,
+/// replaces it and provides it (see debian/README.source).
+#[test]
+fn the_vmdb2_name_replaces_debians_vmdb2() {
+    let para = paragraphs(&read("debian/control"))
+        .into_iter()
+        .find(|p| field(p, "Package") == Some("vmdb-vmdb2"))
+        .expect("a vmdb-vmdb2 binary package");
+    let names = |f: &str| -> Vec<Vec<String>> { relations(field(&para, f).unwrap_or_default()) };
+    for f in ["Provides", "Conflicts", "Replaces"] {
+        assert_eq!(names(f), [["vmdb2"]], "{f}");
+    }
+    // The vmdb of the same build, whose argv[0] handling the link relies on.
+    let depends = field(&para, "Depends").unwrap();
+    assert!(
+        depends
+            .split(',')
+            .any(|d| d.trim() == "vmdb (= ${binary:Version})"),
+        "{depends}"
+    );
+    assert_eq!(field(&para, "Architecture"), Some("linux-any"));
+    assert_eq!(
+        read("debian/vmdb-vmdb2.links"),
+        "usr/bin/vmdb usr/bin/vmdb2\n"
+    );
+    assert_eq!(
+        read("debian/vmdb-vmdb2.manpages"),
+        "debian/generated/man/vmdb2.1\n"
+    );
+    // The name the link gives is the one vmdb answers to.
+    assert!(vmdb::cli::called_as_vmdb2(Some(std::ffi::OsStr::new(
+        "/usr/bin/vmdb2"
+    ))));
 }

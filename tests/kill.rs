@@ -109,7 +109,11 @@ fn start_spec(secs: u32, spec_text: &str) -> Build {
     };
     let end = Instant::now() + Duration::from_secs(60);
     loop {
-        let started = b.stderr().lines().any(|l| l.starts_with("[7/7] shell"));
+        // The last step (of 7, or more in a spec with more steps).
+        let started = b
+            .stderr()
+            .lines()
+            .any(|l| l.starts_with('[') && l.contains("] shell: "));
         if started && sleeps(secs).len() == 2 {
             break;
         }
@@ -298,6 +302,49 @@ fn sigkill_of_vmdb_leaves_nothing_running_or_attached() {
                 &*next.to_string_lossy(),
                 "--output",
                 &b.out().to_string_lossy(),
+            ])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        listing(b.out_dir.path()).is_empty(),
+        "{:?}",
+        listing(b.out_dir.path())
+    );
+    assert_no_scratch_left(&b);
+}
+
+#[test]
+fn sigkill_of_vmdb_leaves_no_second_disk_behind() {
+    need_root!();
+    let text = spec(309).replacen(
+        "  - mklabel:",
+        "  - mkimg: \"{{ output }}.data\"\n    size: 8M\n  - mklabel:",
+        1,
+    );
+    let mut b = start_spec(309, &text);
+    let data = PathBuf::from(format!("{}.data", b.partial().display()));
+    assert!(data.exists(), "the second disk is built as {data:?}");
+    let t0 = Instant::now();
+    signal(b.child.id(), Signal::SIGKILL);
+    wait_exit(&mut b, 5);
+    wait_all_gone(&b, t0, 5);
+    // Left for the next build (of anything, anywhere) to remove, never under its
+    // final name.
+    let left = listing(b.out_dir.path());
+    assert!(
+        left.iter().all(|n| n.starts_with(".out.img.vmdb-partial-")),
+        "{left:?}"
+    );
+    let next = write(b.work.path(), "next.vmdb", "steps:\n  - echo: hello\n");
+    let r = to_run(
+        vmdb()
+            .env("TMPDIR", &b.tmp)
+            .args([
+                &*next.to_string_lossy(),
+                "--output",
+                &b.work.path().join("other.img").to_string_lossy(),
             ])
             .output()
             .unwrap(),

@@ -278,6 +278,7 @@ fn write_docs_for_the_reproducibility_check() {
     if let Some(out) = std::env::var_os("VMDB_DOCS_OUT") {
         let out = std::path::Path::new(&out);
         docs::man_pages(&out.join("man"), Some("2024-02-29")).unwrap();
+        docs::vmdb2_page(&out.join("man"), Some("2024-02-29")).unwrap();
         docs::completions(&out.join("completions")).unwrap();
     }
 }
@@ -341,7 +342,8 @@ fn pages_hold_nothing_of_the_host() {
             compared += 1;
         }
     }
-    assert_eq!(compared, PAGES.len() + 3);
+    // The pages, vmdb2.1 and the three completions.
+    assert_eq!(compared, PAGES.len() + 1 + 3);
 }
 
 #[test]
@@ -429,4 +431,61 @@ fn the_cache_page_and_readme_say_what_prune_removes() {
             assert!(text.contains(words), "{name} does not say {words:?}");
         }
     }
+}
+
+/// vmdb2.1, the page of vmdb run as vmdb2: vmdb2's command line, every option with its
+/// help, and the sections vmdb's pages have.
+#[test]
+fn the_vmdb2_page_shows_vmdb2s_command_line() {
+    let d = tempfile::tempdir().unwrap();
+    let file = docs::vmdb2_page(d.path(), None).unwrap();
+    assert_eq!(file, d.path().join("vmdb2.1"));
+    let page = std::fs::read_to_string(&file).unwrap();
+    assert!(page.contains("\n.TH vmdb2 1 "), "{page}");
+    assert!(
+        page.contains("\nvmdb2 \\- Build a disk image from a vmdb2 spec"),
+        "{page}"
+    );
+    let mut cmd = vmdb::cli::Vmdb2Cli::command();
+    cmd.build();
+    let options = options_section(&page);
+    let wanted = option_names(&cmd);
+    for name in [
+        "--image",
+        "--output",
+        "--rootfs-tarball",
+        "--verbose",
+        "-v",
+        "--log",
+        "--variable",
+        "--version",
+        "--help",
+        "<SPECFILE>",
+    ] {
+        assert!(wanted.iter().any(|w| w == name), "{name}: {wanted:?}");
+    }
+    for name in wanted {
+        let shown = match name.strip_prefix('<') {
+            Some(v) => format!("<\\fI{}\\fR>", roff(v.trim_end_matches('>'))),
+            None => format!("\\fB{}\\fR", roff(&name)),
+        };
+        assert!(options.contains(&shown), "{name} ({shown}):\n{options}");
+    }
+    assert_eq!(
+        sections(&page),
+        [
+            "NAME",
+            "SYNOPSIS",
+            "DESCRIPTION",
+            "OPTIONS",
+            "VERSION",
+            "\"EXIT STATUS\"",
+            "ENVIRONMENT",
+            "EXAMPLES",
+            "\"SEE ALSO\""
+        ]
+    );
+    // It names vmdb's page, which is written.
+    assert!(page.contains("\\fBvmdb\\fR(1)"));
+    assert!(PAGES.contains(&"vmdb.1"));
 }

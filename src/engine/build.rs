@@ -116,6 +116,19 @@ impl Build {
             .add_output(&self.workdir, path, kind, format, pid)
     }
 
+    /// Register an output file that a step is about to write under the temporary name
+    /// `partial` (see `Report::add_output_at`).
+    pub fn add_output_at(
+        &mut self,
+        path: &Path,
+        partial: &Path,
+        kind: OutKind,
+        format: Option<&str>,
+    ) -> Result<()> {
+        self.report
+            .add_output_at(&self.workdir, path, partial, kind, format)
+    }
+
     /// Register a temporary file or directory, removed whatever happens.
     pub fn add_temporary(&mut self, p: &Path) -> Result<()> {
         self.report.add_temporary(&self.workdir, p)

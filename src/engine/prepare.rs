@@ -36,6 +36,38 @@ pub enum Refused {
     },
 }
 
+/// A spec's name (its path, or `<stdin>`) and text.
+pub struct Source {
+    pub name: String,
+    pub text: String,
+}
+
+/// Read the spec at `spec_path` ('-': standard input).
+pub fn read(spec_path: &Path) -> Result<Source, Refused> {
+    if spec_path == Path::new("-") {
+        let mut text = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut text) {
+            return Err(Refused::Unreadable(format!(
+                "reading the spec from standard input: {e}"
+            )));
+        }
+        return Ok(Source {
+            name: "<stdin>".to_string(),
+            text,
+        });
+    }
+    match std::fs::read_to_string(spec_path) {
+        Ok(text) => Ok(Source {
+            name: spec_path.display().to_string(),
+            text,
+        }),
+        Err(e) => Err(Refused::Unreadable(format!(
+            "cannot read spec {}: {e}",
+            spec_path.display()
+        ))),
+    }
+}
+
 /// Load, render (with `vars`) and validate the spec at `spec_path` ('-': standard
 /// input) against `plugins`; `rootfs_tarball` is the build's --rootfs-tarball.
 pub fn prepare(
@@ -44,25 +76,19 @@ pub fn prepare(
     rootfs_tarball: Option<&Path>,
     plugins: &[&'static dyn Plugin],
 ) -> Result<Prepared, Refused> {
-    let (name, text) = if spec_path == Path::new("-") {
-        let mut s = String::new();
-        if let Err(e) = std::io::stdin().read_to_string(&mut s) {
-            return Err(Refused::Unreadable(format!(
-                "reading the spec from standard input: {e}"
-            )));
-        }
-        ("<stdin>".to_string(), s)
-    } else {
-        match std::fs::read_to_string(spec_path) {
-            Ok(s) => (spec_path.display().to_string(), s),
-            Err(e) => {
-                return Err(Refused::Unreadable(format!(
-                    "cannot read spec {}: {e}",
-                    spec_path.display()
-                )));
-            }
-        }
-    };
+    let source = read(spec_path)?;
+    prepare_source(spec_path, &source, vars, rootfs_tarball, plugins)
+}
+
+/// `prepare` for a spec read already (a build may render it twice).
+pub fn prepare_source(
+    spec_path: &Path,
+    source: &Source,
+    vars: BTreeMap<String, String>,
+    rootfs_tarball: Option<&Path>,
+    plugins: &[&'static dyn Plugin],
+) -> Result<Prepared, Refused> {
+    let (name, text) = (source.name.clone(), source.text.clone());
     let spec_dir = SpecDir::of(spec_path);
     let invalid = |warnings: Vec<Diag>, problems: Vec<Diag>| Refused::Invalid {
         name: name.clone(),

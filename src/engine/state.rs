@@ -48,9 +48,17 @@ pub struct State {
 }
 
 /// A record in `Notes`: a type of the module that writes it.
-pub trait Note: Any + Debug + Send {}
+pub trait Note: Any + Debug + Send {
+    /// The record as `Any`, to downcast it (`&dyn Note as &dyn Any`, trait upcasting,
+    /// needs Rust 1.86; Debian 13 builds with 1.85).
+    fn as_any(&self) -> &dyn Any;
+}
 
-impl<T: Any + Debug + Send> Note for T {}
+impl<T: Any + Debug + Send> Note for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
 
 /// Typed records of what steps did, each kind a type of the module that writes and
 /// reads it (the engine keeps them, never reads them); a record is kept once.
@@ -72,7 +80,7 @@ impl Notes {
     pub fn remove<T: Note + PartialEq>(&mut self, note: &T) -> bool {
         let before = self.0.len();
         self.0
-            .retain(|n| (n.as_ref() as &dyn Any).downcast_ref::<T>() != Some(note));
+            .retain(|n| n.as_ref().as_any().downcast_ref::<T>() != Some(note));
         self.0.len() != before
     }
 
@@ -80,7 +88,7 @@ impl Notes {
     pub fn of<T: Note>(&self) -> impl Iterator<Item = &T> {
         self.0
             .iter()
-            .filter_map(|n| (n.as_ref() as &dyn Any).downcast_ref::<T>())
+            .filter_map(|n| n.as_ref().as_any().downcast_ref::<T>())
     }
 
     pub fn len(&self) -> usize {

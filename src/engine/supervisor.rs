@@ -27,11 +27,13 @@ use crate::log;
 use crate::output::{self, Report};
 
 /// Where the image goes: built under a temporary name beside the final one, or written
-/// straight to a block device.
+/// in place: straight to a block device, or into an existing file (vmdb2's `--image`
+/// for a spec that makes no image there).
 pub struct Target {
     final_path: PathBuf,
     build_path: PathBuf,
     device: bool,
+    in_place: bool,
     /// What the output's lock is keyed by: its real path, or the device's number.
     key: String,
     lock: Option<OutputLock>,
@@ -51,6 +53,7 @@ impl Target {
                 final_path: out.to_path_buf(),
                 build_path: out.to_path_buf(),
                 device: true,
+                in_place: true,
                 key: format!("block device {maj}:{min}"),
                 lock: None,
                 claim: None,
@@ -81,7 +84,36 @@ impl Target {
             final_path: abs,
             build_path,
             device: false,
+            in_place: false,
             key,
+            lock: None,
+            claim: None,
+        })
+    }
+
+    /// The existing file (or block device) `out`, written in place: the build changes
+    /// it and neither renames nor removes it.
+    pub fn existing(out: &Path) -> Result<Target> {
+        let t = Target::new(out)?;
+        if t.device {
+            return Ok(t);
+        }
+        let real = match std::fs::metadata(out) {
+            Ok(m) if m.is_file() => {
+                std::fs::canonicalize(out).with_context(|| format!("image {}", out.display()))?
+            }
+            Ok(_) => bail!(
+                "refusing to write to {}: it is not a regular file",
+                out.display()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("image {}", out.display())),
+        };
+        Ok(Target {
+            final_path: real.clone(),
+            build_path: real.clone(),
+            device: false,
+            in_place: true,
+            key: real.display().to_string(),
             lock: None,
             claim: None,
         })
@@ -109,11 +141,16 @@ impl Target {
         self.device
     }
 
+    /// Written in place: a block device, or an existing file.
+    pub fn is_in_place(&self) -> bool {
+        self.in_place
+    }
+
     /// After a failure: remove every temporary file, or keep the half-built image as
     /// IMAGE.failed when asked to.
     fn discard(&self, report: &Report, keep: bool) {
         output::discard(report, Some(&self.build_path));
-        if self.device || !self.build_path.exists() {
+        if self.in_place || !self.build_path.exists() {
             return;
         }
         if keep {
@@ -169,7 +206,7 @@ pub fn run_build(
     });
     let secs = || round3(started.elapsed().as_secs_f64());
     let fail = |e: anyhow::Error| {
-        log::info(&format!("vmdb: {e:#}"));
+        log::failure(&format!("vmdb: {e:#}"));
         log::event(Event::Error {
             message: format!("{e:#}"),
         });
@@ -186,7 +223,7 @@ pub fn run_build(
             pid: std::process::id(),
             output: target.final_path.clone(),
             scratch: scratch.0.clone(),
-            temporaries: if target.device {
+            temporaries: if target.in_place {
                 Vec::new()
             } else {
                 vec![target.build_path.clone()]
@@ -256,7 +293,7 @@ pub fn run_build(
                     }
                 }
                 // A spec that made no image may still have left a file at its path.
-                if image.is_none() && !target.device {
+                if image.is_none() && !target.in_place {
                     output::remove_path(&target.build_path);
                 }
                 Ok(done)
@@ -269,7 +306,7 @@ pub fn run_build(
         },
         Ok(false) => {
             target.discard(&report, keep_failed);
-            log::info("vmdb: build failed; everything was torn down");
+            log::failure("vmdb: build failed; everything was torn down");
             Err(Failed)
         }
         Err(e) => {
@@ -393,11 +430,11 @@ fn child_main(
         return BUILD_PROCESS_FAILED;
     }
     if let Err(e) = mount::enter_private_namespace() {
-        log::info(&format!("vmdb: {e:#}"));
+        log::failure(&format!("vmdb: {e:#}"));
         return BUILD_PROCESS_FAILED;
     }
     if let Err(e) = cmd::stop_commands_on_signals() {
-        log::info(&format!("vmdb: {e:#}"));
+        log::failure(&format!("vmdb: {e:#}"));
         return BUILD_PROCESS_FAILED;
     }
     let started = SystemTime::now();

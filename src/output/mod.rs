@@ -39,8 +39,9 @@ pub struct OutputOptions {
     pub final_path: Option<PathBuf>,
     /// Where the steps write the raw image (the template variable `output`).
     pub build_path: PathBuf,
-    /// The output is a block device, written in place.
-    pub device: bool,
+    /// The output is written in place: a block device, or an existing file (vmdb2's
+    /// `--image`).
+    pub in_place: bool,
     /// vmdb's PID (the parent's: the build itself is PID 1 in its namespace), in the
     /// temporary names.
     pub owner_pid: u32,
@@ -169,6 +170,26 @@ impl Report {
     ) -> Result<PathBuf> {
         let path =
             std::path::absolute(path).with_context(|| format!("output {}", path.display()))?;
+        let partial = temp_name(&path, "partial", pid);
+        self.add_output_at(dir, &path, &partial, kind, format)?;
+        Ok(partial)
+    }
+
+    /// Register an output that a step is about to write under the temporary name
+    /// `partial` it chose itself (a second disk named after the image's own temporary
+    /// name, `{{ output }}.data`), as `add_output` does.
+    pub fn add_output_at(
+        &mut self,
+        dir: &Path,
+        path: &Path,
+        partial: &Path,
+        kind: OutKind,
+        format: Option<&str>,
+    ) -> Result<()> {
+        let path =
+            std::path::absolute(path).with_context(|| format!("output {}", path.display()))?;
+        let partial = std::path::absolute(partial)
+            .with_context(|| format!("output {}", partial.display()))?;
         if path.file_name().is_none() {
             bail!("output {} has no file name", path.display());
         }
@@ -188,17 +209,15 @@ impl Report {
                 f.kind
             );
         }
-        let partial = temp_name(&path, "partial", pid);
         self.files.push(OutFile {
-            partial: partial.clone(),
+            partial,
             path: Some(path),
             kind,
             format: format.map(str::to_string),
             size: None,
             sha256: None,
         });
-        self.save(dir)?;
-        Ok(partial)
+        self.save(dir)
     }
 
     /// Register a temporary file or directory, removed whatever happens, and save the
@@ -287,7 +306,7 @@ pub fn finish(
         return Ok(());
     };
     let pid = o.pid();
-    if o.device {
+    if o.in_place {
         // What the steps wrote to the device directly (a partition table, a boot
         // loader) as well as through loop devices.
         sync_file(&final_path)?;
@@ -312,7 +331,7 @@ pub fn finish(
     let n = report.files.len();
     for i in 0..n {
         let f = &report.files[i];
-        if f.path.is_none() || o.device && f.partial == final_path {
+        if f.path.is_none() || o.in_place && f.partial == final_path {
             continue;
         }
         let size = sync_file(&f.partial)?;

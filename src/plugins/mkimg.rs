@@ -1,6 +1,7 @@
 //! `mkimg`: create a sparse raw image file of a given size.
 
 use std::fs::OpenOptions;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -8,6 +9,7 @@ use crate::engine::build::Build;
 use crate::engine::plan::PlanDisk;
 use crate::engine::step::{CacheRole, Check, Key, Kind, Plugin, Step, StepSpec};
 use crate::host::blockdev::is_block_device;
+use crate::output::OutKind;
 use crate::size;
 
 pub struct Mkimg;
@@ -54,7 +56,7 @@ impl Plugin for Mkimg {
     }
 
     fn run(&self, step: &Step, b: &mut Build) -> Result<()> {
-        let path = std::path::Path::new(step.arg());
+        let path = Path::new(step.arg());
         let size = size::parse(step.str("size")?).map_err(anyhow::Error::msg)?;
         if is_block_device(path) {
             b.claim_device(path)?;
@@ -65,6 +67,7 @@ impl Plugin for Mkimg {
             ));
             return Ok(());
         }
+        further_disk(path, b)?;
         let f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -75,6 +78,32 @@ impl Plugin for Mkimg {
             .with_context(|| format!("sizing image {} to {size} bytes", path.display()))?;
         Ok(())
     }
+}
+
+/// A further disk named after the image (`{{ output }}.data`: the image's temporary
+/// name and a suffix) is an output too: registered before it is made, it gets its final
+/// name (the image's and the suffix) with the image when the build succeeds, and is
+/// removed otherwise, or by the next vmdb if vmdb is killed. Other paths are made where
+/// the spec says.
+fn further_disk(path: &Path, b: &mut Build) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let out = &b.opts.out;
+    let Some(final_path) = &out.final_path else {
+        return Ok(());
+    };
+    if out.build_path == *final_path || path == out.build_path {
+        return Ok(());
+    }
+    let suffix = path
+        .as_os_str()
+        .as_bytes()
+        .strip_prefix(out.build_path.as_os_str().as_bytes());
+    let Some(suffix) = suffix.filter(|s| !s.contains(&b'/')) else {
+        return Ok(());
+    };
+    let mut name = final_path.as_os_str().to_os_string();
+    name.push(std::ffi::OsStr::from_bytes(suffix));
+    b.add_output_at(Path::new(&name), path, OutKind::Image, Some("raw"))
 }
 
 #[cfg(test)]
