@@ -71,15 +71,7 @@ fn boot(img: &Path, uefi: bool, hostname: &str) {
     let t = Instant::now();
     let r = to_run(vmdb().args(&args).output().unwrap());
     let console = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail: String = console
-        .lines()
-        .rev()
-        .take(40)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n");
+    let tail = last_lines(&console, 40);
     assert_eq!(
         r.code,
         0,
@@ -219,15 +211,14 @@ fn boot_arch(img: &Path, arch: &str, hostname: &str, expect: &[&str]) -> f64 {
     ]);
     let secs = t.elapsed().as_secs_f64();
     let console = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail: Vec<&str> = console.lines().rev().take(40).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    let tail = last_lines(&console, 40);
     assert_eq!(
         r.code,
         0,
         "booting {} --arch {arch}:\n{}\nconsole tail:\n{}",
         img.display(),
         r.stderr,
-        tail.join("\n")
+        tail
     );
     for e in [format!("root@{hostname}")]
         .iter()
@@ -237,7 +228,7 @@ fn boot_arch(img: &Path, arch: &str, hostname: &str, expect: &[&str]) -> f64 {
         assert!(
             console.contains(e),
             "no {e:?} in the console log:\n{}",
-            tail.join("\n")
+            tail
         );
     }
     eprintln!("booted {} --arch {arch} in {secs:.1}s", img.display());

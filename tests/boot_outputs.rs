@@ -48,15 +48,14 @@ fn boot(img: &Path, extra: &[&str], run_cmd: &str) -> String {
     let t = Instant::now();
     let r = to_run(vmdb().args(&args).output().unwrap());
     let console = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail: Vec<&str> = console.lines().rev().take(40).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    let tail = last_lines(&console, 40);
     assert_eq!(
         r.code,
         0,
         "booting {}:\n{}\nconsole tail:\n{}",
         img.display(),
         r.stderr,
-        tail.join("\n")
+        tail
     );
     eprintln!(
         "booted {} in {:.1}s",

@@ -44,14 +44,11 @@ fn boot_and_check(img: &Path, suite: &str, arch: &str) -> String {
             .unwrap(),
     );
     let console = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail: Vec<&str> = console.lines().rev().take(40).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    let tail = last_lines(&console, 40);
     assert_eq!(
-        r.code,
-        0,
+        r.code, 0,
         "booting {suite}/{arch}:\n{}\nconsole tail:\n{}",
-        r.stderr,
-        tail.join("\n")
+        r.stderr, tail
     );
     eprintln!(
         "booted {suite}/{arch} and checked it in {:.1}s",

@@ -267,22 +267,21 @@ fn boot(img: &Path, extra: &[&str], cmd: &str, expect: &[&str]) -> f64 {
     let r = run(&args);
     let secs = t.elapsed().as_secs_f64();
     let console = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail: Vec<&str> = console.lines().rev().take(40).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    let tail = last_lines(&console, 40);
     assert_eq!(
         r.code,
         0,
         "booting {} {extra:?}:\n{}\nconsole tail:\n{}",
         img.display(),
         r.stderr,
-        tail.join("\n")
+        tail
     );
     for e in expect {
         assert!(
             console.contains(e),
             "no {e:?} in the console log of {}:\n{}",
             img.display(),
-            tail.join("\n")
+            tail
         );
     }
     eprintln!("booted {} {extra:?} in {secs:.1}s", img.display());

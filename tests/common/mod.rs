@@ -171,3 +171,9 @@ pub fn extract(img: &Path, start: u64, size: u64, out: &Path) {
         ],
     );
 }
+
+/// The last `n` lines of `text` (a console log's tail for a failure message).
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
