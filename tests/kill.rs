@@ -129,9 +129,10 @@ fn start_spec(secs: u32, spec_text: &str) -> Build {
         "the image is built as {:?}",
         b.partial()
     );
-    // What must vanish can be seen: the partition's loop device from the host, the mount
-    // in the build's mount namespace (through its processes).
-    assert_eq!(loops_below(b.out_dir.path()).len(), 1, "{}", b.stderr());
+    // What must vanish can be seen: the disk's and the partition's loop devices (the
+    // disk's gives the partition its vmdb2 name, /dev/mapper/loopNp1) from the host, the
+    // mount in the build's mount namespace (through its processes).
+    assert_eq!(loops_below(b.out_dir.path()).len(), 2, "{}", b.stderr());
     assert_eq!(mounts_anywhere(&b.tmp).len(), 1, "{}", b.stderr());
     b
 }
