@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
@@ -23,6 +24,7 @@ pub(super) struct Vm {
     pub(super) stdin: Option<ChildStdin>,
     pub(super) console: Receiver<Vec<u8>>,
     pub(super) stderr: Arc<Mutex<Vec<u8>>>,
+    stderr_reader: Option<JoinHandle<()>>,
     pub(super) status: Option<ExitStatus>,
 }
 
@@ -85,7 +87,7 @@ impl Vm {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let mut err_pipe = child.stderr.take().expect("stderr is piped");
         let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err_pipe.read(&mut buf) {
                 if n == 0 {
@@ -104,6 +106,7 @@ impl Vm {
             stdin,
             console: rx,
             stderr,
+            stderr_reader: Some(stderr_reader),
             status: None,
         })
     }
@@ -138,7 +141,18 @@ impl Vm {
         self.try_exit()
     }
 
-    pub(super) fn stderr_text(&self) -> String {
+    /// What qemu wrote to stderr. After qemu ended, the reader may still hold its last
+    /// words: give it a moment to reach the end of the pipe (a helper that outlived qemu
+    /// may keep it open, hence no plain join).
+    pub(super) fn stderr_text(&mut self) -> String {
+        if self.status.is_some() {
+            let until = Instant::now() + Duration::from_secs(2);
+            while self.stderr_reader.as_ref().is_some_and(|r| !r.is_finished())
+                && Instant::now() < until
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let s = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
         String::from_utf8_lossy(&s).trim().to_string()
     }

@@ -42,7 +42,7 @@ enum MapperDir {
     #[default]
     NotYet,
     Mounted,
-    /// The host has no /dev/mapper to mount over: no names are made.
+    /// /dev/mapper is not a directory on this host: no names are made.
     Unavailable,
 }
 
@@ -207,7 +207,7 @@ impl Build {
                 MapperDir::Mounted
             } else {
                 crate::log::verbose(&format!(
-                    "  this host has no {MAPPER_DIR}: partitions get no vmdb2 names"
+                    "  {MAPPER_DIR} is not a directory here: partitions get no vmdb2 names"
                 ));
                 MapperDir::Unavailable
             };

@@ -1,10 +1,10 @@
 //! The names kpartx gives partitions (`/dev/mapper/loop0p1`), which scripts written for
 //! vmdb2 look up. vmdb maps partitions to loop devices of their own, so it makes those
 //! names as symlinks to them, in a tmpfs mounted over /dev/mapper inside the build's
-//! private mount namespace: /dev itself is shared with the host, so nothing may be
-//! written into it.
+//! private mount namespace: /dev itself is shared with the host, so the names may not
+//! be written into it.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -42,11 +42,22 @@ enum Entry {
 }
 
 /// Mount a tmpfs over `dir` (in this process's mount namespace, which must be private),
-/// holding what was there: device nodes and symlinks. Returns false, changing nothing,
-/// when `dir` does not exist: making it would change the host's /dev.
+/// holding what was there: device nodes and symlinks. A host that has no `dir` gets the
+/// empty directory, as device-mapper's own tools (libdevmapper, which grub-install
+/// links) make it on first use; the names themselves stay in the build's tmpfs. Returns
+/// false, changing nothing, when `dir` is something other than a directory.
 pub fn make_private(dir: &Path) -> Result<bool> {
-    if !dir.is_dir() {
-        return Ok(false);
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(dir)
+                .with_context(|| format!("making {}", dir.display()))?;
+            crate::log::verbose(&format!("  made {} (the host had none)", dir.display()));
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
     }
     let mut entries = Vec::new();
     let listing = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
@@ -144,11 +155,12 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_directory_is_left_alone() {
+    fn something_other_than_a_directory_is_left_alone() {
         let d = tempfile::tempdir().unwrap();
-        let missing = d.path().join("mapper");
-        assert!(!make_private(&missing).unwrap());
-        assert!(!missing.exists());
+        let file = d.path().join("mapper");
+        std::fs::write(&file, "x").unwrap();
+        assert!(!make_private(&file).unwrap());
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
     }
 
     #[test]
