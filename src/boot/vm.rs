@@ -147,7 +147,10 @@ impl Vm {
     pub(super) fn stderr_text(&mut self) -> String {
         if self.status.is_some() {
             let until = Instant::now() + Duration::from_secs(2);
-            while self.stderr_reader.as_ref().is_some_and(|r| !r.is_finished())
+            while self
+                .stderr_reader
+                .as_ref()
+                .is_some_and(|r| !r.is_finished())
                 && Instant::now() < until
             {
                 std::thread::sleep(Duration::from_millis(10));
