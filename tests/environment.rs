@@ -148,3 +148,32 @@ fn programs_in_the_image_get_only_the_documented_environment() {
     // vmdb's scratch space was in that TMPDIR, and is gone.
     assert_eq!(listing(&host_tmp), Vec::<String>::new());
 }
+
+/// vmdb keeps its mounts in a private mount namespace; in a chroot into a plain
+/// directory, / is no mount point and cannot be made private. It says so and how to
+/// fix it, rather than a bare EINVAL, and builds nothing.
+#[test]
+fn a_chroot_whose_root_is_no_mount_point_is_named_as_the_cause() {
+    need_root!();
+    let d = tempfile::tempdir().unwrap();
+    let tree = d.path().join("chroot");
+    copy_with_libraries(env!("CARGO_BIN_EXE_vmdb"), "vmdb", &tree);
+    std::fs::create_dir(tree.join("tmp")).unwrap();
+    write(&tree, "s.vmdb", "steps:\n  - echo: hello\n");
+    let r = to_run(
+        std::process::Command::new("chroot")
+            .arg(&tree)
+            .args(["/usr/bin/vmdb", "/s.vmdb", "--output", "/tmp/x.img"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("/ is not a mount point here (in a chroot?)")
+            && r.stderr.contains("mount --bind DIR DIR"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(listing(&tree.join("tmp")), Vec::<String>::new());
+}

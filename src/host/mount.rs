@@ -11,15 +11,25 @@ use nix::mount::{MntFlags, MsFlags, umount2};
 pub fn enter_private_namespace() -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .context("creating a private mount namespace (vmdb must run as root)")?;
-    nix::mount::mount(
+    match nix::mount::mount(
         None::<&str>,
         "/",
         None::<&str>,
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
-    )
-    .context("making mounts private")?;
-    Ok(())
+    ) {
+        Ok(()) => Ok(()),
+        // The kernel changes propagation only at a mount's root: in a chroot into a
+        // plain directory, / is none, and without private mounts every mount of the
+        // build would show on the host.
+        Err(nix::errno::Errno::EINVAL) => bail!(
+            "making mounts private: / is not a mount point here (in a chroot?); vmdb needs \
+             one, so that its mounts stay out of the host's view: bind-mount the chroot's \
+             directory onto itself (mount --bind DIR DIR) before entering it, or use a \
+             container"
+        ),
+        Err(e) => Err(e).context("making mounts private"),
+    }
 }
 
 pub fn mount(
