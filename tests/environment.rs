@@ -162,6 +162,8 @@ fn a_chroot_whose_root_is_no_mount_point_is_named_as_the_cause() {
     write(&tree, "s.vmdb", "steps:\n  - echo: hello\n");
     let r = to_run(
         std::process::Command::new("chroot")
+            // The test suite's TMPDIR is no directory in the tree.
+            .env("TMPDIR", "/tmp")
             .arg(&tree)
             .args(["/usr/bin/vmdb", "/s.vmdb", "--output", "/tmp/x.img"])
             .output()
