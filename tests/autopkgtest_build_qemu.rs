@@ -1,8 +1,8 @@
 //! End to end, as Debian's CI uses vmdb2: autopkgtest-build-qemu, unchanged, finds vmdb
 //! on PATH under the name `vmdb2` and builds its testbed image with it (BIOS and EFI);
 //! autopkgtest-virt-qemu boots each image and runs a tiny package's test in it. qemu
-//! runs under TCG through a wrapper that drops what autopkgtest-virt-qemu adds for KVM
-//! (nested KVM hangs on these hosts). Slow and needs the Debian archive: run with
+//! runs under TCG through scripts/qemu-tcg, which drops what autopkgtest-virt-qemu adds
+//! for KVM (nested KVM hangs on these hosts). Slow and needs the Debian archive: run with
 //! `cargo test -- --include-ignored` (scripts/test does).
 
 mod common;
@@ -12,29 +12,11 @@ use std::time::Instant;
 
 use common::*;
 
-/// A directory holding `vmdb2`, a link to the vmdb under test, and the qemu wrapper.
+/// A directory holding `vmdb2`, a link to the vmdb under test.
 fn tools(dir: &Path) -> PathBuf {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vmdb"), bin.join("vmdb2")).unwrap();
-    let wrapper = write(
-        &bin,
-        "qemu-tcg",
-        "#!/bin/sh\n\
-         # Drop -enable-kvm and the -cpu pair that goes with it: emulate (TCG).\n\
-         for a in \"$@\"; do\n\
-         \x20   shift\n\
-         \x20   if [ -n \"${skip:-}\" ]; then skip=; continue; fi\n\
-         \x20   case \"$a\" in\n\
-         \x20   -enable-kvm) continue ;;\n\
-         \x20   -cpu) skip=1; continue ;;\n\
-         \x20   esac\n\
-         \x20   set -- \"$@\" \"$a\"\n\
-         done\n\
-         exec qemu-system-x86_64 -accel tcg \"$@\"\n",
-    );
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     bin
 }
 
@@ -110,7 +92,7 @@ fn build_and_test(boot: &str) {
     let mut virt = vec![
         "qemu".to_string(),
         "--qemu-command".into(),
-        bin.join("qemu-tcg").display().to_string(),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/qemu-tcg").to_string(),
         "--timeout-reboot".into(),
         "600".into(),
     ];
